@@ -1,0 +1,54 @@
+"""The communicator interface: the few collectives the compressed pipeline needs.
+
+Implementations take and return tensors; they keep no compression state. ``all_to_all``
+and ``all_gather`` move equal-sized uint8 payloads, ``broadcast`` and ``all_reduce`` serve
+the rare full-precision syncs (initial parameters, SAEF's error averaging, checks).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+
+class Communicator:
+    rank: int = 0
+    world_size: int = 1
+    name: str = "base"
+
+    def all_to_all(self, chunks: List[torch.Tensor]) -> torch.Tensor:
+        """Send ``chunks[j]`` to rank j; return ``(world_size, size)``: row i came from rank i."""
+        raise NotImplementedError
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Return ``(world_size, *t.shape)``: row i is rank i's ``t``."""
+        raise NotImplementedError
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite ``t`` in place with rank ``src``'s and return it."""
+        raise NotImplementedError
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place reduction of ``t`` over ranks; ``op`` is ``sum``, ``max`` or ``min``."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size})"
+
+
+class LocalCommunicator(Communicator):
+    """World size 1: every collective is the identity. Needs no process group."""
+
+    name = "local"
+
+    def all_to_all(self, chunks):
+        return chunks[0].unsqueeze(0)
+
+    def all_gather(self, t):
+        return t.unsqueeze(0)
+
+    def broadcast(self, t, src=0):
+        return t
+
+    def all_reduce(self, t, op="sum"):
+        return t

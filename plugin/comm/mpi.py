@@ -1,0 +1,64 @@
+"""Communicator over mpi4py, for jobs launched with plain ``mpirun`` (torch's pip wheels have no
+MPI backend). CPU tensors only: buffers are handed to MPI through their numpy views."""
+from __future__ import annotations
+
+import torch
+
+from .base import Communicator
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the 'mpi' communicator needs mpi4py and an MPI library: "
+                          "apt-get install libopenmpi-dev openmpi-bin && pip install mpi4py") from e
+    return MPI
+
+
+class MPICommunicator(Communicator):
+    name = "mpi"
+
+    def __init__(self, comm=None):
+        MPI = _mpi()
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        self.rank = self.comm.Get_rank()
+        self.world_size = self.comm.Get_size()
+
+    @staticmethod
+    def _np(t: torch.Tensor):
+        if t.device.type != "cpu":
+            raise ValueError(f"the mpi communicator moves CPU tensors only, got one on {t.device}; "
+                             "use the torch.distributed communicator (nccl) for GPU tensors")
+        return t.numpy() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy()
+
+    def all_to_all(self, chunks):
+        send = torch.stack(chunks).contiguous()
+        recv = torch.empty_like(send)
+        self.comm.Alltoall(self._np(send), self._np(recv))
+        return recv
+
+    def all_gather(self, t):
+        t = t.contiguous()
+        out = t.new_empty((self.world_size,) + tuple(t.shape))
+        self.comm.Allgather(self._np(t), self._np(out))
+        return out
+
+    def broadcast(self, t, src=0):
+        buf = t if t.is_contiguous() else t.contiguous()
+        self.comm.Bcast(self._np(buf), root=src)
+        if buf is not t:
+            t.copy_(buf)
+        return t
+
+    def all_reduce(self, t, op="sum"):
+        if t.dtype in (torch.bfloat16, torch.float16):
+            wide = t.float()
+            self.all_reduce(wide, op)
+            return t.copy_(wide)
+        buf = t.contiguous()
+        self.comm.Allreduce(_mpi().IN_PLACE, self._np(buf), op=self._ops[op])
+        if buf is not t:
+            t.copy_(buf)
+        return t

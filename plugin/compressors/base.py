@@ -1,0 +1,57 @@
+"""The compressor contract: a pure encode/decode pair over the pieces of a flat segment."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..wire import Pieces
+
+
+class Compressor:
+    """Base class. Subclasses are stateless: state (errors, Markov sequences) lives in feedback.
+
+    ``encode(x, pieces, seed)`` turns a flat fp32 segment into one contiguous uint8 payload of
+    exactly ``nbytes(pieces)`` bytes; ``decode(payload, pieces, seed)`` gives back C(x) as fp32.
+    Decoding the same payload is bit-identical on every rank. ``seed`` matters only to random
+    compressors; every rank passes the same one.
+    """
+
+    name: str = ""
+    #: True when two-way chunks must be cut on unit boundaries (blockwise sign). Otherwise a
+    #: unit (a whole tensor) may be split between chunks and each piece is compressed alone.
+    chunk_aligned: bool = False
+    #: Whether the worker's scale may span a whole unit split between chunks (sign codecs).
+    unit_scales: bool = False
+    #: Whether the sum of two payloads is the payload of the sum (only plain casts are).
+    summable: bool = False
+    #: Bits per element on the wire, ignoring per-piece fields (for reports).
+    bits_per_element: float = 32.0
+
+    def units(self, sizes: Sequence[int]) -> List[int]:
+        """Unit lengths for consecutive tensors of the given sizes (default: one per tensor)."""
+        return [s for s in sizes if s > 0]
+
+    def nbytes(self, pieces: Pieces) -> int:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, pieces: Pieces, seed: int = 0,
+               scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, payload: torch.Tensor, pieces: Pieces, seed: int = 0,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compress(self, x: torch.Tensor, pieces: Optional[Pieces] = None, seed: int = 0) -> torch.Tensor:
+        """C(x) for a flat tensor: decode(encode(x)) (what every receiver reconstructs)."""
+        flat = x.reshape(-1).float()
+        pieces = pieces or Pieces.from_lengths(self.units([flat.numel()]))
+        return self.decode(self.encode(flat, pieces, seed), pieces, seed).view_as(x)
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "name")
+        return f"{type(self).__name__}({args})"

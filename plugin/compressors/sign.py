@@ -1,0 +1,93 @@
+"""Scaled sign compressors: 1 bit per element plus one fp32 scale per piece."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..wire import Pieces, from_bytes, pack_signs, packed_len, padded, unpack_signs
+from .base import Compressor
+
+
+def l1_scales(x: torch.Tensor, pieces: Pieces) -> torch.Tensor:
+    """Mean absolute value of every piece: ||x_b||_1 / d_b (the papers' scale)."""
+    return pieces.reduce(x, lambda v: v.abs().mean(dim=1))
+
+
+def l2_scales(x: torch.Tensor, pieces: Pieces) -> torch.Tensor:
+    """||x_b||_2 / sqrt(d_b) (the scale DeepSpeed's 1-bit Adam used)."""
+    return pieces.reduce(x, lambda v: v.norm(dim=1) / v.shape[1] ** 0.5)
+
+
+def _fill_signed(view: torch.Tensor, scale: torch.Tensor) -> None:
+    torch.where(view.ne(0), scale, -scale, out=view)
+
+
+class ScaledSign(Compressor):
+    """C(x) = s_b * sign(x_b) per piece b, sign(0) = +1, s_b = ||x_b||_1/d_b (or l2/sqrt(d_b))."""
+
+    bits_per_element = 1.0
+    unit_scales = True
+
+    def __init__(self, scale: str = "l1"):
+        if scale not in ("l1", "l2"):
+            raise ValueError(f"scaled sign: scale={scale!r} is not one of 'l1' (mean |x|, the papers') or 'l2'")
+        self.scale = scale
+        self.name = "scaled_sign" if scale == "l1" else "scaled_sign_l2"
+
+    def scales(self, x: torch.Tensor, pieces: Pieces) -> torch.Tensor:
+        return (l1_scales if self.scale == "l1" else l2_scales)(x, pieces)
+
+    def nbytes(self, pieces: Pieces) -> int:
+        return padded(4 * pieces.count + packed_len(pieces.numel))
+
+    def encode(self, x, pieces, seed=0, scales=None):
+        if scales is None:
+            scales = self.scales(x, pieces)
+        out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8, device=x.device)
+        head = 4 * pieces.count
+        out[:head] = scales.to(torch.float32).view(torch.uint8)
+        out[head:head + packed_len(pieces.numel)] = pack_signs(x)
+        return out
+
+    def decode(self, payload, pieces, seed=0, out=None):
+        scales = from_bytes(payload, 0, pieces.count, torch.float32)
+        head = 4 * pieces.count
+        bits = unpack_signs(payload[head:head + packed_len(pieces.numel)], pieces.numel)
+        if out is None:
+            out = torch.empty(pieces.numel, dtype=torch.float32, device=payload.device)
+        out.copy_(bits)
+        return pieces.expand_into(out, scales, _fill_signed)
+
+    def describe(self):
+        return {"name": self.name, "scale": self.scale}
+
+
+class BlockSign(ScaledSign):
+    """Scaled sign with one scale per block of ``block_size`` elements inside each tensor.
+
+    The last block of a tensor is shorter. ``block_size=None`` gives one block per tensor.
+    """
+
+    def __init__(self, block_size: Optional[int] = 1024, scale: str = "l1"):
+        super().__init__(scale)
+        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+            raise ValueError(f"block_sign: block_size={block_size!r} must be a positive int or None "
+                             "(None = one block per tensor)")
+        self.block_size = block_size
+        self.name = "block_sign"
+        self.chunk_aligned = block_size is not None
+
+    def units(self, sizes: Sequence[int]) -> List[int]:
+        if self.block_size is None:
+            return super().units(sizes)
+        out: List[int] = []
+        for s in sizes:
+            full, tail = divmod(s, self.block_size)
+            out.extend([self.block_size] * full)
+            if tail:
+                out.append(tail)
+        return out
+
+    def describe(self):
+        return {"name": self.name, "block_size": self.block_size, "scale": self.scale}

@@ -1,0 +1,164 @@
+"""Top-k sparsification: k fp32 values and k int32 indices per piece."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..wire import Pieces, from_bytes, padded
+from .base import Compressor
+
+
+def keep_count(length: int, ratio: float) -> int:
+    """Entries kept of a piece: ceil(ratio * length), at least 1 for a non-empty piece."""
+    return min(length, max(1, math.ceil(ratio * length))) if length else 0
+
+
+class _Sparse(Compressor):
+    """Shared layout of sparse payloads: per piece, k values (fp32) then k indices (int32)."""
+
+    sends_indices = True
+
+    def __init__(self, ratio: Optional[float] = None, k: Optional[int] = None, name: str = ""):
+        if (ratio is None) == (k is None):
+            if ratio is None:
+                ratio = 0.01
+            else:
+                raise ValueError(f"{name}: give ratio or k, not both (ratio={ratio!r}, k={k!r})")
+        if ratio is not None and not (0 < float(ratio) <= 1):
+            raise ValueError(f"{name}: ratio={ratio!r} must be in (0, 1]; e.g. ratio=0.01 keeps 1%")
+        if k is not None and (not isinstance(k, int) or k < 1):
+            raise ValueError(f"{name}: k={k!r} must be a positive int")
+        self.ratio = None if ratio is None else float(ratio)
+        self.k = k
+        self.name = name
+
+    def bind(self, numel: int) -> "_Sparse":
+        """Resolve an absolute ``k`` against the total number of elements it applies to."""
+        if self.k is None:
+            return self
+        if self.k > numel:
+            raise ValueError(f"{self.name}: k={self.k} is larger than the {numel} elements it compresses; "
+                             f"use k <= {numel} or ratio=")
+        return type(self)(ratio=self.k / numel)
+
+    def counts(self, pieces: Pieces):
+        ratio = self.ratio if self.ratio is not None else 1.0
+        return [keep_count(n, ratio) for n in pieces.lengths()]
+
+    def nbytes(self, pieces):
+        return padded(8 * sum(self.counts(pieces)))
+
+    def indices(self, x: torch.Tensor, pieces: Pieces, seed: int):
+        raise NotImplementedError
+
+    def encode(self, x, pieces, seed=0, scales=None):
+        idx = self.indices(x, pieces, seed)
+        total = idx.numel()
+        out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8, device=x.device)
+        out[:4 * total] = x[idx].to(torch.float32).view(torch.uint8)
+        if self.sends_indices:
+            out[4 * total:8 * total] = idx.to(torch.int32).view(torch.uint8)
+        return out
+
+    def decode(self, payload, pieces, seed=0, out=None):
+        total = sum(self.counts(pieces))
+        values = from_bytes(payload, 0, total, torch.float32)
+        if self.sends_indices:
+            idx = from_bytes(payload, 4 * total, total, torch.int32).long()
+        else:
+            idx = self.indices(None, pieces, seed).to(payload.device)
+        if out is None:
+            out = torch.empty(pieces.numel, dtype=torch.float32, device=payload.device)
+        out.zero_()
+        out[idx] = values
+        return out
+
+    def describe(self):
+        return {"name": self.name, "ratio": self.ratio, "k": self.k}
+
+
+class TopK(_Sparse):
+    """Keep the ceil(ratio * d_b) largest-magnitude entries of every piece b.
+
+    ``mode="exact"`` (default) uses ``torch.topk``. ``mode="sampled"`` estimates the threshold
+    from a 1% random sample (seeded, so it is the same on every rank) and keeps the first k
+    entries above it: faster on large tensors, may keep slightly smaller entries than exact
+    top-k when the sample misjudges the threshold; the payload size is unchanged.
+    """
+
+    def __init__(self, ratio=None, k=None, mode: str = "exact"):
+        super().__init__(ratio, k, "topk")
+        if mode not in ("exact", "sampled"):
+            raise ValueError(f"topk: mode={mode!r} must be 'exact' or 'sampled'")
+        self.mode = mode
+        self.bits_per_element = 64 * (self.ratio or 0.0)
+
+    def bind(self, numel):
+        if self.k is None:
+            return self
+        bound = super().bind(numel)
+        return TopK(ratio=bound.ratio, mode=self.mode)
+
+    def _piece_topk(self, v: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+        mag = v.abs()
+        if self.mode == "exact" or v.numel() < 100_000:
+            return mag.topk(k, sorted=False).indices
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        sample = torch.randint(0, v.numel(), (max(1000, v.numel() // 100),), generator=gen).to(v.device)
+        frac = min(1.0, 1.5 * k / v.numel())
+        threshold = mag[sample].quantile(1.0 - frac) if frac < 1 else mag.new_zeros(())
+        above = (mag >= threshold).nonzero().squeeze(1)
+        if above.numel() >= k:
+            return above[mag[above].topk(k, sorted=False).indices]
+        return mag.topk(k, sorted=False).indices
+
+    def indices(self, x, pieces, seed):
+        parts = []
+        start = 0
+        for n, k in zip(pieces.lengths(), self.counts(pieces)):
+            parts.append(self._piece_topk(x[start:start + n], k, seed) + start)
+            start += n
+        if not parts:
+            return torch.zeros(0, dtype=torch.long, device=x.device)
+        return torch.cat(parts)
+
+    def describe(self):
+        return {**super().describe(), "mode": self.mode}
+
+
+class RandK(_Sparse):
+    """Keep ceil(ratio * d_b) entries per piece chosen by a seeded generator.
+
+    Every rank derives the same indices from ``seed`` (the pipeline passes the step and bucket),
+    so only the values go on the wire. Unscaled: C(x) keeps x's entries (delta = k/d).
+    """
+
+    sends_indices = False
+
+    def __init__(self, ratio=None, k=None, seed: int = 0):
+        super().__init__(ratio, k, "randk")
+        self.seed = int(seed)
+        self.bits_per_element = 32 * (self.ratio or 0.0)
+
+    def bind(self, numel):
+        if self.k is None:
+            return self
+        return RandK(ratio=super().bind(numel).ratio, seed=self.seed)
+
+    def nbytes(self, pieces):
+        return padded(4 * sum(self.counts(pieces)))
+
+    def indices(self, x, pieces, seed):
+        gen = torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + seed) % (2 ** 63))
+        parts = []
+        start = 0
+        for n, k in zip(pieces.lengths(), self.counts(pieces)):
+            parts.append(torch.randperm(n, generator=gen)[:k] + start)
+            start += n
+        idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        return idx if x is None else idx.to(x.device)
+
+    def describe(self):
+        return {**super().describe(), "seed": self.seed}

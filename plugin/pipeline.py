@@ -1,0 +1,98 @@
+"""Bucketing over the compressed allreduce: tensors in, averaged tensors out.
+
+A ``Pipeline`` is built once from the sizes of the tensors it will carry (the parameters, in
+order). It groups them into flat fp32 buckets of at most ``bucket_cap_mb`` (a tensor larger
+than the cap gets a bucket of its own), so small tensors do not each pay a collective's
+latency, and keeps one ``BucketLayout`` per bucket. It owns no state: ``init_state`` makes the
+per-bucket feedback tensors for the caller to keep (an optimizer puts them in its state).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .comm import Communicator
+from .comm.allreduce import compressed_allreduce
+from .compressors import Compressor
+from .feedback import Feedback, State
+from .layout import BucketLayout
+from .metrics import CommStats
+
+
+def bucket_ranges(sizes: Sequence[int], cap_elems: int) -> List[range]:
+    """Consecutive tensor index ranges whose total size stays within ``cap_elems``."""
+    out, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        if acc and acc + n > cap_elems:
+            out.append(range(start, i))
+            start, acc = i, 0
+        acc += n
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out
+
+
+class Pipeline:
+    def __init__(self, sizes: Sequence[int], compressor: Compressor, worker: Feedback, server: Feedback,
+                 comm: Communicator, two_way: bool = True, bucket_cap_mb: float = 25.0):
+        if not bucket_cap_mb or bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} must be > 0 (megabytes of fp32 per bucket, "
+                             "default 25)")
+        self.sizes = [int(s) for s in sizes]
+        self.compressor = compressor
+        self.worker, self.server = worker, server
+        self.comm = comm
+        self.two_way = two_way
+        self.bucket_cap_mb = bucket_cap_mb
+        cap = max(1, int(bucket_cap_mb * 2 ** 20) // 4)
+        self.buckets = bucket_ranges(self.sizes, cap)
+        self.layouts = [BucketLayout(tuple(self.sizes[i] for i in b), comm.world_size, compressor)
+                        for b in self.buckets]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def init_state(self, device=None) -> List[State]:
+        return [self.worker_state(lay, device) for lay in self.layouts]
+
+    def worker_state(self, lay: BucketLayout, device) -> State:
+        chunk = lay.chunk_numel(self.comm.rank)
+        state = self.worker.init_state(lay.numel, chunk, self.two_way, device)
+        for k, v in self.server.init_state(lay.numel, chunk, self.two_way, device).items():
+            if k not in self.worker.worker_keys:
+                state[k] = v
+        return state
+
+    def wire_bytes(self) -> dict:
+        """Exact bytes per step handed to the collectives by one rank, per direction."""
+        n = self.comm.world_size
+        if self.two_way:
+            up = sum(n * lay.chunk_nbytes for lay in self.layouts)
+            down = up
+        else:
+            up = sum(lay.full_nbytes for lay in self.layouts)
+            down = n * up
+        return {"up": up, "down": down, "fp32": 4 * self.numel}
+
+    def allreduce(self, tensors: Sequence[torch.Tensor], states: Sequence[State], *, s: float = 1.0,
+                  seed: int = 0, stats: Optional[CommStats] = None) -> List[torch.Tensor]:
+        """Average ``tensors`` (shapes as given at construction) over the ranks. Returns fp32
+        tensors of the same shapes; they may alias feedback state, so treat them as read-only."""
+        if len(tensors) != len(self.sizes):
+            raise ValueError(f"pipeline built for {len(self.sizes)} tensors, got {len(tensors)}")
+        out: List[torch.Tensor] = []
+        for b, (idx, lay, st) in enumerate(zip(self.buckets, self.layouts, states)):
+            parts = [tensors[i].reshape(-1) for i in idx]
+            flat = torch.cat(parts).float() if len(parts) > 1 else parts[0].float().clone()
+            res = compressed_allreduce(flat, lay, self.compressor, self.worker, self.server, st, self.comm,
+                                       two_way=self.two_way, s=s, seed=seed * len(self.buckets) + b,
+                                       stats=stats)
+            offset = 0
+            for i in idx:
+                out.append(res[offset:offset + self.sizes[i]].view(tensors[i].shape))
+                offset += self.sizes[i]
+        if stats is not None:
+            stats.end_step()
+        return out

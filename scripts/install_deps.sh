@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs everything taciturn's demo, tests and benchmarks need into the current Python
+# environment. Idempotent: a second run finds everything present and installs nothing.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+PY="${PYTHON:-python3}"
+
+apt_pkgs=(libopenmpi-dev openmpi-bin dataset-fashion-mnist fortunes iproute2 cmake g++)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "[taciturn] apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# torch first: the CPU wheel on this disk. With no torch present, deepspeed would pull a CUDA build.
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install -q "torch==2.13.0"
+fi
+"$PY" -m pip install -q -e "$here[test,deepspeed,hf,mpi]"
+bash "$here/scripts/install_horovod.sh"

