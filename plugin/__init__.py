@@ -10,9 +10,14 @@ from .feedback import make_feedback
 from .layout import BucketLayout
 from .metrics import CommStats
 from .pipeline import Pipeline
+from .optim import (SAEFSGD, SGD, AMSGrad, Adam, CDAdam, CompressedAMSGrad, CompressedOptimizer, DistEFSGD,
+                    EF21SGD, EFAMSGrad, NaiveAMSGrad, OneBitAdam, Signum, SparsAMS)
+from .registry import create_optimizer, list_optimizers
 
 __version__ = "0.1.0"
 
 __all__ = ["Compressor", "list_compressors", "make_compressor", "Communicator", "LocalCommunicator",
            "make_communicator", "compressed_allreduce", "make_feedback", "BucketLayout", "CommStats",
-           "Pipeline"]
+           "Pipeline", "CompressedOptimizer", "CDAdam", "SparsAMS", "DistEFSGD", "SAEFSGD", "OneBitAdam", "AMSGrad",
+           "Adam", "SGD", "EFAMSGrad", "NaiveAMSGrad", "CompressedAMSGrad", "EF21SGD", "Signum",
+           "create_optimizer", "list_optimizers"]

@@ -8,7 +8,7 @@ per-bucket feedback tensors for the caller to keep (an optimizer puts them in it
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -20,11 +20,13 @@ from .layout import BucketLayout
 from .metrics import CommStats
 
 
-def bucket_ranges(sizes: Sequence[int], cap_elems: int) -> List[range]:
-    """Consecutive tensor index ranges whose total size stays within ``cap_elems``."""
+def bucket_ranges(sizes: Sequence[int], cap_elems: int, groups: Optional[Sequence[int]] = None) -> List[range]:
+    """Consecutive tensor index ranges whose total size stays within ``cap_elems`` and that
+    never span two ``groups`` (param groups may scale their feedback differently)."""
+    groups = groups if groups is not None else [0] * len(sizes)
     out, start, acc = [], 0, 0
     for i, n in enumerate(sizes):
-        if acc and acc + n > cap_elems:
+        if acc and (acc + n > cap_elems or groups[i] != groups[start]):
             out.append(range(start, i))
             start, acc = i, 0
         acc += n
@@ -35,7 +37,8 @@ def bucket_ranges(sizes: Sequence[int], cap_elems: int) -> List[range]:
 
 class Pipeline:
     def __init__(self, sizes: Sequence[int], compressor: Compressor, worker: Feedback, server: Feedback,
-                 comm: Communicator, two_way: bool = True, bucket_cap_mb: float = 25.0):
+                 comm: Communicator, two_way: bool = True, bucket_cap_mb: float = 25.0,
+                 groups: Optional[Sequence[int]] = None):
         if not bucket_cap_mb or bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} must be > 0 (megabytes of fp32 per bucket, "
                              "default 25)")
@@ -46,7 +49,8 @@ class Pipeline:
         self.two_way = two_way
         self.bucket_cap_mb = bucket_cap_mb
         cap = max(1, int(bucket_cap_mb * 2 ** 20) // 4)
-        self.buckets = bucket_ranges(self.sizes, cap)
+        self.groups = list(groups) if groups is not None else [0] * len(self.sizes)
+        self.buckets = bucket_ranges(self.sizes, cap, self.groups)
         self.layouts = [BucketLayout(tuple(self.sizes[i] for i in b), comm.world_size, compressor)
                         for b in self.buckets]
 
@@ -76,23 +80,37 @@ class Pipeline:
             down = n * up
         return {"up": up, "down": down, "fp32": 4 * self.numel}
 
-    def allreduce(self, tensors: Sequence[torch.Tensor], states: Sequence[State], *, s: float = 1.0,
-                  seed: int = 0, stats: Optional[CommStats] = None) -> List[torch.Tensor]:
+    def _views(self, idx: range, flat: torch.Tensor, shapes) -> List[torch.Tensor]:
+        out, offset = [], 0
+        for i, shape in zip(idx, shapes):
+            out.append(flat[offset:offset + self.sizes[i]].view(shape))
+            offset += self.sizes[i]
+        return out
+
+    def split(self, flats: Sequence[torch.Tensor], shapes: Sequence[torch.Size]) -> List[torch.Tensor]:
+        """Per-tensor views into per-bucket flat tensors (e.g. a feedback state)."""
+        out: List[torch.Tensor] = []
+        for idx, flat in zip(self.buckets, flats):
+            out.extend(self._views(idx, flat, [shapes[i] for i in idx]))
+        return out
+
+    def allreduce(self, tensors: Sequence[torch.Tensor], states: Sequence[State], *,
+                  s: Union[float, Sequence[float]] = 1.0, seed: int = 0,
+                  stats: Optional[CommStats] = None) -> List[torch.Tensor]:
         """Average ``tensors`` (shapes as given at construction) over the ranks. Returns fp32
-        tensors of the same shapes; they may alias feedback state, so treat them as read-only."""
+        tensors of the same shapes; they may alias feedback state, so treat them as read-only.
+        ``s`` (EF error scale) is one float, or one per group id."""
         if len(tensors) != len(self.sizes):
             raise ValueError(f"pipeline built for {len(self.sizes)} tensors, got {len(tensors)}")
         out: List[torch.Tensor] = []
         for b, (idx, lay, st) in enumerate(zip(self.buckets, self.layouts, states)):
             parts = [tensors[i].reshape(-1) for i in idx]
-            flat = torch.cat(parts).float() if len(parts) > 1 else parts[0].float().clone()
+            flat = torch.cat(parts).float() if len(parts) > 1 else parts[0].float()
+            scale = s if isinstance(s, (int, float)) else s[self.groups[idx[0]]]
             res = compressed_allreduce(flat, lay, self.compressor, self.worker, self.server, st, self.comm,
-                                       two_way=self.two_way, s=s, seed=seed * len(self.buckets) + b,
+                                       two_way=self.two_way, s=scale, seed=seed * len(self.buckets) + b,
                                        stats=stats)
-            offset = 0
-            for i in idx:
-                out.append(res[offset:offset + self.sizes[i]].view(tensors[i].shape))
-                offset += self.sizes[i]
+            out.extend(self._views(idx, res, [tensors[i].shape for i in idx]))
         if stats is not None:
             stats.end_step()
         return out

@@ -15,6 +15,8 @@ class Communicator:
     rank: int = 0
     world_size: int = 1
     name: str = "base"
+    #: where host-side metadata tensors must live for this backend's collectives
+    device = torch.device("cpu")
 
     def all_to_all(self, chunks: List[torch.Tensor]) -> torch.Tensor:
         """Send ``chunks[j]`` to rank j; return ``(world_size, size)``: row i came from rank i."""
@@ -52,3 +54,16 @@ class LocalCommunicator(Communicator):
 
     def all_reduce(self, t, op="sum"):
         return t
+
+
+def gather_objects(comm: Communicator, obj) -> list:
+    """Every rank's picklable ``obj`` (small metadata only), through ``comm.all_gather``."""
+    import pickle
+
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=comm.device)
+    sizes = comm.all_gather(size).view(-1).tolist()
+    buf = torch.zeros(max(sizes), dtype=torch.uint8, device=comm.device)
+    buf[:data.numel()] = data.to(comm.device)
+    rows = comm.all_gather(buf).cpu()
+    return [pickle.loads(rows[i, :sizes[i]].numpy().tobytes()) for i in range(comm.world_size)]

@@ -21,6 +21,8 @@ class TorchDistCommunicator(Communicator):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
+        if self.backend == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
 
     def all_to_all(self, chunks):
         send = torch.stack(chunks) if len(chunks) > 1 else chunks[0].unsqueeze(0)

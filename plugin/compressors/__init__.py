@@ -12,6 +12,7 @@ from .topk import RandK, TopK
 _REGISTRY: Dict[str, Callable[..., Compressor]] = {
     "scaled_sign": lambda: ScaledSign("l1"),
     "scaled_sign_l2": lambda: ScaledSign("l2"),
+    "sign": lambda: ScaledSign("none"),
     "block_sign": BlockSign,
     "topk": TopK,
     "randk": RandK,

@@ -29,30 +29,39 @@ class ScaledSign(Compressor):
     bits_per_element = 1.0
     unit_scales = True
 
+    _NAMES = {"l1": "scaled_sign", "l2": "scaled_sign_l2", "none": "sign"}
+
     def __init__(self, scale: str = "l1"):
-        if scale not in ("l1", "l2"):
-            raise ValueError(f"scaled sign: scale={scale!r} is not one of 'l1' (mean |x|, the papers') or 'l2'")
+        if scale not in self._NAMES:
+            raise ValueError(f"scaled sign: scale={scale!r} is not one of 'l1' (mean |x|, the papers'), 'l2' "
+                             "or 'none' (plain sign, +-1)")
         self.scale = scale
-        self.name = "scaled_sign" if scale == "l1" else "scaled_sign_l2"
+        self.name = self._NAMES[scale]
+        self.unit_scales = scale != "none"
 
     def scales(self, x: torch.Tensor, pieces: Pieces) -> torch.Tensor:
+        if self.scale == "none":
+            return x.new_ones(pieces.count)
         return (l1_scales if self.scale == "l1" else l2_scales)(x, pieces)
 
+    def _head(self, pieces: Pieces) -> int:
+        return 0 if self.scale == "none" else 4 * pieces.count
+
     def nbytes(self, pieces: Pieces) -> int:
-        return padded(4 * pieces.count + packed_len(pieces.numel))
+        return padded(self._head(pieces) + packed_len(pieces.numel))
 
     def encode(self, x, pieces, seed=0, scales=None):
-        if scales is None:
-            scales = self.scales(x, pieces)
         out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8, device=x.device)
-        head = 4 * pieces.count
-        out[:head] = scales.to(torch.float32).view(torch.uint8)
+        head = self._head(pieces)
+        if head:
+            out[:head] = (scales if scales is not None else self.scales(x, pieces)).to(torch.float32).view(torch.uint8)
         out[head:head + packed_len(pieces.numel)] = pack_signs(x)
         return out
 
     def decode(self, payload, pieces, seed=0, out=None):
-        scales = from_bytes(payload, 0, pieces.count, torch.float32)
-        head = 4 * pieces.count
+        head = self._head(pieces)
+        scales = from_bytes(payload, 0, pieces.count, torch.float32) if head else \
+            torch.ones(pieces.count, dtype=torch.float32, device=payload.device)
         bits = unpack_signs(payload[head:head + packed_len(pieces.numel)], pieces.numel)
         if out is None:
             out = torch.empty(pieces.numel, dtype=torch.float32, device=payload.device)

@@ -1,0 +1,117 @@
+"""AMSGrad-family presets: CD-Adam, SPARS-AMS and the AMSGrad baselines over the same pipeline."""
+from __future__ import annotations
+
+from .base import CompressedOptimizer, PipelineSpec, codec
+from .functional import adam_, amsgrad_, weight_decay_
+
+
+class CompressedAMSGrad(CompressedOptimizer):
+    """AMSGrad (eps inside the root, no bias correction) on a compressed average of the gradients.
+
+    The gradient goes through ``compressor`` with ``worker_feedback`` / ``server_feedback``
+    (``none``, ``ef``, ``markov``), two-way or one-way, then every rank runs AMSGrad on the
+    identical result. The named presets below fix these choices.
+
+    Weight decay: ``decoupled_weight_decay=False`` adds ``weight_decay * x`` to the local
+    gradient before compression (L2); ``True`` shrinks x directly (AdamW style).
+    """
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, compressor="block_sign", block_size=1024, ratio=None, k=None,
+                 compressor_options=None, worker_feedback="markov", server_feedback="markov", two_way=True,
+                 **kwargs):
+        name, opts = codec(compressor, block_size=block_size, ratio=ratio, k=k, options=compressor_options)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        spec = PipelineSpec(name, worker_feedback, server_feedback, two_way, opts)
+        super().__init__(params, defaults, {"grad": spec}, **kwargs)
+
+    def _step(self):
+        grads = self.local_grads()
+        for i, (gi, p) in enumerate(self._trainable):
+            group = self.param_groups[gi]
+            if group["weight_decay"] and not group["decoupled_weight_decay"]:
+                grads[i] = weight_decay_(self.master(p), grads[i], lr=group["lr"],
+                                         weight_decay=group["weight_decay"], decoupled=False)
+        avg = self.communicate("grad", grads)
+        for (gi, p), g in zip(self._trainable, avg):
+            group = self.param_groups[gi]
+            x = self.master(p)
+            if group["decoupled_weight_decay"]:
+                weight_decay_(x, g, lr=group["lr"], weight_decay=group["weight_decay"], decoupled=True)
+            self.update(p, x, g, group)
+            self.write_back(p, x)
+
+    def update(self, p, x, g, group):
+        m, v, vmax = self.param_state(p, "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        b1, b2 = group["betas"]
+        amsgrad_(x, g, m, v, vmax, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"])
+
+
+class CDAdam(CompressedAMSGrad):
+    """CD-Adam (Wang et al., Algorithm 1): Markov compression both ways, AMSGrad on the workers.
+
+    Compressed from step 1, no warm-up. Default codec: ``block_sign`` with 1024-element blocks
+    (1 bit per element + one fp32 scale per block, about 31x fewer bytes than fp32 per
+    direction); ``compressor="scaled_sign"`` is the paper's per-tensor form.
+    """
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, compressor="block_sign", block_size=1024, ratio=None, k=None,
+                 compressor_options=None, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, compressor, block_size,
+                         ratio, k, compressor_options, "markov", "markov", True, **kwargs)
+
+
+class SparsAMS(CompressedAMSGrad):
+    """SPARS-AMS (Algorithms 1 and 2): workers send TopK(g + e) with error feedback, one-way;
+    every rank averages and runs AMSGrad. With no process group it is Algorithm 2 (n = 1)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, compressor="topk", ratio=None, k=None, compressor_options=None,
+                 block_size=1024, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, compressor, block_size,
+                         ratio, k, compressor_options, "ef", "none", False, **kwargs)
+
+
+class AMSGrad(CompressedAMSGrad):
+    """Uncompressed AMSGrad baseline (fp32 both ways, the same update rule as CD-Adam)."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, "identity",
+                         worker_feedback="none", server_feedback="none", two_way=True, **kwargs)
+
+
+class EFAMSGrad(CompressedAMSGrad):
+    """Baseline: error feedback on both sides (s = 1) + AMSGrad."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, compressor="block_sign", block_size=1024, ratio=None, k=None,
+                 compressor_options=None, two_way=True, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, compressor, block_size,
+                         ratio, k, compressor_options, "ef", "ef" if two_way else "none", two_way, **kwargs)
+
+
+class NaiveAMSGrad(CompressedAMSGrad):
+    """Baseline: compression without any feedback (both ways by default) + AMSGrad."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, compressor="block_sign", block_size=1024, ratio=None, k=None,
+                 compressor_options=None, two_way=True, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, compressor, block_size,
+                         ratio, k, compressor_options, "none", "none", two_way, **kwargs)
+
+
+class Adam(CompressedAMSGrad):
+    """Uncompressed Adam baseline in torch's form (bias correction, eps outside the root)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, "identity",
+                         worker_feedback="none", server_feedback="none", two_way=True, **kwargs)
+
+    def update(self, p, x, g, group):
+        m, v = self.param_state(p, "exp_avg", "exp_avg_sq")
+        b1, b2 = group["betas"]
+        adam_(x, g, m, v, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"], step=self.global_step + 1)
