@@ -13,6 +13,8 @@ from .pipeline import Pipeline
 from .optim import (SAEFSGD, SGD, AMSGrad, Adam, CDAdam, CompressedAMSGrad, CompressedOptimizer, DistEFSGD,
                     EF21SGD, EFAMSGrad, NaiveAMSGrad, OneBitAdam, Signum, SparsAMS)
 from .registry import create_optimizer, list_optimizers
+from .checkpoint import load_checkpoint, save_checkpoint
+from .comm import CollectiveError
 
 __version__ = "0.1.0"
 
@@ -20,4 +22,4 @@ __all__ = ["Compressor", "list_compressors", "make_compressor", "Communicator", 
            "make_communicator", "compressed_allreduce", "make_feedback", "BucketLayout", "CommStats",
            "Pipeline", "CompressedOptimizer", "CDAdam", "SparsAMS", "DistEFSGD", "SAEFSGD", "OneBitAdam", "AMSGrad",
            "Adam", "SGD", "EFAMSGrad", "NaiveAMSGrad", "CompressedAMSGrad", "EF21SGD", "Signum",
-           "create_optimizer", "list_optimizers"]
+           "create_optimizer", "list_optimizers", "save_checkpoint", "load_checkpoint", "CollectiveError"]

@@ -15,6 +15,7 @@ class CommStats:
     """
 
     steps: int = 0
+    skipped_steps: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     fp32_bytes: int = 0

@@ -50,7 +50,8 @@ _REMOVED = {
     "onebitlamb": "OneBitLamb (1-bit LAMB) is not implemented in taciturn yet; use \"CDAdam\" or \"OneBitAdam\"",
 }
 
-BASE_KWARGS = ("process_group", "bucket_cap_mb", "broadcast_parameters", "check_consistency")
+BASE_KWARGS = tuple(n for n, p in inspect.signature(optim.CompressedOptimizer.__init__).parameters.items()
+                    if p.kind == p.KEYWORD_ONLY)
 
 
 def _key(name: str) -> str:

@@ -1,15 +1,16 @@
 """Communicators and the compressed allreduce built on them."""
 from __future__ import annotations
 
-from .base import Communicator, LocalCommunicator
+from .base import CollectiveError, Communicator, LocalCommunicator
 
 
-def make_communicator(spec=None) -> Communicator:
+def make_communicator(spec=None, timeout: float = None) -> Communicator:
     """A communicator from a spec.
 
     ``None``: the default torch.distributed group when one is initialised, else world size 1.
     A torch ProcessGroup: that group. ``"torch"``/``"nccl"``/``"gloo"``: the default group.
     ``"mpi"``: mpi4py's COMM_WORLD. ``"local"``: world size 1. A Communicator: itself.
+    ``timeout`` (seconds) bounds every torch.distributed collective (see TorchDistCommunicator).
     """
     if isinstance(spec, Communicator):
         return spec
@@ -18,7 +19,7 @@ def make_communicator(spec=None) -> Communicator:
     if spec is None:
         if dist.is_available() and dist.is_initialized():
             from .torch_dist import TorchDistCommunicator
-            return TorchDistCommunicator()
+            return TorchDistCommunicator(timeout=timeout)
         return LocalCommunicator()
     if isinstance(spec, str):
         key = spec.lower()
@@ -29,14 +30,14 @@ def make_communicator(spec=None) -> Communicator:
             return MPICommunicator()
         if key in ("torch", "nccl", "gloo"):
             from .torch_dist import TorchDistCommunicator
-            return TorchDistCommunicator()
+            return TorchDistCommunicator(timeout=timeout)
         raise ValueError(f"unknown communicator {spec!r}; valid: 'torch', 'nccl', 'gloo', 'mpi', 'local', "
                          "a torch.distributed ProcessGroup or a Communicator instance")
     if dist.is_available() and isinstance(spec, dist.ProcessGroup):
         from .torch_dist import TorchDistCommunicator
-        return TorchDistCommunicator(spec)
+        return TorchDistCommunicator(spec, timeout=timeout)
     raise TypeError(f"cannot make a communicator from {type(spec).__name__}: pass a ProcessGroup, "
                     "a name ('torch', 'mpi', 'local') or a Communicator")
 
 
-__all__ = ["Communicator", "LocalCommunicator", "make_communicator"]
+__all__ = ["CollectiveError", "Communicator", "LocalCommunicator", "make_communicator"]

@@ -11,6 +11,10 @@ from typing import List
 import torch
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed: a peer died, stalled past the timeout, or ran a different collective."""
+
+
 class Communicator:
     rank: int = 0
     world_size: int = 1

@@ -16,8 +16,10 @@ its own chunk): every rank saves and loads its own ``state_dict()``.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.optim import Optimizer
@@ -26,10 +28,12 @@ from ..comm import Communicator, make_communicator
 from ..comm.base import gather_objects
 from ..compressors import Compressor, make_compressor
 from ..feedback import make_feedback
+from ..guards import any_nonfinite, first_divergence
 from ..metrics import CommStats
 from ..pipeline import Pipeline
 
 TACITURN_KEY = "taciturn"
+_log = logging.getLogger("taciturn")
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,35 @@ class CompressedOptimizer(Optimizer):
     """Base class; see the module docstring. Not used directly."""
 
     def __init__(self, params, defaults: dict, pipelines: Dict[str, PipelineSpec], *, process_group=None,
-                 bucket_cap_mb: float = 25.0, broadcast_parameters: bool = True, check_consistency: bool = True):
+                 bucket_cap_mb: float = 25.0, broadcast_parameters: bool = True, check_consistency: bool = True,
+                 nonfinite: str = "skip", check_divergence_every: Optional[int] = None,
+                 timeout: Optional[float] = None):
+        """Options every preset takes:
+
+        process_group: None (the initialised default torch.distributed group, else world size 1),
+            a ProcessGroup, ``"mpi"`` (mpi4py), ``"local"`` or a Communicator.
+        bucket_cap_mb: fp32 megabytes per flat bucket (default 25).
+        broadcast_parameters: copy rank 0's parameters to every rank at construction.
+        check_consistency: compare shapes, dtypes, hyper-parameters and codecs across ranks at
+            construction and raise naming the first difference (before any collective can hang).
+        nonfinite: ``"skip"`` (default, like DeepSpeed's fp16 overflow skip: when any rank's
+            gradient holds a NaN/Inf every rank skips the step, no state is touched),
+            ``"raise"`` (every rank raises naming the ranks) or ``"off"`` (no check, one
+            collective less per step).
+        check_divergence_every: every N steps compare a checksum of the parameters across ranks
+            and raise naming the first tensor that differs (default off; 1 when the environment
+            sets TACITURN_DEBUG=1).
+        timeout: seconds after which a collective with a dead or stalled peer fails with a
+            CollectiveError (torch.distributed only; default: the process group's own timeout).
+        """
+        if nonfinite not in ("skip", "raise", "off"):
+            raise ValueError(f"nonfinite={nonfinite!r} must be 'skip', 'raise' or 'off'")
+        if check_divergence_every is None:
+            check_divergence_every = 1 if os.environ.get("TACITURN_DEBUG", "") not in ("", "0") else 0
+        if not isinstance(check_divergence_every, int) or check_divergence_every < 0:
+            raise ValueError(f"check_divergence_every={check_divergence_every!r} must be an int >= 0 (0 = off)")
+        self.nonfinite = nonfinite
+        self.check_divergence_every = check_divergence_every
         check_range("lr", defaults.get("lr", 0.0), 0.0)
         check_range("weight_decay", defaults.get("weight_decay", 0.0), 0.0)
         if "eps" in defaults:
@@ -74,7 +106,7 @@ class CompressedOptimizer(Optimizer):
             check_range("lr", group["lr"], 0.0)
             if "betas" in group:
                 check_betas(group["betas"])
-        self.comm: Communicator = make_communicator(process_group)
+        self.comm: Communicator = make_communicator(process_group, timeout=timeout)
         self.stats = CommStats()
         self._trainable: List[Tuple[int, torch.Tensor]] = []
         for gi, group in enumerate(self.param_groups):
@@ -247,10 +279,44 @@ class CompressedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.nonfinite != "off" and self._skip_nonfinite():
+            return loss
         self._step()
         self._advance()
         self._after_step()
+        every = self.check_divergence_every
+        if every and self.comm.world_size > 1 and self.global_step % every == 0:
+            self.check_divergence()
         return loss
+
+    def _skip_nonfinite(self) -> bool:
+        grads = [p.grad for _, p in self._trainable if p.grad is not None and not p.grad.is_sparse]
+        bad = any_nonfinite(self.comm, grads)
+        if not bad:
+            return False
+        msg = (f"{type(self).__name__}: non-finite gradient (NaN/Inf) on rank(s) {bad} at step {self.global_step}")
+        if self.nonfinite == "raise":
+            raise FloatingPointError(msg + "; every rank raises. Use nonfinite='skip' to skip such steps.")
+        self.stats.skipped_steps += 1
+        _log.warning("%s: every rank skips this step; compression state untouched", msg)
+        return True
+
+    def synced_tensors(self) -> List[torch.Tensor]:
+        """The tensors that must be bit-identical on every rank after a step (the parameters)."""
+        return [p for _, p in self._trainable]
+
+    def check_divergence(self) -> None:
+        """Raise if any rank's parameters differ from rank 0's, naming the first tensor."""
+        names = []
+        for gi, p in self._trainable:
+            group = self.param_groups[gi]
+            pnames = group.get("param_names")
+            names.append(pnames[_index_of(group["params"], p)] if pnames else
+                         f"#{len(names)} (group {gi})")
+        problem = first_divergence(self.comm, self.synced_tensors(), names)
+        if problem:
+            raise RuntimeError(f"{type(self).__name__}: ranks diverged at step {self.global_step}: {problem}. "
+                               "Check that every rank runs the same code, data types and deterministic kernels.")
 
     def _step(self) -> None:
         raise NotImplementedError
@@ -261,6 +327,10 @@ class CompressedOptimizer(Optimizer):
     def metrics(self) -> dict:
         """The last step's communication metrics (bytes per direction, times, ratio)."""
         return self.stats.as_dict()
+
+
+def _index_of(params: list, p: torch.Tensor) -> int:
+    return next(i for i, q in enumerate(params) if q is p)
 
 
 _FP32_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "master_param", "synced_param")

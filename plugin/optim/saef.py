@@ -83,6 +83,9 @@ class SAEFSGD(CompressedOptimizer):
         super().load_state_dict(state_dict, reset_compression_state)
         self._place_params()
 
+    def synced_tensors(self):
+        return [self.state[p]["synced_param"] for _, p in self._trainable]
+
     @contextlib.contextmanager
     def synced_weights(self):
         """Within the block the parameters hold the synced model x (identical on all ranks)."""
