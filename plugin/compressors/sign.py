@@ -9,6 +9,9 @@ from ..wire import Pieces, from_bytes, pack_signs, packed_len, padded, unpack_si
 from .base import Compressor
 
 
+DEFAULT_BLOCK_SIZE = 1024
+
+
 def l1_scales(x: torch.Tensor, pieces: Pieces) -> torch.Tensor:
     """Mean absolute value of every piece: ||x_b||_1 / d_b (the papers' scale)."""
     return pieces.reduce(x, lambda v: v.abs().mean(dim=1))
@@ -78,7 +81,7 @@ class BlockSign(ScaledSign):
     The last block of a tensor is shorter. ``block_size=None`` gives one block per tensor.
     """
 
-    def __init__(self, block_size: Optional[int] = 1024, scale: str = "l1"):
+    def __init__(self, block_size: Optional[int] = DEFAULT_BLOCK_SIZE, scale: str = "l1"):
         super().__init__(scale)
         if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
             raise ValueError(f"block_sign: block_size={block_size!r} must be a positive int or None "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -27,6 +28,7 @@ from torch.optim import Optimizer
 from ..comm import Communicator, make_communicator
 from ..comm.base import gather_objects
 from ..compressors import Compressor, make_compressor
+from ..compressors.sign import DEFAULT_BLOCK_SIZE
 from ..feedback import make_feedback
 from ..guards import any_nonfinite, first_divergence
 from ..metrics import CommStats
@@ -129,6 +131,7 @@ class CompressedOptimizer(Optimizer):
                 codec = codec.bind(sum(sizes))
             self.pipelines[name] = Pipeline(sizes, codec, make_feedback(spec.worker), make_feedback(spec.server),
                                             self.comm, spec.two_way, bucket_cap_mb, groups)
+        _warn_oversized_blocks(self.pipelines.values(), max(sizes))
         if check_consistency and self.comm.world_size > 1:
             self._check_consistency()
         if broadcast_parameters and self.comm.world_size > 1:
@@ -327,6 +330,15 @@ class CompressedOptimizer(Optimizer):
     def metrics(self) -> dict:
         """The last step's communication metrics (bytes per direction, times, ratio)."""
         return self.stats.as_dict()
+
+
+def _warn_oversized_blocks(pipelines, largest: int) -> None:
+    """Warn when a block size the user chose (not the default) exceeds every tensor."""
+    for pipe in pipelines:
+        block = getattr(pipe.compressor, "block_size", None)
+        if block is not None and block != DEFAULT_BLOCK_SIZE and block > largest:
+            warnings.warn(f"block_size={block} is larger than every parameter tensor (the largest has {largest} "
+                          "elements): every tensor is one block, the same as block_size=None", stacklevel=4)
 
 
 def _index_of(params: list, p: torch.Tensor) -> int:
