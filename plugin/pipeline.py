@@ -43,7 +43,7 @@ class Pipeline:
             raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} must be > 0 (megabytes of fp32 per bucket, "
                              "default 25)")
         self.sizes = [int(s) for s in sizes]
-        self.compressor = compressor
+        self.compressor = compressor.bind(sum(self.sizes))
         self.worker, self.server = worker, server
         self.comm = comm
         self.two_way = two_way
@@ -103,14 +103,24 @@ class Pipeline:
         if len(tensors) != len(self.sizes):
             raise ValueError(f"pipeline built for {len(self.sizes)} tensors, got {len(tensors)}")
         out: List[torch.Tensor] = []
-        for b, (idx, lay, st) in enumerate(zip(self.buckets, self.layouts, states)):
-            parts = [tensors[i].reshape(-1) for i in idx]
-            flat = torch.cat(parts).float() if len(parts) > 1 else parts[0].float()
-            scale = s if isinstance(s, (int, float)) else s[self.groups[idx[0]]]
-            res = compressed_allreduce(flat, lay, self.compressor, self.worker, self.server, st, self.comm,
-                                       two_way=self.two_way, s=scale, seed=seed * len(self.buckets) + b,
-                                       stats=stats)
-            out.extend(self._views(idx, res, [tensors[i].shape for i in idx]))
+        for b, (idx, st) in enumerate(zip(self.buckets, states)):
+            out.extend(self.allreduce_bucket(b, [tensors[i] for i in idx], st, s=s, seed=seed, stats=stats))
         if stats is not None:
             stats.end_step()
         return out
+
+    def allreduce_bucket(self, b: int, tensors: Sequence[torch.Tensor], state: State, *,
+                         s: Union[float, Sequence[float]] = 1.0, seed: int = 0,
+                         stats: Optional[CommStats] = None) -> List[torch.Tensor]:
+        """``allreduce`` of bucket ``b`` alone (``tensors``: that bucket's, in order), for callers
+        that start each bucket when its gradients are ready. Buckets must be issued in the same
+        order on every rank; the caller closes the step with ``stats.end_step()``."""
+        idx, lay = self.buckets[b], self.layouts[b]
+        if len(tensors) != len(idx):
+            raise ValueError(f"bucket {b} holds {len(idx)} tensors, got {len(tensors)}")
+        parts = [t.reshape(-1) for t in tensors]
+        flat = torch.cat(parts).float() if len(parts) > 1 else parts[0].float()
+        scale = s if isinstance(s, (int, float)) else s[self.groups[idx[0]]]
+        res = compressed_allreduce(flat, lay, self.compressor, self.worker, self.server, state, self.comm,
+                                   two_way=self.two_way, s=scale, seed=seed * len(self.buckets) + b, stats=stats)
+        return self._views(idx, res, [t.shape for t in tensors])

@@ -32,6 +32,11 @@ class Compressor:
         """Unit lengths for consecutive tensors of the given sizes (default: one per tensor)."""
         return [s for s in sizes if s > 0]
 
+    def bind(self, numel: int) -> "Compressor":
+        """This codec for a buffer of ``numel`` elements in all (an absolute top-k ``k`` becomes
+        a ratio of it). Default: itself."""
+        return self
+
     def nbytes(self, pieces: Pieces) -> int:
         raise NotImplementedError
 
@@ -42,6 +47,21 @@ class Compressor:
     def decode(self, payload: torch.Tensor, pieces: Pieces, seed: int = 0,
                out: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def decode_add(self, payload: torch.Tensor, pieces: Pieces, acc: torch.Tensor, seed: int = 0,
+                   tmp: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``acc += decode(payload)`` (``tmp``: optional scratch the size of ``acc``); returns acc."""
+        return acc.add_(self.decode(payload, pieces, seed, out=tmp))
+
+    def fuses(self, *tensors: Optional[torch.Tensor]) -> bool:
+        """Whether ``encode_fused`` runs on these tensors (a fused kernel for this codec and device)."""
+        return False
+
+    def encode_fused(self, x: torch.Tensor, pieces: Pieces, fused, scales: Optional[torch.Tensor] = None,
+                     seed: int = 0) -> torch.Tensor:
+        """``encode(y)`` of y = x + alpha*h with the feedback state h updated in the same pass, as
+        ``fused`` (a ``taciturn.feedback.Fused``) says. Only where ``fuses(x, fused.h)``."""
+        raise NotImplementedError(f"{self.name} has no fused encode; check fuses() first")
 
     def compress(self, x: torch.Tensor, pieces: Optional[Pieces] = None, seed: int = 0) -> torch.Tensor:
         """C(x) for a flat tensor: decode(encode(x)) (what every receiver reconstructs)."""

@@ -5,6 +5,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .. import kernels
 from ..wire import Pieces, from_bytes, pack_signs, packed_len, padded, unpack_signs
 from .base import Compressor
 
@@ -19,7 +20,7 @@ def l1_scales(x: torch.Tensor, pieces: Pieces) -> torch.Tensor:
 
 def l2_scales(x: torch.Tensor, pieces: Pieces) -> torch.Tensor:
     """||x_b||_2 / sqrt(d_b) (the scale DeepSpeed's 1-bit Adam used)."""
-    return pieces.reduce(x, lambda v: v.norm(dim=1) / v.shape[1] ** 0.5)
+    return pieces.reduce(x, lambda v: v.square().sum(dim=1).div_(v.shape[1]).sqrt_())
 
 
 def _fill_signed(view: torch.Tensor, scale: torch.Tensor) -> None:
@@ -53,9 +54,23 @@ class ScaledSign(Compressor):
     def nbytes(self, pieces: Pieces) -> int:
         return padded(self._head(pieces) + packed_len(pieces.numel))
 
+    def fuses(self, *tensors):
+        return kernels.usable(*tensors)
+
+    def fused_scales(self, x, pieces, fused):
+        """``scales(y)`` of y = x + alpha*h, ``fused`` as in ``encode_fused`` (h is not changed)."""
+        return kernels.sign_scales(x, pieces, self.scale, fused.h, fused.alpha)
+
+    def encode_fused(self, x, pieces, fused, scales=None, seed=0):
+        out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8)
+        return kernels.sign_encode(x, pieces, self.scale, out, self._head(pieces), h=fused.h, alpha=fused.alpha,
+                                   update=fused.update, scales=scales)
+
     def encode(self, x, pieces, seed=0, scales=None):
         out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8, device=x.device)
         head = self._head(pieces)
+        if kernels.usable(x):
+            return kernels.sign_encode(x, pieces, self.scale, out, head, scales=scales)
         if head:
             out[:head] = (scales if scales is not None else self.scales(x, pieces)).to(torch.float32).view(torch.uint8)
         out[head:head + packed_len(pieces.numel)] = pack_signs(x)
@@ -63,6 +78,8 @@ class ScaledSign(Compressor):
 
     def decode(self, payload, pieces, seed=0, out=None):
         head = self._head(pieces)
+        if kernels.usable(payload, out):
+            return kernels.sign_decode(payload, pieces, self.scale, head, out)
         scales = from_bytes(payload, 0, pieces.count, torch.float32) if head else \
             torch.ones(pieces.count, dtype=torch.float32, device=payload.device)
         bits = unpack_signs(payload[head:head + packed_len(pieces.numel)], pieces.numel)
@@ -70,6 +87,11 @@ class ScaledSign(Compressor):
             out = torch.empty(pieces.numel, dtype=torch.float32, device=payload.device)
         out.copy_(bits)
         return pieces.expand_into(out, scales, _fill_signed)
+
+    def decode_add(self, payload, pieces, acc, seed=0, tmp=None):
+        if kernels.usable(payload, acc):
+            return kernels.sign_decode(payload, pieces, self.scale, self._head(pieces), acc, accumulate=True)
+        return super().decode_add(payload, pieces, acc, seed, tmp)
 
     def describe(self):
         return {"name": self.name, "scale": self.scale}

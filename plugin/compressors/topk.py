@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from fractions import Fraction
+from typing import Optional, Union
 
 import torch
 
@@ -10,9 +11,15 @@ from ..wire import Pieces, from_bytes, padded
 from .base import Compressor
 
 
-def keep_count(length: int, ratio: float) -> int:
-    """Entries kept of a piece: ceil(ratio * length), at least 1 for a non-empty piece."""
-    return min(length, max(1, math.ceil(ratio * length))) if length else 0
+def exact_ratio(ratio: Union[float, Fraction]) -> Fraction:
+    """``ratio`` as an exact fraction: a float is read as the decimal it prints as (0.07 -> 7/100),
+    so ceil(ratio * length) is not pushed up by binary rounding (float 0.07 * 100 > 7)."""
+    return ratio if isinstance(ratio, Fraction) else Fraction(repr(float(ratio)))
+
+
+def keep_count(length: int, ratio: Union[float, Fraction]) -> int:
+    """Entries kept of a piece: ceil(ratio * length) computed exactly, at least 1 for a non-empty piece."""
+    return min(length, max(1, math.ceil(exact_ratio(ratio) * length))) if length else 0
 
 
 class _Sparse(Compressor):
@@ -31,21 +38,29 @@ class _Sparse(Compressor):
         if k is not None and (not isinstance(k, int) or k < 1):
             raise ValueError(f"{name}: k={k!r} must be a positive int")
         self.ratio = None if ratio is None else float(ratio)
+        self._exact_ratio = None if ratio is None else exact_ratio(ratio)
         self.k = k
         self.name = name
 
+    def _options(self) -> dict:
+        """Constructor options other than ``ratio``/``k`` (kept by ``bind``)."""
+        return {}
+
     def bind(self, numel: int) -> "_Sparse":
-        """Resolve an absolute ``k`` against the total number of elements it applies to."""
+        """Resolve an absolute ``k`` against the total number of elements it applies to: the
+        result keeps exactly k of ``numel`` (pieces of it keep k proportionally)."""
         if self.k is None:
             return self
         if self.k > numel:
             raise ValueError(f"{self.name}: k={self.k} is larger than the {numel} elements it compresses; "
                              f"use k <= {numel} or ratio=")
-        return type(self)(ratio=self.k / numel)
+        return type(self)(ratio=Fraction(self.k, numel), **self._options())
 
     def counts(self, pieces: Pieces):
-        ratio = self.ratio if self.ratio is not None else 1.0
-        return [keep_count(n, ratio) for n in pieces.lengths()]
+        """Entries kept per piece. An unbound absolute ``k`` applies to the whole segment."""
+        if self.k is not None:
+            return self.bind(pieces.numel).counts(pieces) if pieces.numel else []
+        return [keep_count(n, self._exact_ratio) for n in pieces.lengths()]
 
     def nbytes(self, pieces):
         return padded(8 * sum(self.counts(pieces)))
@@ -83,9 +98,9 @@ class TopK(_Sparse):
     """Keep the ceil(ratio * d_b) largest-magnitude entries of every piece b.
 
     ``mode="exact"`` (default) uses ``torch.topk``. ``mode="sampled"`` estimates the threshold
-    from a 1% random sample (seeded, so it is the same on every rank) and keeps the first k
-    entries above it: faster on large tensors, may keep slightly smaller entries than exact
-    top-k when the sample misjudges the threshold; the payload size is unchanged.
+    from a 1% random sample (seeded, so it is the same on every rank) set a little low, and runs
+    the exact top-k only on the entries above it (all of them when the sample set it too high):
+    the same entries as exact top-k, faster on large tensors (pieces of 100k elements or more).
     """
 
     def __init__(self, ratio=None, k=None, mode: str = "exact"):
@@ -95,11 +110,8 @@ class TopK(_Sparse):
         self.mode = mode
         self.bits_per_element = 64 * (self.ratio or 0.0)
 
-    def bind(self, numel):
-        if self.k is None:
-            return self
-        bound = super().bind(numel)
-        return TopK(ratio=bound.ratio, mode=self.mode)
+    def _options(self):
+        return {"mode": self.mode}
 
     def _piece_topk(self, v: torch.Tensor, k: int, seed: int) -> torch.Tensor:
         mag = v.abs()
@@ -142,10 +154,8 @@ class RandK(_Sparse):
         self.seed = int(seed)
         self.bits_per_element = 32 * (self.ratio or 0.0)
 
-    def bind(self, numel):
-        if self.k is None:
-            return self
-        return RandK(ratio=super().bind(numel).ratio, seed=self.seed)
+    def _options(self):
+        return {"seed": self.seed}
 
     def nbytes(self, pieces):
         return padded(4 * sum(self.counts(pieces)))

@@ -127,8 +127,6 @@ class CompressedOptimizer(Optimizer):
         self._specs = dict(pipelines)
         for name, spec in pipelines.items():
             codec = make_compressor(spec.compressor, **dict(spec.compressor_options))
-            if hasattr(codec, "bind"):
-                codec = codec.bind(sum(sizes))
             self.pipelines[name] = Pipeline(sizes, codec, make_feedback(spec.worker), make_feedback(spec.server),
                                             self.comm, spec.two_way, bucket_cap_mb, groups)
         _warn_oversized_blocks(self.pipelines.values(), max(sizes))
@@ -216,11 +214,14 @@ class CompressedOptimizer(Optimizer):
                              "errors and Markov sequences cannot be carried over; pass reset_compression_state=True "
                              "to load the rest and restart compression from zero")
         super().load_state_dict(state_dict)
-        for _, p in self._trainable:
-            for key, value in self.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.is_floating_point() and value.dtype != torch.float32 \
-                        and key in _FP32_KEYS:
-                    self.state[p][key] = value.float()
+        # torch casts per-parameter state to the parameter's dtype: restore the saved fp32
+        # tensors themselves (casting back from fp16/bf16 would lose their low bits).
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if key in _FP32_KEYS and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
         if problem or reset_compression_state:
             step = int(saved.get("step", 0))
             self._init_compression_state()

@@ -1,0 +1,185 @@
+"""Shared test helpers, exposed as fixtures.
+
+``run_ranks``: run a function on n real gloo ranks (forked processes, a file store, a timeout).
+``simulate``: the papers' pseudo-code for one server and n workers, written plainly (one flat
+vector per bucket, one Python step per line of the algorithm boxes), the reference that the
+multi-process pipeline must reproduce.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from datetime import timedelta
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+# ----------------------------------------------------------------------------- processes
+
+def _rank_entry(rank, fn, world_size, tmp, args, timeout):
+    # Forked ranks keep torch single-threaded: OpenMP pools do not survive fork, and the
+    # machine running the suite has two shared cores.
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout))
+    try:
+        result = fn(rank, world_size, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
+
+
+def _run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
+
+    The ranks are forked (no re-import per rank), meet through a file store in a fresh
+    temporary folder (no port to race for) and are killed after ``timeout`` seconds. A rank's
+    exception fails the test with that rank's traceback.
+    """
+    with tempfile.TemporaryDirectory(prefix="taciturn-ranks-") as tmp:
+        ctx = mp.start_processes(_rank_entry, args=(fn, world_size, tmp, args, timeout), nprocs=world_size,
+                                 join=False, start_method="fork")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                pytest.fail(f"{world_size} ranks of {fn.__name__} did not finish within {timeout:.0f} s")
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world_size)]
+
+
+@pytest.fixture(scope="session")
+def run_ranks():
+    return _run_ranks
+
+
+# ----------------------------------------------------------------------------- reference
+
+def segments(bounds, total):
+    """[(start, end)] between the sorted distinct boundaries (0 and ``total`` included)."""
+    edges = sorted({0, total, *bounds})
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def tensor_bounds(sizes):
+    out, acc = [], 0
+    for s in sizes:
+        acc += s
+        out.append(acc)
+    return out
+
+
+def block_bounds(sizes, block_size):
+    """Tensor ends plus every ``block_size`` elements from each tensor's start."""
+    out, start = [], 0
+    for s in sizes:
+        out.extend(range(start, start + s, block_size))
+        start += s
+        out.append(start)
+    return out
+
+
+def plain_compress(v: torch.Tensor, name: str, opts: dict) -> torch.Tensor:
+    """C(v) for one piece, straight from the formulas of ALGORITHMS.md."""
+    if name in ("scaled_sign", "block_sign"):
+        return v.abs().mean() * torch.where(v >= 0, 1.0, -1.0)
+    if name == "topk":
+        k = min(v.numel(), max(1, math.ceil(Fraction(str(opts["ratio"])) * v.numel())))
+        out = torch.zeros_like(v)
+        idx = v.abs().topk(k).indices
+        out[idx] = v[idx]
+        return out
+    if name == "identity":
+        return v.clone()
+    raise ValueError(f"no plain reference for {name!r}")
+
+
+def plain_compress_pieces(v, pieces, name, opts):
+    return torch.cat([plain_compress(v[a:b], name, opts) for a, b in pieces])
+
+
+def compression_units(sizes, name, opts):
+    """Boundaries of the units a codec compresses as one (blocks or whole tensors)."""
+    if name == "block_sign" and opts.get("block_size", 1024) is not None:
+        return block_bounds(sizes, opts.get("block_size", 1024))
+    return tensor_bounds(sizes)
+
+
+def _simulate_bucket(xs, sizes, cuts, name, opts, rule, two_way, s):
+    """One bucket: ``xs[t][i]`` is worker i's flat input at step t; returns the results per step."""
+    n, d = len(xs[0]), sum(sizes)
+    units = compression_units(sizes, name, opts)
+    # Workers compress whole units (a sign scale spans a tensor split by a chunk cut); top-k
+    # in two-way mode is applied to each piece of a tensor inside a chunk. The server
+    # compresses every piece of a unit that falls in its chunk on its own.
+    per_piece_worker = two_way and name == "topk"
+    worker_pieces = segments(units + (list(cuts) if per_piece_worker else []), d)
+    server_pieces = segments(units + list(cuts), d)
+    zeros = lambda: torch.zeros(d)
+    e, h = [zeros() for _ in range(n)], [zeros() for _ in range(n)]
+    e_server, H, G = zeros(), zeros(), zeros()
+    results = []
+    for t, x in enumerate(xs):
+        sent = []
+        for i in range(n):
+            if rule == "none":
+                c = plain_compress_pieces(x[i], worker_pieces, name, opts)
+            elif rule == "ef":
+                p = x[i] + s[t] * e[i]
+                c = plain_compress_pieces(p, worker_pieces, name, opts)
+                e[i] = p - c
+            else:
+                c = plain_compress_pieces(x[i] - h[i], worker_pieces, name, opts)
+                h[i] = h[i] + c
+            sent.append(c)
+        a = torch.stack(sent).sum(0) / n
+        if not two_way:
+            if rule == "markov":
+                H = H + a
+                results.append(H.clone())
+            else:
+                results.append(a)
+            continue
+        if rule == "none":
+            result = plain_compress_pieces(a, server_pieces, name, opts)
+        elif rule == "ef":
+            p = a + s[t] * e_server
+            result = plain_compress_pieces(p, server_pieces, name, opts)
+            e_server = p - result
+        else:
+            H = H + a
+            c = plain_compress_pieces(H - G, server_pieces, name, opts)
+            G = G + c
+            result = G.clone()
+        results.append(result)
+    return results
+
+
+def _simulate(xs, buckets, name, opts, rule, two_way, s):
+    """The papers' pseudo-code, one server and n workers, bucket by bucket.
+
+    ``xs[t][i]``: worker i's flat fp32 input at step t (all tensors concatenated);
+    ``buckets``: ``(sizes, cuts)`` per bucket, in order; ``s[t]``: the EF error scale at step t.
+    Returns a ``(steps, d)`` tensor of the averaged results every worker must end with.
+    """
+    per_bucket, start = [], 0
+    for sizes, cuts in buckets:
+        d = sum(sizes)
+        part = [[xi[start:start + d] for xi in x] for x in xs]
+        per_bucket.append(_simulate_bucket(part, sizes, cuts, name, opts, rule, two_way, s))
+        start += d
+    return torch.stack([torch.cat([b[t] for b in per_bucket]) for t in range(len(xs))])
+
+
+@pytest.fixture(scope="session")
+def simulate():
+    return _simulate

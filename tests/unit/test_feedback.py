@@ -1,0 +1,101 @@
+"""Feedback rules (none / EF / Markov) and their state, alone and inside a world-size-1 pipeline."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from taciturn import LocalCommunicator, Pipeline, make_compressor
+from taciturn.feedback import ErrorFeedback, Feedback, MarkovFeedback, make_feedback
+
+RULES = ("none", "ef", "markov")
+
+
+def vec(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("two_way", [True, False], ids=["two_way", "one_way"])
+@pytest.mark.parametrize("rule", RULES)
+def test_init_state_is_fp32_zeros_of_the_right_lengths(rule, two_way):
+    state = make_feedback(rule).init_state(numel=10, chunk_numel=4, two_way=two_way)
+    expected = {
+        ("none", True): {}, ("none", False): {},
+        ("ef", True): {"worker_error": 10, "server_error": 4}, ("ef", False): {"worker_error": 10},
+        ("markov", True): {"worker_markov": 10, "server_markov": 4, "result_markov": 10},
+        ("markov", False): {"worker_markov": 10, "server_markov": 10},
+    }[(rule, two_way)]
+    assert {k: v.numel() for k, v in state.items()} == expected
+    assert all(v.dtype == torch.float32 and not v.any() for v in state.values())
+
+
+def test_none_passes_through():
+    fb, x = make_feedback("none"), vec(1, -2)
+    assert fb.worker_pre(x, {}, 1.0) is x and fb.server_pre(x, {}, 1.0, slice(0, 2)) is x
+    assert fb.finish(x, {}) is x and fb.accumulate(x, {}) is x
+
+
+def test_error_feedback_rescales_and_stores_the_error():
+    fb = make_feedback("ef")
+    st = {"worker_error": vec(1, 1, 0), "server_error": vec(2, -2)}
+    x = vec(1, 2, 3)
+    y = fb.worker_pre(x, st, 0.5)
+    assert torch.equal(y, vec(1.5, 2.5, 3)) and torch.equal(x, vec(1, 2, 3))
+    fb.worker_post(y, vec(1, 1, 1), st)
+    assert torch.equal(st["worker_error"], vec(0.5, 1.5, 2))
+    z = fb.server_pre(vec(1, 1), st, 2.0, slice(0, 2))
+    assert torch.equal(z, vec(5, -3))
+    fb.server_post(z, vec(4, -4), st)
+    assert torch.equal(st["server_error"], vec(1, 1))
+    # s = 0 (lr_{-1} = 0 in dist-EF-SGD): the error is dropped, and y is a copy, never x itself
+    y0 = fb.worker_pre(x, st, 0.0)
+    assert torch.equal(y0, x) and y0.data_ptr() != x.data_ptr()
+
+
+def test_markov_sequences():
+    fb = make_feedback("markov")
+    st = {"worker_markov": vec(1, 0, 0, 0), "server_markov": vec(1, 1), "result_markov": vec(0, 0, 3, 1)}
+    y = fb.worker_pre(vec(2, 2, 2, 2), st, 1.0)
+    assert torch.equal(y, vec(1, 2, 2, 2))
+    fb.worker_post(y, vec(1, 1, 1, 1), st)
+    assert torch.equal(st["worker_markov"], vec(2, 1, 1, 1))
+    z = fb.server_pre(vec(1, 2), st, 1.0, slice(2, 4))  # H = H + a ; y = H - G[chunk]
+    assert torch.equal(st["server_markov"], vec(2, 3)) and torch.equal(z, vec(-1, 2))
+    result = fb.finish(vec(1, 1, 1, 1), st)  # G = G + c~ on every rank; the result is G
+    assert torch.equal(result, vec(1, 1, 4, 2)) and result.data_ptr() == st["result_markov"].data_ptr()
+    one_way = {"server_markov": vec(1, 1)}
+    assert torch.equal(fb.accumulate(vec(0.5, -1), one_way), vec(1.5, 0))
+
+
+def test_make_feedback_names():
+    assert isinstance(make_feedback("EF"), ErrorFeedback) and isinstance(make_feedback("Markov"), MarkovFeedback)
+    assert type(make_feedback("none")) is Feedback
+    rule = MarkovFeedback()
+    assert make_feedback(rule) is rule
+    with pytest.raises(ValueError, match="unknown feedback 'ef21'; valid: ef, markov, none"):
+        make_feedback("ef21")
+
+
+# ----------------------------------------------------------------------------- one process, n = 1
+
+SIZES = [700, 1500, 33, 2100]
+CODECS = {"block_sign": {}, "scaled_sign": {}, "topk": {"ratio": 0.25}, "identity": {}}
+EF_SCALES = (1.0, 0.5, 2.0, 1.0)
+
+
+@pytest.mark.parametrize("two_way", [True, False], ids=["two_way", "one_way"])
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("name", CODECS)
+def test_single_process_pipeline_equals_the_pseudo_code(name, rule, two_way, simulate):
+    """World size 1 (SPARS-AMS Algorithm 2, single-process CD-Adam): no process group at all."""
+    pipe = Pipeline(SIZES, make_compressor(name, **CODECS[name]), make_feedback(rule), make_feedback(rule),
+                    LocalCommunicator(), two_way=two_way)
+    states = pipe.init_state()
+    gen = torch.Generator().manual_seed(0)
+    xs, got = [], []
+    for t, s in enumerate(EF_SCALES):
+        x = [torch.randn(n, generator=gen) for n in SIZES]
+        xs.append([torch.cat(x)])
+        got.append(torch.cat(pipe.allreduce(x, states, s=s, seed=t)))
+    assert all(v.dtype == torch.float32 for st in states for v in st.values())
+    expected = simulate(xs, [(SIZES, [0, sum(SIZES)])], name, CODECS[name], rule, two_way, EF_SCALES)
+    torch.testing.assert_close(torch.stack(got), expected, rtol=1e-5, atol=1e-5)
