@@ -18,11 +18,24 @@ compression and ``accumulate(a)`` gives the result (Markov: ``H = H + a``).
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
 State = Dict[str, torch.Tensor]
+
+
+class Fused(NamedTuple):
+    """A worker rule in the form a fused kernel runs it (``Compressor.encode_fused``):
+    y = x + alpha*h, then h updated in the same pass by ``update``: "markov" h += C(y),
+    "ef" h = y - C(y), "none" (h is None) nothing."""
+
+    h: Optional[torch.Tensor]
+    alpha: float
+    update: str
+
+    def at(self, sl: slice) -> "Fused":
+        return self if self.h is None else self._replace(h=self.h[sl])
 
 
 class Feedback:
@@ -53,6 +66,10 @@ class Feedback:
     def worker_post(self, y: torch.Tensor, c: torch.Tensor, st: State) -> None:
         pass
 
+    def worker_fused(self, st: State, s: float) -> Optional[Fused]:
+        """worker_pre + worker_post as one ``Fused`` step; None for a rule without that form."""
+        return Fused(None, 0.0, "none") if type(self) is Feedback else None
+
     def server_pre(self, a: torch.Tensor, st: State, s: float, chunk: slice) -> torch.Tensor:
         return a
 
@@ -80,6 +97,9 @@ class ErrorFeedback(Feedback):
     def worker_post(self, y, c, st):
         torch.sub(y, c, out=st["worker_error"])
 
+    def worker_fused(self, st, s):
+        return Fused(st["worker_error"], s, "ef")
+
     def server_pre(self, a, st, s, chunk):
         return a.add(st["server_error"], alpha=s) if s != 0 else a.clone()
 
@@ -104,6 +124,9 @@ class MarkovFeedback(Feedback):
 
     def worker_post(self, y, c, st):
         st["worker_markov"].add_(c)
+
+    def worker_fused(self, st, s):
+        return Fused(st["worker_markov"], -1.0, "markov")
 
     def server_pre(self, a, st, s, chunk):
         h = st["server_markov"]

@@ -50,29 +50,40 @@ def compressed_allreduce(x: torch.Tensor, layout: BucketLayout, codec: Compresso
     clock = time.perf_counter
     coll = 0.0
     t0 = clock()
-    y = worker.worker_pre(x, state, s)
+    # A fused kernel (CPU sign codecs) runs pre, encode and post in one pass per chunk.
+    fused = worker.worker_fused(state, s)
+    fused = fused if fused is not None and codec.fuses(x, fused.h) else None
+    y = x if fused is not None else worker.worker_pre(x, state, s)
     if not two_way:
-        payload = codec.encode(y, layout.units, _seed(seed, 0, 0, n))
-        if worker.needs_decoded:
-            worker.worker_post(y, codec.decode(payload, layout.units, _seed(seed, 0, 0, n)), state)
+        if fused is not None:
+            payload = codec.encode_fused(x, layout.units, fused)
+        else:
+            payload = codec.encode(y, layout.units, _seed(seed, 0, 0, n))
+            if worker.needs_decoded:
+                worker.worker_post(y, codec.decode(payload, layout.units, _seed(seed, 0, 0, n)), state)
         tc = clock()
         gathered = comm.all_gather(payload)
         coll += clock() - tc
         a = torch.zeros_like(y)
         tmp = torch.empty_like(y)
         for i in range(n):
-            a.add_(codec.decode(gathered[i], layout.units, _seed(seed, 0, 0, n), out=tmp))
+            codec.decode_add(gathered[i], layout.units, a, _seed(seed, 0, 0, n), tmp)
         result = server.accumulate(a.div_(n), state)
         up, down = payload.numel(), gathered.numel()
     else:
-        unit_scales = (codec.scales(y, layout.units)
-                       if codec.unit_scales and not codec.chunk_aligned else None)
+        unit_scales = None
+        if codec.unit_scales and not codec.chunk_aligned:
+            unit_scales = (codec.fused_scales(x, layout.units, fused) if fused is not None
+                           else codec.scales(y, layout.units))
         chunks = []
-        c = torch.empty_like(y) if worker.needs_decoded else None
+        c = torch.empty_like(y) if worker.needs_decoded and fused is None else None
         for j in range(n):
             sl, pieces = layout.chunk(j), layout.chunk_pieces[j]
             scales = unit_scales[layout.piece_unit[j]] if unit_scales is not None else None
-            payload = codec.encode(y[sl], pieces, _seed(seed, 0, j, n), scales)
+            if fused is not None:
+                payload = codec.encode_fused(x[sl], pieces, fused.at(sl), scales)
+            else:
+                payload = codec.encode(y[sl], pieces, _seed(seed, 0, j, n), scales)
             if c is not None:
                 codec.decode(payload, pieces, _seed(seed, 0, j, n), out=c[sl])
             chunks.append(_fit(payload, layout.chunk_nbytes))
@@ -87,7 +98,7 @@ def compressed_allreduce(x: torch.Tensor, layout: BucketLayout, codec: Compresso
         a = torch.zeros(layout.chunk_numel(me), dtype=torch.float32, device=x.device)
         tmp = torch.empty_like(a)
         for i in range(n):
-            a.add_(codec.decode(received[i], pieces, wseed, out=tmp))
+            codec.decode_add(received[i], pieces, a, wseed, tmp)
         z = server.server_pre(a.div_(n), state, s, sl)
         sseed = _seed(seed, 1, me, n)
         payload = _fit(codec.encode(z, pieces, sseed), layout.chunk_nbytes)

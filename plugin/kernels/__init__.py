@@ -1,0 +1,202 @@
+"""Fused CPU kernels for the scaled sign codecs, with their feedback update in the same pass.
+
+The torch path of a Markov worker makes five passes over memory and allocates two full-size
+temporaries (y = x - h, the block scales, the packed bits, the decoded C(y), h += C(y)); the
+kernel in ``sign.cpp`` does it in one pass per block, while the block is in cache, and writes
+the same payload bytes. It is plain C++ with OpenMP (it joins torch's own OpenMP runtime),
+compiled with the system ``g++`` at first use (about 2 s) into a cache folder
+(``$TORCH_EXTENSIONS_DIR/taciturn`` or ``~/.cache/taciturn/kernels``) under a name that hashes
+the source, the flags and the CPU, and loaded with ctypes.
+
+Callers ask ``usable(*tensors)`` first: true for contiguous CPU tensors when the library is
+built. If it cannot be built (no compiler, a read-only cache...), one warning says why and the
+codecs keep their torch path. ``TACITURN_KERNELS=0`` switches the kernels off; so does
+``set_enabled(False)`` (the benchmark compares both paths in one process).
+``TACITURN_KERNELS_ARCH`` (default ``native``) is the ``-march`` the library is built for: a
+cache shared by machines with different CPUs wants a common one, e.g. ``x86-64-v3`` (AVX2).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..wire import Pieces, packed_len
+
+_SOURCE = Path(__file__).with_name("sign.cpp")
+_FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared")
+_SCALES = {"none": 0, "l1": 1, "l2": 2}
+_UPDATES = {"none": 0, "markov": 1, "ef": 2}
+#: below this many elements per thread, extra threads cost more than they save
+_MIN_PER_THREAD = 1 << 15
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_failed: Optional[str] = None
+_enabled = os.environ.get("TACITURN_KERNELS", "1") != "0"
+
+_i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "tac_sign_scales": [_ptr, _ptr, _f32, _ptr, _i64, _i64, _int, _ptr, _int],
+    "tac_sign_encode": [_ptr, _ptr, _f32, _int, _ptr, _i64, _i64, _int, _ptr, _ptr, _ptr, _int],
+    "tac_sign_decode": [_ptr, _ptr, _ptr, _i64, _i64, _int, _ptr, _int, _int],
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(root) / "taciturn" if root else Path.home() / ".cache" / "taciturn" / "kernels"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: a library built on another CPU may not run here."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CXX") or shutil.which("g++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler: install g++ (apt-get install g++) or set CXX")
+    flags = [*_FLAGS, f"-march={os.environ.get('TACITURN_KERNELS_ARCH', 'native')}"]
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
+                                     _cpu_id().encode()])).hexdigest()[:16]
+    target = cache_dir() / f"sign-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp], capture_output=True,
+                                  text=True, timeout=300)
+            if done.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+            os.replace(tmp, target)  # atomic: concurrent first builds (several ranks) are safe
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernels, built on first call; None (after one warning) if they cannot be."""
+    global _lib, _failed
+    if _lib is None and _failed is None:
+        with _lock:
+            if _lib is None and _failed is None:
+                try:
+                    _lib = _build()
+                except Exception as exc:  # any failure leaves the torch path working
+                    _failed = f"{type(exc).__name__}: {exc}"
+                    warnings.warn(f"taciturn: the fused CPU kernels are unavailable ({_failed}); the sign "
+                                  "codecs use their slower torch path", RuntimeWarning, stacklevel=3)
+    return _lib
+
+
+def set_enabled(flag: bool) -> bool:
+    """Switch the kernels on or off for this process; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(flag)
+    return previous
+
+
+def usable(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when the kernels may run on these tensors (None entries are ignored): all on CPU,
+    contiguous, fp32 or uint8, and the library is built (building it if needed)."""
+    if not _enabled:
+        return False
+    for t in tensors:
+        if t is not None and (t.device.type != "cpu" or not t.is_contiguous()
+                              or t.dtype not in (torch.float32, torch.uint8)):
+            return False
+    return library() is not None
+
+
+def _threads(numel: int) -> int:
+    return max(1, min(torch.get_num_threads(), numel // _MIN_PER_THREAD))
+
+
+@functools.lru_cache(maxsize=1024)
+def _runs(pieces: Pieces):
+    flat = [v for run in pieces.runs for v in run]
+    return (ctypes.c_int64 * max(1, len(flat)))(*flat), len(pieces.runs)
+
+
+def _addr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _check(x: torch.Tensor, pieces: Pieces, *states: Optional[torch.Tensor]) -> None:
+    if x.numel() != pieces.numel:
+        raise ValueError(f"taciturn.kernels: {x.numel()} elements given for pieces of {pieces.numel}")
+    for h in states:
+        if h is not None and h.numel() != x.numel():
+            raise ValueError(f"taciturn.kernels: feedback state of {h.numel()} elements for {x.numel()} inputs")
+
+
+def sign_scales(x: torch.Tensor, pieces: Pieces, scale: str, h: Optional[torch.Tensor] = None,
+                alpha: float = 0.0) -> torch.Tensor:
+    """The scale of every piece of y = x + alpha*h (mean |y| for "l1", sqrt(mean y^2) for "l2")."""
+    _check(x, pieces, h)
+    out = torch.empty(pieces.count, dtype=torch.float32)
+    runs, nruns = _runs(pieces)
+    library().tac_sign_scales(x.data_ptr(), _addr(h), alpha, runs, nruns, x.numel(), _SCALES[scale],
+                              out.data_ptr(), _threads(x.numel()))
+    return out
+
+
+def sign_encode(x: torch.Tensor, pieces: Pieces, scale: str, payload: torch.Tensor, head: int, *,
+                h: Optional[torch.Tensor] = None, alpha: float = 0.0, update: str = "none",
+                scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Write the sign payload of y = x + alpha*h into ``payload`` and update ``h`` in the same pass.
+
+    ``payload[:head]`` gets the fp32 scales (unless ``scale`` is "none"), ``payload[head:]`` the
+    packed signs; bytes after them are left alone. ``update``: "none", "markov" (h += C(y)) or
+    "ef" (h = y - C(y)). ``scales`` (one per piece) replaces the computed ones.
+    """
+    _check(x, pieces, h)
+    if update != "none" and h is None:
+        raise ValueError(f"taciturn.kernels: update={update!r} needs the state tensor h")
+    if payload.numel() < head + packed_len(pieces.numel):
+        raise ValueError(f"taciturn.kernels: payload of {payload.numel()} bytes is too small")
+    if scales is not None:
+        scales = scales.to(torch.float32).contiguous()
+    runs, nruns = _runs(pieces)
+    library().tac_sign_encode(x.data_ptr(), _addr(h), alpha, _UPDATES[update], runs, nruns, x.numel(),
+                              _SCALES[scale], _addr(scales), payload.data_ptr(), payload.data_ptr() + head,
+                              _threads(x.numel()))
+    return payload
+
+
+def sign_decode(payload: torch.Tensor, pieces: Pieces, scale: str, head: int,
+                out: Optional[torch.Tensor] = None, accumulate: bool = False) -> torch.Tensor:
+    """C from a sign payload into ``out`` (allocated when None), or added to ``out``."""
+    if out is None:
+        out = torch.empty(pieces.numel, dtype=torch.float32)
+    _check(out, pieces)
+    if payload.numel() < head + packed_len(pieces.numel):
+        raise ValueError(f"taciturn.kernels: payload of {payload.numel()} bytes is too small")
+    runs, nruns = _runs(pieces)
+    library().tac_sign_decode(payload.data_ptr(), payload.data_ptr() + head, runs, nruns, pieces.numel,
+                              _SCALES[scale], out.data_ptr(), int(accumulate), _threads(pieces.numel))
+    return out

@@ -1,0 +1,288 @@
+// Fused CPU kernels of the scaled sign codecs (loaded by taciturn/kernels/__init__.py).
+//
+// A segment of `numel` fp32 elements is split into pieces, given as runs (start, count, length)
+// of consecutive pieces of equal length. Every piece b gets one scale s_b (mean |y|,
+// sqrt(mean y^2) or 1) and one bit per element (y >= 0; element i on bit i % 8 of byte i / 8):
+// the payload that the torch path of taciturn.compressors.ScaledSign writes, byte for byte.
+//
+// Encode reads y = x + alpha * h and updates h in the same pass over each piece:
+//   KEEP: h untouched;  MARKOV: h += C(y);  ERROR: h = y - C(y).
+// A piece of at most kLocal elements is done by one thread, its scale pass and its sign pass
+// back to back while it is in cache; longer pieces are cut into segments shared by all threads.
+// Pieces whose ends are not on a multiple of 8 share a byte with a neighbour: those bytes are
+// OR-ed atomically into zeroed memory, every other byte is stored by exactly one thread.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum Scale { kUnit = 0, kL1 = 1, kL2 = 2 };
+enum Update { kKeep = 0, kMarkov = 1, kError = 2 };
+
+constexpr int64_t kTile = 2048;      // elements per inner tile (its y stays in L1)
+constexpr int64_t kLocal = 1 << 16;  // longest piece done by one thread
+
+struct Piece {
+  int64_t index, start, end;
+};
+
+// f(piece) for every piece overlapping [lo, hi), in order.
+template <class F>
+void for_pieces(const int64_t* runs, int64_t nruns, int64_t lo, int64_t hi, F f) {
+  int64_t index = 0;
+  for (int64_t r = 0; r < nruns; ++r) {
+    const int64_t start = runs[3 * r], count = runs[3 * r + 1], len = runs[3 * r + 2];
+    const int64_t k0 = std::clamp<int64_t>(lo > start ? (lo - start) / len : 0, 0, count);
+    const int64_t k1 = std::clamp<int64_t>(hi > start ? (hi - start + len - 1) / len : 0, 0, count);
+    for (int64_t k = k0; k < k1; ++k) f(Piece{index + k, start + k * len, start + (k + 1) * len});
+    index += count;
+  }
+}
+
+// f(thread, threads) on `threads` OpenMP threads (torch's runtime); no OpenMP at all for one
+// thread, as in forked processes, which must not start a team.
+template <class F>
+void parallel(int threads, F f) {
+  if (threads <= 1) {
+    f(0, 1);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  f(omp_get_thread_num(), omp_get_num_threads());
+}
+
+// Element cut of thread t out of n, on a multiple of 8 (threads never share a byte of signs).
+int64_t cut(int64_t numel, int t, int n) { return t == n ? numel : (numel * t / n) & ~int64_t(7); }
+
+// y = x + alpha * h (h null: y = x), one tile at a time.
+struct Input {
+  const float* x;
+  const float* h;
+  float alpha;
+
+  // y[i0, i1), y[0] being element i0: x itself, or `buf` filled with x + alpha * h.
+  const float* tile(int64_t i0, int64_t i1, float* __restrict buf) const {
+    if (!h) return x + i0;
+    const float* __restrict xs = x + i0;
+    const float* __restrict hs = h + i0;
+    for (int64_t i = 0; i < i1 - i0; ++i) buf[i] = xs[i] + alpha * hs[i];
+    return buf;
+  }
+};
+
+// Sum of |y| (l1) or y^2 (l2) over [i0, i1): float within a tile, double across tiles.
+double range_sum(const Input& in, int scale, int64_t i0, int64_t i1) {
+  alignas(64) float buf[kTile];
+  double total = 0;
+  for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
+    const int64_t n = std::min(i1, t0 + kTile) - t0;
+    const float* y = in.tile(t0, t0 + n, buf);
+    float acc = 0;
+    if (scale == kL2) {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < n; ++i) acc += y[i] * y[i];
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < n; ++i) acc += std::fabs(y[i]);
+    }
+    total += acc;
+  }
+  return total;
+}
+
+float piece_scale(int scale, double sum, int64_t len) {
+  if (scale == kL1) return static_cast<float>(sum / len);
+  if (scale == kL2) return static_cast<float>(std::sqrt(sum / len));
+  return 1.0f;
+}
+
+// Bits (y >= 0) of y[0, 8 * nbytes) into out[0, nbytes).
+void pack_bytes(const float* y, int64_t nbytes, uint8_t* out) {
+  int64_t b = 0;
+#if defined(__AVX512F__)
+  for (; b + 2 <= nbytes; b += 2) {
+    const uint16_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(y + 8 * b), _mm512_setzero_ps(), _CMP_GE_OQ);
+    std::memcpy(out + b, &m, 2);  // little endian: elements 0-7 in the first byte
+  }
+#elif defined(__AVX2__)
+  for (; b < nbytes; ++b)
+    out[b] = static_cast<uint8_t>(
+        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(y + 8 * b), _mm256_setzero_ps(), _CMP_GE_OQ)));
+#endif
+  for (; b < nbytes; ++b) {
+    unsigned v = 0;
+    for (int j = 0; j < 8; ++j) v |= unsigned(y[8 * b + j] >= 0.0f) << j;
+    out[b] = static_cast<uint8_t>(v);
+  }
+}
+
+// Bits of elements [i0, i1) inside one byte (y[0] is element i0), OR-ed into that byte: it
+// may be shared with a neighbouring piece.
+void or_bits(const float* y, int64_t i0, int64_t i1, uint8_t* bits) {
+  unsigned v = 0;
+  for (int64_t i = i0; i < i1; ++i) v |= unsigned(y[i - i0] >= 0.0f) << (i & 7);
+  __atomic_fetch_or(bits + (i0 >> 3), static_cast<uint8_t>(v), __ATOMIC_RELAXED);
+}
+
+// Bits of elements [i0, i1), y[0] being element i0.
+void pack(const float* y, int64_t i0, int64_t i1, uint8_t* bits) {
+  const int64_t a0 = std::min(i1, (i0 + 7) & ~int64_t(7));
+  const int64_t a1 = std::max(a0, i1 & ~int64_t(7));
+  if (i0 < a0) or_bits(y, i0, a0, bits);
+  pack_bytes(y + (a0 - i0), (a1 - a0) / 8, bits + a0 / 8);
+  if (a1 < i1) or_bits(y + (a1 - i0), a1, i1, bits);
+}
+
+void update(const float* __restrict y, float* __restrict h, int mode, float s, int64_t n) {
+  if (mode == kMarkov) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) h[i] += y[i] >= 0.0f ? s : -s;
+  } else if (mode == kError) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) h[i] = y[i] - (y[i] >= 0.0f ? s : -s);
+  }
+}
+
+// Signs of [i0, i1) and the update of h there, tile by tile: y is computed once per tile, so
+// the bit sent and the sign applied to h always agree.
+void encode_range(const Input& in, float* h, int mode, float s, int64_t i0, int64_t i1, uint8_t* bits) {
+  alignas(64) float buf[kTile];
+  for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
+    const int64_t t1 = std::min(i1, t0 + kTile);
+    const float* y = in.tile(t0, t1, buf);
+    pack(y, t0, t1, bits);
+    update(y, h + t0, mode, s, t1 - t0);
+  }
+}
+
+// kSigns.v[byte][j]: +1 when bit j of byte is set, else -1 (s times it is exactly +-s).
+struct SignTable {
+  float v[256][8];
+  SignTable() {
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < 8; ++j) v[b][j] = (b >> j) & 1 ? 1.0f : -1.0f;
+  }
+};
+const SignTable kSigns;
+
+// out[0, 8 * nbytes) = +-s from bits[0, nbytes) (+= when accumulate).
+void unpack_bytes(const uint8_t* bits, int64_t nbytes, float s, float* out, bool accumulate) {
+  int64_t b = 0;
+#if defined(__AVX512F__)
+  const __m512 pos = _mm512_set1_ps(s), neg = _mm512_set1_ps(-s);
+  for (; b + 2 <= nbytes; b += 2) {
+    uint16_t m;
+    std::memcpy(&m, bits + b, 2);
+    __m512 c = _mm512_mask_blend_ps(m, neg, pos);
+    if (accumulate) c = _mm512_add_ps(_mm512_loadu_ps(out + 8 * b), c);
+    _mm512_storeu_ps(out + 8 * b, c);
+  }
+#elif defined(__AVX2__)
+  const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s);
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (; b < nbytes; ++b) {
+    const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits[b]), bit), bit);
+    __m256 c = _mm256_blendv_ps(neg, pos, _mm256_castsi256_ps(set));
+    if (accumulate) c = _mm256_add_ps(_mm256_loadu_ps(out + 8 * b), c);
+    _mm256_storeu_ps(out + 8 * b, c);
+  }
+#endif
+  for (; b < nbytes; ++b) {
+    const float* sign = kSigns.v[bits[b]];
+    float* o = out + 8 * b;
+    for (int j = 0; j < 8; ++j) o[j] = accumulate ? o[j] + s * sign[j] : s * sign[j];
+  }
+}
+
+void decode_range(const uint8_t* bits, float s, int64_t i0, int64_t i1, float* out, bool accumulate) {
+  auto put = [&](int64_t i) {
+    const float c = s * kSigns.v[bits[i >> 3]][i & 7];
+    out[i] = accumulate ? out[i] + c : c;
+  };
+  const int64_t a0 = std::min(i1, (i0 + 7) & ~int64_t(7));
+  const int64_t a1 = std::max(a0, i1 & ~int64_t(7));
+  for (int64_t i = i0; i < a0; ++i) put(i);
+  unpack_bytes(bits + a0 / 8, (a1 - a0) / 8, s, out + a0, accumulate);
+  for (int64_t i = a1; i < i1; ++i) put(i);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Scale of every piece of y = x + alpha * h into `scales` (one float per piece).
+void tac_sign_scales(const float* x, const float* h, float alpha, const int64_t* runs, int64_t nruns,
+                     int64_t numel, int scale, float* scales, int threads) {
+  const Input in{x, alpha != 0.0f ? h : nullptr, alpha};
+  parallel(threads, [&](int t, int n) {
+    const int64_t lo = cut(numel, t, n), hi = cut(numel, t + 1, n);
+    for_pieces(runs, nruns, lo, hi, [&](const Piece& p) {
+      if (p.start >= lo) scales[p.index] = piece_scale(scale, range_sum(in, scale, p.start, p.end), p.end - p.start);
+    });
+  });
+}
+
+// Payload of y = x + alpha * h: the scales into `head` (4 bytes per piece, none for kUnit),
+// the signs into `bits` ((numel + 7) / 8 bytes); h updated per `mode`. `given` (nullable)
+// replaces the computed scales.
+void tac_sign_encode(const float* x, float* h, float alpha, int mode, const int64_t* runs, int64_t nruns,
+                     int64_t numel, int scale, const float* given, uint8_t* head, uint8_t* bits, int threads) {
+  const Input in{x, alpha != 0.0f ? h : nullptr, alpha};
+  const bool need_sum = !given && scale != kUnit;
+  auto scale_of = [&](const Piece& p, double sum) {
+    const float s = given ? given[p.index] : piece_scale(scale, sum, p.end - p.start);
+    if (scale != kUnit) std::memcpy(head + 4 * p.index, &s, 4);
+    return s;
+  };
+  std::memset(bits, 0, (numel + 7) / 8);
+  parallel(threads, [&](int t, int n) {  // short pieces, each by one thread, in cache
+    const int64_t lo = cut(numel, t, n), hi = cut(numel, t + 1, n);
+    for_pieces(runs, nruns, lo, hi, [&](const Piece& p) {
+      if (p.start < lo || p.end - p.start > kLocal) return;
+      const float s = scale_of(p, need_sum ? range_sum(in, scale, p.start, p.end) : 0.0);
+      encode_range(in, h, mode, s, p.start, p.end, bits);
+    });
+  });
+  int64_t index = 0;
+  for (int64_t r = 0; r < nruns; index += runs[3 * r + 1], ++r) {  // long pieces, each by all threads
+    const int64_t len = runs[3 * r + 2], segments = (len + kLocal - 1) / kLocal;
+    if (segments <= 1) continue;
+    for (int64_t k = 0; k < runs[3 * r + 1]; ++k) {
+      const Piece p{index + k, runs[3 * r] + k * len, runs[3 * r] + (k + 1) * len};
+      auto seg = [&](int64_t j) { return std::min(p.end, p.start + j * kLocal); };
+      std::vector<double> partial(segments, 0.0);  // added in order: the same scale for any thread count
+      if (need_sum) {
+        parallel(threads, [&](int t, int n) {
+          for (int64_t j = t; j < segments; j += n) partial[j] = range_sum(in, scale, seg(j), seg(j + 1));
+        });
+      }
+      double sum = 0;
+      for (double v : partial) sum += v;
+      const float s = scale_of(p, sum);
+      parallel(threads, [&](int t, int n) {
+        for (int64_t j = t; j < segments; j += n) encode_range(in, h, mode, s, seg(j), seg(j + 1), bits);
+      });
+    }
+  }
+}
+
+// out = C, or out += C when `accumulate`, from a payload's scales and signs.
+void tac_sign_decode(const uint8_t* head, const uint8_t* bits, const int64_t* runs, int64_t nruns, int64_t numel,
+                     int scale, float* out, int accumulate, int threads) {
+  parallel(threads, [&](int t, int n) {
+    const int64_t lo = cut(numel, t, n), hi = cut(numel, t + 1, n);
+    for_pieces(runs, nruns, lo, hi, [&](const Piece& p) {
+      float s = 1.0f;
+      if (scale != kUnit) std::memcpy(&s, head + 4 * p.index, 4);
+      decode_range(bits, s, std::max(lo, p.start), std::min(hi, p.end), out, accumulate != 0);
+    });
+  });
+}
+
+}  // extern "C"
