@@ -9,7 +9,8 @@ def make_communicator(spec=None, timeout: float = None) -> Communicator:
 
     ``None``: the default torch.distributed group when one is initialised, else world size 1.
     A torch ProcessGroup: that group. ``"torch"``/``"nccl"``/``"gloo"``: the default group.
-    ``"mpi"``: mpi4py's COMM_WORLD. ``"local"``: world size 1. A Communicator: itself.
+    ``"mpi"``: mpi4py's COMM_WORLD. ``"horovod"``: every Horovod rank (after ``hvd.init()``); a
+    ``hvd.ProcessSet``: its ranks. ``"local"``: world size 1. A Communicator: itself.
     ``timeout`` (seconds) bounds every torch.distributed collective (see TorchDistCommunicator).
     """
     if isinstance(spec, Communicator):
@@ -28,16 +29,22 @@ def make_communicator(spec=None, timeout: float = None) -> Communicator:
         if key == "mpi":
             from .mpi import MPICommunicator
             return MPICommunicator()
+        if key == "horovod":
+            from .horovod import HorovodCommunicator
+            return HorovodCommunicator()
         if key in ("torch", "nccl", "gloo"):
             from .torch_dist import TorchDistCommunicator
             return TorchDistCommunicator(timeout=timeout)
-        raise ValueError(f"unknown communicator {spec!r}; valid: 'torch', 'nccl', 'gloo', 'mpi', 'local', "
+        raise ValueError(f"unknown communicator {spec!r}; valid: 'torch', 'nccl', 'gloo', 'mpi', 'horovod', 'local', "
                          "a torch.distributed ProcessGroup or a Communicator instance")
     if dist.is_available() and isinstance(spec, dist.ProcessGroup):
         from .torch_dist import TorchDistCommunicator
         return TorchDistCommunicator(spec, timeout=timeout)
+    if type(spec).__module__.startswith("horovod.") and type(spec).__name__ == "ProcessSet":
+        from .horovod import HorovodCommunicator
+        return HorovodCommunicator(spec)
     raise TypeError(f"cannot make a communicator from {type(spec).__name__}: pass a ProcessGroup, "
-                    "a name ('torch', 'mpi', 'local') or a Communicator")
+                    "a hvd.ProcessSet, a name ('torch', 'mpi', 'horovod', 'local') or a Communicator")
 
 
 __all__ = ["CollectiveError", "Communicator", "LocalCommunicator", "make_communicator"]

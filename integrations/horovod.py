@@ -1,0 +1,781 @@
+"""Horovod: a compressed ``DistributedOptimizer`` for ``horovodrun`` jobs (MPI or Gloo controller).
+
+Two lines of a Horovod script change::
+
+    import horovod.torch as hvd
+    from taciturn.integrations import horovod as thvd
+
+    hvd.init()
+    opt = thvd.DistributedOptimizer(taciturn.AMSGrad(model.parameters(), lr=1e-4, process_group="local"),
+                                    named_parameters=model.named_parameters(),
+                                    compression=thvd.Compression.cdadam)      # = CD-Adam
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    thvd.broadcast_optimizer_state(opt, root_rank=0)
+
+The signature and behaviour are ``hvd.DistributedOptimizer``'s: gradient hooks start the
+communication of a bucket as soon as all its gradients are ready, during ``backward()``;
+``step()`` waits for it, writes the averages into ``p.grad`` and runs the wrapped optimizer;
+``synchronize()`` / ``skip_synchronize()`` let users clip in between; ``backward_passes_per_step``
+accumulates locally and communicates once.
+
+Compression:
+
+- a taciturn preset (``Compression.cdadam``, ``dist_ef_block_sign``, ``sparsams_topk``, ``ef_sign``,
+  ``markov_sign``, ``bf16``) runs the core ``Pipeline`` (``compressed_allreduce``: worker feedback,
+  all_to_all of chunks, server feedback and recompression, all_gather) over Horovod's alltoall
+  and allgather. The wrapped optimizer receives the two-way-compressed average in ``p.grad``;
+  with ``taciturn.AMSGrad(..., process_group="local")`` on top, ``Compression.cdadam`` is
+  ``taciturn.CDAdam``. A preset takes compressor options: ``Compression.cdadam(block_size=256)``,
+  ``Compression.sparsams_topk(ratio=0.05)``. Buckets (``bucket_cap_mb``, parameters in reverse
+  order, the order gradients arrive) run one after the other on one communication thread, in
+  the same order on every rank.
+- a Horovod ``Compressor`` (``Compression.none``, ``Compression.fp16``, ``ScaledFP16Compressor``)
+  is Horovod's path: per-parameter ``allreduce_async_`` of the compressed tensor, named by the
+  parameter, fused by Horovod.
+
+Compression state (errors, Markov sequences, step) lives in the wrapped optimizer's state under
+``optimizer.state["taciturn.horovod"]``, so ``optimizer.state_dict()`` carries it. It is per rank
+(each worker's feedback, each rank's server chunk): every rank saves and loads its own state
+dict, and ``load_state_dict`` refuses another rank's or another world size's unless
+``reset_compression_state=True``. ``broadcast_optimizer_state`` (use this one, not
+``hvd.broadcast_optimizer_state``) broadcasts the wrapped optimizer's state from the root and
+keeps every rank's own compression state when all ranks hold theirs for the same step; when
+they do not (only the root loaded a checkpoint, a rank joined, the world changed) it restarts
+compression from zero on every rank, the only state all ranks can agree on. Importing this
+module registers a handler so ``hvd.elastic.TorchState`` commits, restores and syncs the
+optimizer this way.
+
+Horovod 0.28.1's torch binding has no bfloat16 collectives, so there is no bf16 Compressor for
+``hvd.DistributedOptimizer``; ``Compression.bf16`` carries bf16 through this module's optimizer
+(alltoall/allgather of bf16 bytes, averaged in fp32).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import warnings
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional
+
+import torch
+
+try:
+    import horovod.torch as hvd
+    from horovod.torch.compression import Compressor as HorovodCompressor
+    from horovod.torch.elastic import state as _elastic_state
+except ImportError as _e:  # pragma: no cover - depends on the environment
+    raise ImportError("taciturn.integrations.horovod needs Horovod built with PyTorch support "
+                      "(Horovod 0.28.1 must be built from source for torch >= 2.1): run scripts/install_horovod.sh") from _e
+
+from ..comm.base import gather_objects
+from ..comm.horovod import HorovodCommunicator
+from ..compressors import make_compressor
+from ..feedback import make_feedback
+from ..metrics import CommStats
+from ..optim.base import PipelineSpec
+from ..pipeline import Pipeline
+
+STATE_KEY = "taciturn.horovod"
+_FP16_MAX = 65504.0
+
+
+# ----------------------------------------------------------------------------- compression
+
+@dataclass(frozen=True)
+class TaciturnCompression:
+    """A taciturn compression preset: codec + worker and server feedback + direction.
+
+    Stateful (errors, Markov sequences) and not summable, so it runs only inside
+    ``taciturn.integrations.horovod.DistributedOptimizer``; Horovod's own optimizer, which
+    sums what ``compress`` returns, gets a TypeError from ``compress``.
+    Call it to change compressor options: ``Compression.cdadam(block_size=256)``.
+    """
+
+    name: str
+    spec: PipelineSpec
+
+    def __call__(self, **compressor_options) -> "TaciturnCompression":
+        opts = dict(self.spec.compressor_options)
+        opts.update(compressor_options)
+        make_compressor(self.spec.compressor, **opts)  # the compressor's own message on a bad option
+        return TaciturnCompression(self.name, replace(self.spec, compressor_options=tuple(sorted(opts.items()))))
+
+    def describe(self) -> str:
+        s = self.spec
+        opts = ", ".join(f"{k}={v}" for k, v in s.compressor_options)
+        return (f"{self.name}: {s.compressor}({opts}) worker={s.worker} server={s.server} "
+                f"{'two-way' if s.two_way else 'one-way'}")
+
+    def compress(self, tensor):
+        raise TypeError(self._refusal())
+
+    def decompress(self, tensor, ctx):
+        raise TypeError(self._refusal())
+
+    def _refusal(self) -> str:
+        why = ("Horovod 0.28.1 has no bfloat16 collectives" if self.spec.compressor == "bf16" else
+               "it keeps per-rank error/Markov state and its payload (sign bits, top-k indices) cannot be "
+               "summed, while hvd.DistributedOptimizer allreduces (sums) what Compressor.compress returns")
+        return (f"Compression.{self.name} cannot run inside hvd.DistributedOptimizer: {why}. Use "
+                f"taciturn.integrations.horovod.DistributedOptimizer(optimizer, named_parameters=..., "
+                f"compression=Compression.{self.name}) instead, or a summable Horovod compressor "
+                "(Compression.none, Compression.fp16, ScaledFP16Compressor) with hvd.DistributedOptimizer")
+
+
+def _preset(name, compressor, worker, server, two_way, **options) -> TaciturnCompression:
+    return TaciturnCompression(name, PipelineSpec(compressor, worker, server, two_way, tuple(sorted(options.items()))))
+
+
+class ScaledFP16Compressor(HorovodCompressor):
+    """fp16 on the wire with a fixed scale, for ``hvd.DistributedOptimizer`` or this module's.
+
+    Summable: every rank multiplies by the same ``scale`` before the cast and divides after
+    the sum, so Horovod's allreduce of the compressed tensors is exact up to fp16 rounding.
+    A scale > 1 keeps small gradients out of fp16's subnormal range (below 6.1e-5); a scale
+    < 1 (e.g. ``1 / hvd.size()``) keeps the sum of large ones below 65504. Values beyond the
+    range saturate at +-65504 instead of becoming inf.
+    """
+
+    def __init__(self, scale: float = 1.0):
+        scale = float(scale)
+        if not (scale > 0 and scale != float("inf")):
+            raise ValueError(f"ScaledFP16Compressor(scale={scale!r}): the scale must be a finite number > 0, "
+                             "the same on every rank")
+        self.scale = scale
+
+    def compress(self, tensor):
+        if not tensor.dtype.is_floating_point:
+            return tensor, None
+        return tensor.float().mul(self.scale).clamp_(-_FP16_MAX, _FP16_MAX).half(), tensor.dtype
+
+    def decompress(self, tensor, ctx):
+        if ctx is None:
+            return tensor
+        return tensor.float().div_(self.scale).to(ctx)
+
+    def __repr__(self):
+        return f"ScaledFP16Compressor(scale={self.scale!r})"
+
+
+class Compression:
+    """Compression choices for ``DistributedOptimizer`` (Horovod's names plus taciturn presets)."""
+
+    #: fp32 allreduce (Horovod's NoneCompressor)
+    none = hvd.Compression.none
+    #: fp16 cast, allreduce, cast back (Horovod's FP16Compressor)
+    fp16 = hvd.Compression.fp16
+    #: bf16 both ways through alltoall/allgather, averaged in fp32 (Horovod has no bf16 allreduce)
+    bf16 = _preset("bf16", "bf16", "none", "none", True)
+    #: CD-Adam's: Markov both ways, 1-bit signs with one l1 scale per 1024-element block
+    cdadam = _preset("cdadam", "block_sign", "markov", "markov", True, block_size=1024)
+    #: dist-EF-blockSGD's: error feedback both ways (s = 1), blockwise scaled sign
+    dist_ef_block_sign = _preset("dist_ef_block_sign", "block_sign", "ef", "ef", True, block_size=1024)
+    #: SPARS-AMS's: top-k (1%) with worker error feedback, one-way (all_gather of indices + values)
+    sparsams_topk = _preset("sparsams_topk", "topk", "ef", "none", False, ratio=0.01)
+    #: error feedback both ways, one l1 scale per tensor
+    ef_sign = _preset("ef_sign", "scaled_sign", "ef", "ef", True)
+    #: Markov both ways, one l1 scale per tensor (CD-Adam as the paper writes it)
+    markov_sign = _preset("markov_sign", "scaled_sign", "markov", "markov", True)
+
+    @staticmethod
+    def names() -> List[str]:
+        return ["none", "fp16", "bf16", "cdadam", "dist_ef_block_sign", "sparsams_topk", "ef_sign", "markov_sign"]
+
+
+def _resolve_compression(compression):
+    if isinstance(compression, str):
+        key = compression.lower().replace("-", "_")
+        if key not in Compression.names():
+            raise ValueError(f"unknown compression {compression!r}; valid: {', '.join(Compression.names())}")
+        return getattr(Compression, key)
+    if isinstance(compression, TaciturnCompression):
+        return compression
+    if callable(getattr(compression, "compress", None)) and callable(getattr(compression, "decompress", None)):
+        return compression
+    raise TypeError(f"compression={compression!r}: pass a Compression.<name> ({', '.join(Compression.names())}) "
+                    "or a Horovod Compressor (an object with compress(tensor) and decompress(tensor, ctx))")
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+_TOO_MANY_PASSES = ("Gradients were computed more than backward_passes_per_step times before call to step(). "
+                    "Increase backward_passes_per_step to accumulate gradients locally.")
+
+
+class DistributedOptimizer(torch.optim.Optimizer):
+    """Wraps ``optimizer`` (composition, not a generated subclass): see the module docstring.
+
+    Arguments as ``hvd.DistributedOptimizer``'s, plus ``bucket_cap_mb`` (fp32 megabytes per
+    compressed bucket, default 25). ``op``: ``hvd.Average`` (default) or ``hvd.Sum`` for the
+    taciturn presets (any Horovod op for a Horovod Compressor, except Adasum).
+    ``groups`` (an int, or lists of parameters) keeps each group in buckets of its own.
+    ``param_groups``, ``state``, ``state_dict`` and every other attribute are the wrapped
+    optimizer's.
+    """
+
+    def __init__(self, optimizer, named_parameters=None, compression=Compression.cdadam,
+                 backward_passes_per_step: int = 1, op=None, gradient_predivide_factor: float = 1.0,
+                 num_groups: int = 0, groups=None, sparse_as_dense: bool = False, process_set=None,
+                 bucket_cap_mb: float = 25.0):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, DistributedOptimizer):
+            raise TypeError("the optimizer is already a DistributedOptimizer; wrap the inner optimizer once")
+        if STATE_KEY in optimizer.state:
+            raise ValueError(f"the optimizer already holds '{STATE_KEY}' state: another DistributedOptimizer wraps it")
+        _refuse_communicating(optimizer)
+        if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
+            raise ValueError(f"backward_passes_per_step={backward_passes_per_step!r} must be an int >= 1")
+        if not hvd.is_initialized():
+            raise RuntimeError("DistributedOptimizer needs Horovod: call hvd.init() first (and launch with horovodrun)")
+        self._optimizer = optimizer
+        self.compression = _resolve_compression(compression)
+        self.op = hvd.Average if op is None else op
+        self.gradient_predivide_factor = float(gradient_predivide_factor)
+        self.sparse_as_dense = sparse_as_dense
+        self.process_set = process_set if process_set is not None else hvd.global_process_set
+        self.backward_passes_per_step = backward_passes_per_step
+        self._check_op()
+        if num_groups:
+            warnings.warn("num_groups is deprecated (as in Horovod): use groups=", DeprecationWarning, stacklevel=2)
+            groups = num_groups if groups is None else groups
+
+        names = _parameter_names(optimizer, named_parameters)
+        trainable = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if not trainable:
+            raise ValueError("DistributedOptimizer: no parameter of the optimizer requires grad")
+        # Reverse order, the order backward produces gradients in, kept together by group.
+        order = list(reversed(trainable))
+        group_ids = _group_ids(order, groups, names)
+        first = {}
+        for g in group_ids:
+            first.setdefault(g, len(first))
+        ranked = sorted(range(len(order)), key=lambda i: first[group_ids[i]])
+        self._params: List[torch.Tensor] = [order[i] for i in ranked]
+        self._group_ids = [group_ids[i] for i in ranked]
+        self._name_of = names
+        self._names = [names[p] for p in self._params]
+        digest = hashlib.sha1("\0".join(self._names).encode()).hexdigest()[:10]
+        self._prefix = f"taciturn.hvd.{self.process_set.process_set_id}.{digest}"
+        self.bucket_cap_mb = bucket_cap_mb
+        self.stats = CommStats()
+
+        self._active = bool(self.process_set.included())
+        self.comm: Optional[HorovodCommunicator] = None
+        self.pipeline: Optional[Pipeline] = None
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._should_synchronize = True
+        self._synchronized = False
+        self._hooks = []
+        self._reset_pending()
+        if not self._active:
+            return
+        self.comm = HorovodCommunicator(self.process_set, prefix=self._prefix)
+        if self.is_taciturn:
+            self._build_pipeline()
+            self._init_compression_state(step=0)
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taciturn-hvd")
+        self._check_consistency()
+        self._reset_pending()
+        ref = weakref.ref(self)
+        for p in self._params:
+            self._hooks.append(p.register_post_accumulate_grad_hook(functools.partial(_grad_ready, ref)))
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def is_taciturn(self) -> bool:
+        """True when the compression is a taciturn preset (compressed pipeline, stateful)."""
+        return isinstance(self.compression, TaciturnCompression)
+
+    def _check_op(self) -> None:
+        if self.op == hvd.Adasum:
+            raise ValueError("op=hvd.Adasum is not supported by taciturn's DistributedOptimizer; use "
+                             "hvd.DistributedOptimizer(..., op=hvd.Adasum)")
+        if self.gradient_predivide_factor != 1.0 and self.op != hvd.Average:
+            raise ValueError("gradient_predivide_factor is supported only with op=hvd.Average (as in Horovod)")
+        if self.is_taciturn:
+            if self.op not in (hvd.Average, hvd.Sum):
+                raise ValueError(f"op={_op_name(self.op)}: Compression.{self.compression.name} averages (hvd.Average) "
+                                 "or sums (hvd.Sum) gradients")
+            if self.gradient_predivide_factor != 1.0:
+                raise ValueError(f"gradient_predivide_factor={self.gradient_predivide_factor!r}: "
+                                 f"Compression.{self.compression.name} averages decoded fp32 values, which "
+                                 "cannot overflow; leave it at 1.0")
+
+    def _build_pipeline(self) -> None:
+        spec = self.compression.spec
+        sizes = [p.numel() for p in self._params]
+        codec = make_compressor(spec.compressor, **dict(spec.compressor_options))
+        self.pipeline = Pipeline(sizes, codec, make_feedback(spec.worker), make_feedback(spec.server), self.comm,
+                                 spec.two_way, self.bucket_cap_mb, self._group_ids)
+        self._bucket_of = {}
+        for b, idx in enumerate(self.pipeline.buckets):
+            for i in idx:
+                self._bucket_of[self._params[i]] = b
+
+    def _signature(self) -> str:
+        pipe = self.pipeline
+        layout = None if pipe is None else (repr(pipe.compressor), pipe.worker.name, pipe.server.name, pipe.two_way,
+                                             [lay.numel for lay in pipe.layouts])
+        return repr(layout)
+
+    def _check_consistency(self) -> None:
+        mine = {"parameters": [(n, tuple(p.shape), str(p.dtype)) for n, p in zip(self._names, self._params)],
+                "compression": _describe_compression(self.compression),
+                "op": _op_name(self.op), "backward_passes_per_step": self.backward_passes_per_step,
+                "bucket_cap_mb": self.bucket_cap_mb}
+        theirs = gather_objects(self.comm, mine)
+        for rank, other in enumerate(theirs):
+            for key, value in mine.items():
+                if other[key] != value:
+                    detail = _first_difference(other[key], value) if key == "parameters" else f"{other[key]!r} vs {value!r}"
+                    raise RuntimeError(f"DistributedOptimizer: rank {rank} and rank {self.comm.rank} of {self.process_set} "
+                                       f"disagree on {key}: {detail}. Every rank must build the same model and optimizer.")
+
+    # ------------------------------------------------------------------ compression state
+    @property
+    def compression_state(self) -> dict:
+        """The flat compression state in the wrapped optimizer: ``"<bucket>.<name>"`` -> fp32
+        tensor, plus ``step``, ``rank``, ``world_size`` and ``signature``."""
+        return self._optimizer.state[STATE_KEY]
+
+    def _init_compression_state(self, step: int) -> None:
+        flat: Dict[str, object] = {"step": int(step), "rank": self.comm.rank, "world_size": self.comm.world_size,
+                                   "signature": self._signature()}
+        for b, st in enumerate(self.pipeline.init_state(self._params[0].device)):
+            for key, t in st.items():
+                flat[f"{b}.{key}"] = t
+        self._optimizer.state[STATE_KEY] = flat
+
+    def _bucket_state(self, b: int) -> Dict[str, torch.Tensor]:
+        prefix = f"{b}."
+        return {k[len(prefix):]: v for k, v in self.compression_state.items() if k.startswith(prefix)}
+
+    def _foreign_state(self, saved: dict) -> Optional[str]:
+        """Why ``saved`` is not this rank's compression state for these settings (None if it is)."""
+        if saved.get("world_size") != self.comm.world_size:
+            return f"it was saved in a world of {saved.get('world_size')} ranks and this one has {self.comm.world_size}"
+        if saved.get("rank") != self.comm.rank:
+            return f"it was saved by rank {saved.get('rank')}, not by this rank ({self.comm.rank})"
+        if saved.get("signature") != self._signature():
+            return f"it was saved with other compression settings ({saved.get('signature')} vs {self._signature()})"
+        return None
+
+    def reset_compression_state(self) -> None:
+        """Zero every error and Markov sequence on this rank (keeps the step). Call it on every rank."""
+        if self.is_taciturn and self._active:
+            self._init_compression_state(step=self.compression_state["step"])
+
+    # ------------------------------------------------------------------ hooks and communication
+    def _reset_pending(self) -> None:
+        self._delay = {p: self.backward_passes_per_step for p in self._params}
+        self._touched = False
+        self._handles = {}
+        self._futures: Dict[int, object] = {}
+        if self.pipeline is not None:
+            self._missing = [len(idx) for idx in self.pipeline.buckets]
+            self._next_bucket = 0
+
+    def _on_grad_ready(self, p: torch.Tensor) -> None:
+        if self._delay[p] <= 0:
+            raise AssertionError(_TOO_MANY_PASSES)
+        self._touched = True
+        self._delay[p] -= 1
+        if self._delay[p] > 0:
+            return
+        if self.is_taciturn:
+            self._missing[self._bucket_of[p]] -= 1
+            while self._next_bucket < len(self._missing) and self._missing[self._next_bucket] == 0:
+                self._launch_bucket(self._next_bucket)
+        else:
+            self._handles[p] = self._allreduce_async(p)
+
+    def _wire_grad(self, p: torch.Tensor) -> torch.Tensor:
+        if p.grad is None:
+            # Not computed here (e.g. a branch unused on this rank), maybe computed elsewhere:
+            # every rank must take part, with zeros (as Horovod does).
+            p.grad = torch.zeros_like(p)
+        if p.grad.is_sparse:
+            if not self.sparse_as_dense:
+                raise ValueError(f"parameter {self._name_of[p]!r} has a sparse gradient: pass "
+                                 "sparse_as_dense=True (or use nn.Embedding(sparse=False))")
+            p.grad = p.grad.to_dense()
+        return p.grad
+
+    def _launch_bucket(self, b: int) -> None:
+        grads = [self._wire_grad(self._params[i]) for i in self.pipeline.buckets[b]]
+        step = self.compression_state["step"]
+        self._futures[b] = self._executor.submit(self.pipeline.allreduce_bucket, b, grads, self._bucket_state(b),
+                                                 seed=step, stats=self.stats)
+        self._next_bucket = b + 1
+
+    def _allreduce_async(self, p: torch.Tensor):
+        compressed, ctx = self.compression.compress(self._wire_grad(p))
+        if self.op == hvd.Average:
+            pre, post = 1.0 / self.gradient_predivide_factor, self.gradient_predivide_factor
+        else:
+            pre, post = 1.0, 1.0
+        name = f"{self._prefix}.{self._name_of[p]}"
+        handle = hvd.allreduce_async_(compressed, name=name, op=self.op, prescale_factor=pre,
+                                      postscale_factor=post, process_set=self.process_set)
+        return handle, ctx
+
+    def synchronize(self) -> None:
+        """Finish the communication of every gradient and write the averages into ``p.grad``."""
+        if not self._active:
+            self._synchronized = True
+            return
+        try:
+            if self.is_taciturn:
+                self._finish_buckets()
+            else:
+                self._finish_allreduces()
+        finally:
+            self._reset_pending()
+        self._synchronized = True
+
+    def _finish_buckets(self) -> None:
+        while self._next_bucket < len(self._missing):
+            self._launch_bucket(self._next_bucket)
+        outcomes, error = {}, None
+        for b, future in self._futures.items():
+            try:
+                outcomes[b] = future.result()
+            except BaseException as e:  # wait for every bucket before raising: none may run on
+                error = error or e
+        if error is not None:
+            raise error
+        factor = float(self.comm.world_size) if self.op == hvd.Sum else 1.0
+        for b, averaged in sorted(outcomes.items()):
+            for i, g in zip(self.pipeline.buckets[b], averaged):
+                self._params[i].grad.copy_(g if factor == 1.0 else g * factor)
+        self.stats.end_step()
+        self.compression_state["step"] += 1
+
+    def _finish_allreduces(self) -> None:
+        for p in self._params:
+            if p not in self._handles:
+                self._handles[p] = self._allreduce_async(p)
+        for p, (handle, ctx) in self._handles.items():
+            out = self.compression.decompress(hvd.synchronize(handle), ctx)
+            if out is not p.grad:
+                p.grad.copy_(out)
+
+    @contextmanager
+    def skip_synchronize(self):
+        """``step()`` inside this context does not synchronize (call ``synchronize()`` before)."""
+        self._should_synchronize = False
+        try:
+            yield
+        finally:
+            self._should_synchronize = True
+
+    def step(self, closure=None):
+        if self._should_synchronize:
+            if self._synchronized:
+                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() context after "
+                              "optimizer.synchronize(): the gradients are communicated twice. Use "
+                              "`with optimizer.skip_synchronize(): optimizer.step()` after synchronize().")
+            self.synchronize()
+        self._synchronized = False
+        return self._optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True):
+        if self._touched or self._futures or self._handles:
+            raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before optimizer.step() "
+                                 "or optimizer.synchronize(). This is prohibited as it can cause a race condition.")
+        return self._optimizer.zero_grad(set_to_none=set_to_none)
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        if not isinstance(passes, int) or passes < 1:
+            raise ValueError(f"backward_passes_per_step={passes!r} must be an int >= 1")
+        self.backward_passes_per_step = passes
+        self._delay = {p: passes for p in self._params}
+
+    def metrics(self) -> dict:
+        """The last step's communication metrics (bytes per direction, times, ratio)."""
+        return self.stats.as_dict()
+
+    # ------------------------------------------------------------------ the wrapped optimizer
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer
+
+    @property
+    def param_groups(self):
+        return self._optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self._optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self._optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self._optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self._optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self._optimizer.defaults = value
+
+    def __getattr__(self, name):
+        # Only called for attributes this object lacks: the wrapped optimizer's (and the
+        # torch.optim.Optimizer internals its hook methods use).
+        if name.startswith("__") or name == "_optimizer":
+            raise AttributeError(name)
+        return getattr(self._optimizer, name)
+
+    def add_param_group(self, param_group):
+        raise ValueError("DistributedOptimizer cannot take a parameter group after construction (its hooks and "
+                         "buckets are fixed): add the group to the wrapped optimizer before wrapping it")
+
+    def state_dict(self):
+        return self._optimizer.state_dict()
+
+    def load_state_dict(self, state_dict, reset_compression_state: bool = False):
+        """Load the wrapped optimizer's state and this rank's compression state.
+
+        The compression state must be this rank's, for this world size and these settings;
+        otherwise it is refused unless ``reset_compression_state=True`` (every rank then
+        restarts compression from zero, so pass it on every rank).
+        """
+        self._drain()
+        saved = state_dict.get("state", {}).get(STATE_KEY) if self.is_taciturn and self._active else None
+        if self.is_taciturn and self._active and not reset_compression_state:
+            if saved is None:
+                raise ValueError(f"DistributedOptimizer.load_state_dict: the state dict holds no '{STATE_KEY}' "
+                                 "compression state (saved without taciturn's DistributedOptimizer?); pass "
+                                 "reset_compression_state=True on every rank to start compression from zero")
+            problem = self._foreign_state(saved)
+            if problem:
+                raise ValueError(f"DistributedOptimizer.load_state_dict: refusing the compression state: {problem}. "
+                                 "Each rank must load the state dict it saved itself; pass "
+                                 "reset_compression_state=True on every rank to restart compression from zero, or "
+                                 "load on the root only and call taciturn.integrations.horovod."
+                                 "broadcast_optimizer_state")
+        self._optimizer.load_state_dict(state_dict)
+        if not (self.is_taciturn and self._active):
+            return
+        if reset_compression_state or saved is None:
+            self._init_compression_state(step=int(saved.get("step", 0)) if saved else 0)
+        else:
+            device = self._params[0].device
+            self._optimizer.state[STATE_KEY] = {k: (v.to(device=device, dtype=torch.float32, copy=True)
+                                                    if torch.is_tensor(v) else v) for k, v in saved.items()}
+
+    def _drain(self) -> None:
+        """Forget the current step's communication (as Horovod's load_state_dict does), after
+        letting any bucket already handed to the communication thread finish."""
+        for future in self._futures.values():
+            if not future.cancel():
+                future.exception()
+        if self._active:
+            self._reset_pending()
+        self._synchronized = False
+        self._should_synchronize = True
+
+    def _rejoin(self) -> None:
+        """Fresh communicator names (and a fresh pipeline and compression state if this rank's
+        place changed): Horovod was re-initialised (elastic) or ranks resynchronise."""
+        self._drain()
+        if not self._active:
+            return
+        before = (self.comm.rank, self.comm.world_size)
+        self.comm = HorovodCommunicator(self.process_set, prefix=self._prefix)
+        if self.is_taciturn:
+            step = self.compression_state["step"]
+            self._build_pipeline()
+            if (self.comm.rank, self.comm.world_size) != before:
+                self._init_compression_state(step)
+            self._reset_pending()
+
+    def _agree_on_compression_state(self, root_rank: int) -> None:
+        """Keep each rank's own state if all hold theirs for one step; otherwise zero everywhere."""
+        st = self.compression_state
+        mine = (self._foreign_state(st), int(st["step"]))
+        everyone = gather_objects(self.comm, mine)
+        root = self.process_set.ranks.index(root_rank) if self.process_set.ranks else root_rank
+        steps = {step for _, step in everyone}
+        problems = [f"rank {r}: {why}" for r, (why, _) in enumerate(everyone) if why]
+        if not problems and len(steps) == 1:
+            return
+        root_step = everyone[root][1]
+        if self.comm.rank == root:
+            reason = "; ".join(problems) if problems else f"ranks hold compression state of steps {sorted(steps)}"
+            warnings.warn(f"taciturn: compression state restarted from zero on every rank at step {root_step} "
+                          f"({reason}). Per-rank errors and Markov sequences cannot be broadcast; to keep them, "
+                          "every rank saves and loads its own optimizer.state_dict().")
+        self._init_compression_state(root_step)
+
+    def __getstate__(self):
+        raise TypeError("DistributedOptimizer holds hooks, a communicator and a thread and cannot be pickled: save "
+                        "optimizer.state_dict() (per rank) instead")
+
+    def __repr__(self):
+        what = self.compression.describe() if self.is_taciturn else repr(self.compression)
+        return f"DistributedOptimizer({self._optimizer!r}, compression={what}, process_set={self.process_set})"
+
+
+def _describe_compression(compression) -> str:
+    """The same text on every rank for the same compression (no object addresses)."""
+    if isinstance(compression, TaciturnCompression):
+        return compression.describe()
+    if isinstance(compression, type) or type(compression).__repr__ is not object.__repr__:
+        return repr(compression)
+    return type(compression).__qualname__
+
+
+def _op_name(op) -> str:
+    names = {hvd.Average: "hvd.Average", hvd.Sum: "hvd.Sum", hvd.Adasum: "hvd.Adasum", hvd.Min: "hvd.Min",
+             hvd.Max: "hvd.Max", hvd.Product: "hvd.Product"}
+    return names.get(op, repr(op))
+
+
+def _grad_ready(ref, p: torch.Tensor) -> None:
+    """The post-accumulate-grad hook; holds the optimizer weakly, so a discarded one stops."""
+    optimizer = ref()
+    if optimizer is not None:
+        optimizer._on_grad_ready(p)
+
+
+def _refuse_communicating(optimizer) -> None:
+    comm = getattr(optimizer, "comm", None)
+    if comm is not None and getattr(comm, "world_size", 1) > 1:
+        raise ValueError(f"{type(optimizer).__name__} communicates itself ({comm!r}); inside DistributedOptimizer "
+                         "the wrapped optimizer must run its update rule locally: build it with "
+                         "process_group='local', broadcast_parameters=False")
+
+
+def _parameter_names(optimizer, named_parameters) -> Dict[torch.Tensor, str]:
+    if named_parameters is None:
+        named = [(f"allreduce.noname.{i}.{j}", v) for i, g in enumerate(optimizer.param_groups)
+                 for j, v in enumerate(g["params"])]
+    else:
+        named = list(named_parameters)
+    if any(not isinstance(p, tuple) for p in named):
+        raise ValueError("named_parameters should be a sequence of tuples (name, parameter), usually produced by "
+                         "model.named_parameters().")
+    seen, dups = set(), set()
+    for k, _ in named:
+        (dups if k in seen else seen).add(k)
+    if dups:
+        raise ValueError(f"Parameter names in named_parameters must be unique. Found duplicates: {', '.join(sorted(dups))}")
+    by_id = {id(v): k for k, v in named}
+    missing = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in by_id]
+    if missing:
+        raise ValueError(f"named_parameters was specified, but {len(missing)} parameter(s) of the optimizer were not "
+                         f"named (shapes {[tuple(p.shape) for p in missing][:5]}); pass model.named_parameters() of the "
+                         "model whose parameters the optimizer holds")
+    return {p: by_id[id(p)] for g in optimizer.param_groups for p in g["params"]}
+
+
+def _group_ids(order: List[torch.Tensor], groups, names) -> List[int]:
+    """A group id per parameter: Horovod's ``groups`` (an int k: k consecutive groups; lists of
+    parameters: each list one group, any other parameter alone), or one group for all."""
+    if groups is None or groups == 0:
+        return [0] * len(order)
+    if isinstance(groups, int):
+        if groups < 0:
+            raise ValueError(f"groups={groups!r} must be a non-negative int or a list of lists of parameters")
+        per = -(-len(order) // groups)
+        return [i // per for i in range(len(order))]
+    if not isinstance(groups, list):
+        raise ValueError("groups should be a non-negative integer or a list of list of torch.Tensor.")
+    ids: Dict[int, int] = {}
+    for gi, group in enumerate(groups):
+        for p in group:
+            if not isinstance(p, torch.Tensor):
+                raise ValueError("groups must consist of torch.Tensor.")
+            if id(p) in ids:
+                raise ValueError(f"A parameter can only appear once in groups ({names.get(p, tuple(p.shape))}).")
+            ids[id(p)] = gi
+    return [ids.get(id(p), len(groups) + i) for i, p in enumerate(order)]
+
+
+def _first_difference(a, b) -> str:
+    if len(a) != len(b):
+        return f"{len(a)} vs {len(b)} trainable parameters"
+    for x, y in zip(a, b):
+        if x != y:
+            return f"{x} vs {y}"
+    return f"{a!r} vs {b!r}"
+
+
+# ----------------------------------------------------------------------------- state sync
+
+broadcast_parameters = hvd.broadcast_parameters
+
+
+def broadcast_optimizer_state(optimizer, root_rank: int = 0, model=None) -> None:
+    """``hvd.broadcast_optimizer_state`` for taciturn's DistributedOptimizer (other optimizers are
+    passed to Horovod's). Call it on every rank of the optimizer's process set.
+
+    The wrapped optimizer's whole state dict (per-parameter state, hyper-parameters) is
+    broadcast from ``root_rank`` (a Horovod rank, as in Horovod) and loaded on the others.
+    Compression state is per rank and is never broadcast: each rank keeps its own when every
+    rank holds its own for the same step (fresh optimizers; each rank loaded its own
+    checkpoint or elastic commit); otherwise every rank restarts it from zero, with a warning.
+    """
+    if not isinstance(optimizer, DistributedOptimizer):
+        return hvd.broadcast_optimizer_state(optimizer, root_rank, model)
+    ranks = optimizer.process_set.ranks
+    if ranks and root_rank not in ranks:
+        raise ValueError(f"root_rank={root_rank} is not in the optimizer's {optimizer.process_set}: pass one of "
+                         f"its Horovod ranks {ranks}")
+    optimizer._rejoin()
+    if not optimizer._active:
+        return
+    inner = optimizer.optimizer
+    sd = inner.state_dict()
+    own = sd["state"].get(STATE_KEY)
+    shared = {**sd, "state": {k: v for k, v in sd["state"].items() if k != STATE_KEY}}
+    shared = hvd.broadcast_object(shared, root_rank, name=f"{optimizer._prefix}.state",
+                                  process_set=optimizer.process_set)
+    if hvd.rank() != root_rank:
+        inner.load_state_dict(shared)
+        if own is not None:
+            inner.state[STATE_KEY] = own
+    if optimizer.is_taciturn:
+        optimizer._agree_on_compression_state(root_rank)
+
+
+class OptimizerStateHandler(_elastic_state.StateHandler):
+    """``hvd.elastic.TorchState``'s handler for a DistributedOptimizer: commits a deep copy of
+    the state dict (compression state included), restores a copy of it (so training never
+    writes into the commit) and syncs through ``broadcast_optimizer_state``."""
+
+    def __init__(self, optimizer):
+        super().__init__(optimizer)
+        self._saved = copy.deepcopy(optimizer.state_dict())
+
+    def save(self):
+        self._saved = copy.deepcopy(self.value.state_dict())
+
+    def restore(self):
+        self.value.load_state_dict(copy.deepcopy(self._saved))
+
+    def sync(self):
+        broadcast_optimizer_state(self.value, root_rank=0)
+
+
+def _register_elastic_handler() -> None:
+    registry = _elastic_state.get_handler_registry()
+    if not any(kind is DistributedOptimizer for kind, _ in registry):
+        _elastic_state.set_handler_registry([(DistributedOptimizer, OptimizerStateHandler)] + list(registry))
+
+
+_register_elastic_handler()
+
+__all__ = ["Compression", "TaciturnCompression", "ScaledFP16Compressor", "DistributedOptimizer",
+           "broadcast_parameters", "broadcast_optimizer_state", "OptimizerStateHandler", "STATE_KEY"]

@@ -1,0 +1,98 @@
+"""Communicator over Horovod's collectives (``hvd.alltoall`` / ``allgather`` / ``broadcast_`` /
+``allreduce_``), for jobs launched with ``horovodrun`` (MPI or Gloo controller).
+
+Horovod matches collectives across ranks by name, not by call order. Every operation of a
+``HorovodCommunicator`` is named ``<prefix>.<kind>.<n>`` with ``n`` counting its own calls, so
+two communicators never collide and each one's calls must simply come in the same order on
+every rank of its process set (the compressed pipeline guarantees that). The default prefix
+counts communicators built in this process: build them in the same order on every rank, or
+pass ``prefix=``.
+
+CPU tensors (this Horovod build moves CPU memory; its torch binding has no bfloat16, so
+2-byte floats are broadcast as int16 and reduced in fp32).
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from .base import Communicator
+
+_INSTANCES = itertools.count()
+
+
+def _hvd():
+    try:
+        import horovod.torch as hvd
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the 'horovod' communicator needs Horovod built with PyTorch support: "
+                          "run scripts/install_horovod.sh") from e
+    return hvd
+
+
+class HorovodCommunicator(Communicator):
+    """``process_set``: a ``hvd.ProcessSet`` this rank belongs to (default: all ranks)."""
+
+    name = "horovod"
+
+    def __init__(self, process_set=None, prefix: str = None):
+        hvd = _hvd()
+        if not hvd.is_initialized():
+            raise RuntimeError("HorovodCommunicator needs Horovod: call hvd.init() first (and launch with horovodrun)")
+        self.process_set = process_set if process_set is not None else hvd.global_process_set
+        if self.process_set.process_set_id is None:
+            raise ValueError(f"{self.process_set} is not registered with Horovod: pass it to "
+                             "hvd.init(process_sets=[...]) or hvd.add_process_set(...) first")
+        if not self.process_set.included():
+            raise ValueError(f"rank {hvd.rank()} is not in {self.process_set}: build the communicator only on "
+                             "the ranks of its process set")
+        self.rank = self.process_set.rank()
+        self.world_size = self.process_set.size()
+        self.prefix = prefix if prefix is not None else f"taciturn.{next(_INSTANCES)}"
+        self._calls = itertools.count()
+        self._ops = {"sum": hvd.Sum, "max": hvd.Max, "min": hvd.Min}
+
+    def _name(self, kind: str) -> str:
+        return f"{self.prefix}.{kind}.{next(self._calls)}"
+
+    def all_to_all(self, chunks):
+        hvd = _hvd()
+        send = torch.stack(chunks).contiguous()
+        handle = hvd.alltoall_async(send, name=self._name("alltoall"), process_set=self.process_set)
+        out, _ = hvd.synchronize(handle)
+        return out.view(self.world_size, -1)
+
+    def all_gather(self, t):
+        hvd = _hvd()
+        handle = hvd.allgather_async(t.contiguous().unsqueeze(0), name=self._name("allgather"),
+                                     process_set=self.process_set)
+        return hvd.synchronize(handle)
+
+    def broadcast(self, t, src=0):
+        hvd = _hvd()
+        buf = t if t.is_contiguous() else t.contiguous()
+        wire = buf.view(torch.int16) if buf.dtype == torch.bfloat16 else buf
+        root = self.process_set.ranks[src] if self.process_set.ranks else src
+        hvd.synchronize(hvd.broadcast_async_(wire, root, name=self._name("broadcast"), process_set=self.process_set))
+        if buf is not t:
+            t.copy_(buf)
+        return t
+
+    def all_reduce(self, t, op="sum"):
+        hvd = _hvd()
+        if op not in self._ops:
+            raise ValueError(f"all_reduce op={op!r}: valid ops are 'sum', 'max', 'min'")
+        if t.dtype in (torch.bfloat16, torch.float16):
+            wide = t.float()
+            self.all_reduce(wide, op)
+            return t.copy_(wide)
+        buf = t if t.is_contiguous() else t.contiguous()
+        hvd.synchronize(hvd.allreduce_async_(buf, name=self._name("allreduce"), op=self._ops[op],
+                                             process_set=self.process_set))
+        if buf is not t:
+            t.copy_(buf)
+        return t
+
+    def __getstate__(self):
+        raise TypeError("a communicator holds a live Horovod process set and cannot be pickled")
