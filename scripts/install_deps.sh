@@ -23,3 +23,4 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q -e "$here[test,deepspeed,hf,mpi]"
 bash "$here/scripts/install_horovod.sh"
+PYTHON="$PY" bash "$here/scripts/install_deepspeed.sh"

@@ -1,0 +1,346 @@
+"""DeepSpeed integration: taciturn optimizers as JSON ``"optimizer"`` types.
+
+    import taciturn.integrations.deepspeed        # registers; idempotent (or call register())
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, config="configs/cdadam.json",
+                                                           model_parameters=model.parameters())
+
+With ``{"optimizer": {"type": "CDAdam", "params": {...}}}`` the engine builds taciturn's CDAdam
+(names case-insensitive, params checked like ``create_optimizer``: a misspelled one is refused
+with the valid list) over the engine's data-parallel group, and switches the engine's own
+gradient allreduce off, so the compressed collective is the only gradient communication of
+a step. A type that DeepSpeed or torch.optim builds itself (``Adam``, ``AdamW``, ``SGD``,
+``Lamb``...) stays DeepSpeed's; ``OneBitAdam`` is always taciturn's (DeepSpeed removed its
+own in 0.19.7 and the 0.16 one has no CPU path). ``ZeroOneAdam`` / ``OneBitLamb`` are left
+to DeepSpeed where it still has them and get taciturn's "use X instead" error elsewhere.
+
+Semantics inside the engine:
+- one compressed communication per optimizer step (``gradient_accumulation_steps`` micro
+  batches accumulate locally first);
+- ``gradient_clipping`` clips each rank's local, pre-compression gradient (with the engine's
+  allreduce off there is no averaged gradient before the optimizer step): in fp32 DeepSpeed
+  averages the local norms over the data-parallel ranks and applies one coefficient
+  everywhere, under fp16/bf16 its wrapper uses each rank's own norm;
+- fp16/bf16: DeepSpeed's mixed-precision wrapper keeps fp32 master weights, unscales, clips
+  and skips overflow steps; the taciturn optimizer is built over the wrapper's fp32 tensors.
+  An overflow (agreed over the data-parallel ranks by DeepSpeed's check) skips the step on
+  every rank before the optimizer runs, so the compression state is untouched;
+- ZeRO stage >= 1 is refused (it partitions the gradients taciturn compresses); so are MoE
+  layers, sequence parallelism and wrappers that partition the optimizer (bf16 with
+  PipelineModule builds DeepSpeed's partitioned BF16_Optimizer);
+- checkpoints: the compression state is per rank (worker errors, the chunk each rank serves,
+  worker-local momenta), while DeepSpeed stage 0 saves rank 0's optimizer only, so
+  ``save_checkpoint`` also writes ``taciturn_rank<r>.pt`` per rank into the tag directory and
+  ``load_checkpoint`` restores each rank's own; a resumed job continues bit-identically;
+- with a monitor enabled (``csv_monitor``, ``tensorboard``...), every step writes
+  ``Train/Samples/taciturn_{bytes_up,bytes_down,compress_time,collective_time,compression_ratio}``.
+
+DeepSpeed has no optimizer registry, so ``register()`` wraps a few methods of
+``DeepSpeedEngine`` (all listed in ``_PATCHES``; each delegates to DeepSpeed's own unless
+the optimizer is taciturn's) after checking the installed version is in
+``SUPPORTED_VERSIONS``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import weakref
+from typing import Optional
+
+import torch
+
+from ..optim import CompressedOptimizer, OneBitAdam
+from ..registry import check_kwargs, get_record, is_taciturn_optimizer
+
+try:
+    import deepspeed
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("taciturn.integrations.deepspeed needs DeepSpeed: pip install 'taciturn[deepspeed]' "
+                      "(DeepSpeed 0.16.x to 0.19.x)") from err
+
+#: (min, max) major.minor of DeepSpeed, inclusive; tested on 0.16.9 and 0.19.8.
+SUPPORTED_VERSIONS = ((0, 16), (0, 19))
+#: the JSON params key the engine fills in itself
+_ENGINE_OWNED = ("process_group",)
+#: events written to DeepSpeed's monitor after each compressed step
+_MONITOR_KEYS = ("bytes_up", "bytes_down", "compress_time", "collective_time", "compression_ratio")
+
+_ORIGINAL = {}
+
+
+def _version() -> tuple:
+    parts = deepspeed.__version__.split("+")[0].split(".")
+    return tuple(int(p) for p in parts[:2] if p.isdigit())
+
+
+def check_version() -> None:
+    """Raise a RuntimeError naming the supported range if the installed DeepSpeed is outside it."""
+    lo, hi = SUPPORTED_VERSIONS
+    if not lo <= _version() <= hi:
+        raise RuntimeError(f"taciturn.integrations.deepspeed supports DeepSpeed {lo[0]}.{lo[1]}.x to "
+                           f"{hi[0]}.{hi[1]}.x (tested on 0.16.9 and 0.19.8); found {deepspeed.__version__}. "
+                           f"Install a supported release: pip install 'deepspeed>={lo[0]}.{lo[1]},"
+                           f"<{hi[0]}.{hi[1] + 1}'")
+
+
+def taciturn_optimizer(engine) -> Optional[CompressedOptimizer]:
+    """The taciturn optimizer inside ``engine`` (under any fp16/bf16 wrapper), or None."""
+    opt = getattr(engine, "basic_optimizer", None)
+    return opt if isinstance(opt, CompressedOptimizer) else None
+
+
+# ---------------------------------------------------------------------------- which types are ours
+def _record(name):
+    try:
+        return get_record(name)
+    except ValueError:
+        return None
+
+
+def _claims(engine, name) -> bool:
+    """True when the JSON type ``name`` is built by taciturn rather than by DeepSpeed."""
+    if engine.client_optimizer or not is_taciturn_optimizer(name):
+        return False
+    rec = _record(name)
+    if rec is not None and rec.cls is OneBitAdam:
+        return True
+    return not _ORIGINAL["_is_supported_optimizer"](engine, name)
+
+
+def _is_supported_optimizer(self, optimizer_name):
+    """DeepSpeed 0.19 asserts on this before building anything: accept taciturn's types and
+    answer an unknown one with the valid names instead of a bare assertion."""
+    if _claims(self, optimizer_name) or _ORIGINAL["_is_supported_optimizer"](self, optimizer_name):
+        return True
+    try:
+        get_record(optimizer_name)
+    except ValueError as err:
+        raise ValueError(f"optimizer type {optimizer_name!r} is neither built into DeepSpeed / torch.optim nor a "
+                         f"taciturn optimizer: {err}") from None
+    return False
+
+
+# ---------------------------------------------------------------------------- building the optimizer
+class _Pending(torch.optim.Optimizer):
+    """Holds the param groups while DeepSpeed wraps the optimizer for fp16/bf16.
+
+    The wrapper swaps the groups' parameters for fp32 master copies and runs one step with
+    zero gradients to initialise state; the taciturn optimizer is built afterwards, over the
+    swapped parameters, so it neither sees that step nor the low-precision tensors.
+    """
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        return None
+
+
+def _dp_group(engine):
+    """The data-parallel group the engine would allreduce gradients over."""
+    if engine.pipeline_parallelism:
+        return engine.mpu.get_data_parallel_group()
+    return engine.data_parallel_group
+
+
+def _refuse_unsupported(engine, name: str) -> None:
+    if engine.zero_optimization_stage() >= 1:
+        raise ValueError(f"taciturn's {name} cannot run under ZeRO stage {engine.zero_optimization_stage()}: ZeRO "
+                         "partitions the gradients and optimizer state across data-parallel ranks, while taciturn "
+                         "compresses each rank's whole gradient. Use \"zero_optimization\": {\"stage\": 0} (or "
+                         "remove the section).")
+    if engine.has_moe_layers:
+        raise ValueError(f"taciturn's {name} does not support MoE layers (expert parameters need expert-parallel "
+                         "groups); use a DeepSpeed optimizer for MoE models")
+    if getattr(engine, "sequence_parallel_size", 1) > 1:
+        raise ValueError(f"taciturn's {name} does not support sequence parallelism (sequence_parallel_size="
+                         f"{engine.sequence_parallel_size}); use data parallelism, optionally with pipeline stages")
+
+
+def _kwargs(engine, name: str):
+    """The optimizer's record and keyword arguments: the JSON params plus the engine's process group."""
+    params = dict(engine.optimizer_params() or {})
+    owned = [k for k in _ENGINE_OWNED if k in params]
+    if owned:
+        raise ValueError(f"{name}: remove {owned} from the JSON params: the DeepSpeed engine passes its own "
+                         "data-parallel group")
+    rec = check_kwargs(name, params)
+    group = _dp_group(engine)
+    backend = params.get("comm_backend_name")
+    if backend is not None:
+        if torch.distributed.get_world_size(group) == torch.distributed.get_world_size():
+            return rec, params  # OneBitAdam maps it: nccl -> the running torch.distributed backend, mpi -> mpi4py
+        if str(backend).lower() == "mpi":
+            raise ValueError(f"{name}: comm_backend_name='mpi' communicates over MPI COMM_WORLD, but this engine's "
+                             "data-parallel group is smaller than the world (pipeline or model parallelism); use "
+                             "'nccl' or 'gloo' (torch.distributed)")
+    params["process_group"] = group
+    return rec, params
+
+
+def _configure_optimizer(self, client_optimizer, model_parameters):
+    name = self.optimizer_name()
+    if isinstance(client_optimizer, CompressedOptimizer):
+        _check_client(self, client_optimizer)
+    if client_optimizer is not None or not _claims(self, name):
+        _ORIGINAL["_configure_optimizer"](self, client_optimizer, model_parameters)
+        if isinstance(client_optimizer, CompressedOptimizer):
+            _handshake(self, client_optimizer)
+        return
+    _refuse_unsupported(self, name)
+    rec, kwargs = _kwargs(self, name)
+    pending = _Pending(model_parameters)
+    numel = sum(p.numel() for g in pending.param_groups for p in g["params"] if p.requires_grad)
+    _ORIGINAL["_configure_optimizer"](self, pending, model_parameters)
+    wrapper = self.optimizer
+    held = sum(p.numel() for g in pending.param_groups for p in g["params"] if p.requires_grad)
+    if held != numel or not (wrapper is pending or getattr(wrapper, "optimizer", None) is pending):
+        raise ValueError(f"taciturn's {rec.name} cannot run under DeepSpeed's {type(wrapper).__name__}: it hands the "
+                         f"optimizer {held} of the {numel} parameter elements (it partitions them across "
+                         "data-parallel ranks); taciturn needs every rank's whole gradient. bf16 with PipelineModule "
+                         "builds this wrapper: use fp32 or fp16 for pipeline engines.")
+    opt = rec.cls(pending.param_groups, **kwargs)
+    _check_group(self, opt, "mpirun to launch a comm_backend_name='mpi' job, or comm_backend_name 'nccl' / 'gloo'")
+    self.basic_optimizer = opt
+    if wrapper is pending:
+        self.optimizer = opt
+    else:
+        wrapper.optimizer = opt
+    _handshake(self, opt)
+
+
+def _check_client(engine, opt: CompressedOptimizer) -> None:
+    """A taciturn optimizer passed as ``optimizer=``: fine in fp32 over the data-parallel group."""
+    name = type(opt).__name__
+    _refuse_unsupported(engine, name)
+    if engine.fp16_enabled() or engine.bfloat16_enabled():
+        raise ValueError(f"a {name} passed as optimizer= cannot run under fp16/bf16: DeepSpeed's wrapper replaces "
+                         "the parameters it was built over with fp32 copies; name it in the JSON config instead "
+                         f"(\"optimizer\": {{\"type\": \"{name}\", \"params\": {{...}}}})")
+    _check_group(engine, opt, "process_group= that group, or name it in the JSON config")
+
+
+def _check_group(engine, opt: CompressedOptimizer, fix: str) -> None:
+    """The optimizer must average over exactly the engine's data-parallel ranks (the engine's own
+    allreduce is off: a smaller group, e.g. mpi4py's COMM_WORLD of 1 under torchrun, would
+    silently train each rank alone)."""
+    dp = torch.distributed.get_world_size(_dp_group(engine))
+    if opt.comm.world_size != dp:
+        raise ValueError(f"{type(opt).__name__} communicates over {opt.comm.world_size} rank(s) "
+                         f"({type(opt.comm).__name__}) but the engine's data-parallel group has {dp}; use {fix}")
+
+
+def _handshake(engine, opt: CompressedOptimizer) -> None:
+    """The compressed collective replaces the engine's gradient allreduce; metrics go to the monitor."""
+    engine.enable_backward_allreduce = False
+    ref = weakref.ref(engine)
+    opt.register_step_post_hook(lambda optimizer, args, kwargs: _write_metrics(ref(), optimizer))
+
+
+def _write_metrics(engine, opt: CompressedOptimizer) -> None:
+    monitor = getattr(engine, "monitor", None)
+    if monitor is None or not monitor.enabled or engine.global_rank != 0:
+        return
+    metrics = opt.metrics()
+    samples = engine.global_samples + engine.train_batch_size()  # the value DeepSpeed logs after this step
+    monitor.write_events([(f"Train/Samples/taciturn_{k}", float(metrics[f"taciturn/{k}"]), samples)
+                          for k in _MONITOR_KEYS])
+
+
+def _pipeline_init(self, *args, **kwargs):
+    _ORIGINAL["PipelineEngine.__init__"](self, *args, **kwargs)
+    if taciturn_optimizer(self) is not None:
+        self.pipeline_enable_backward_allreduce = False
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _rank_file(directory: str) -> str:
+    return os.path.join(directory, f"taciturn_rank{torch.distributed.get_rank():05d}.pt")
+
+
+def _save_checkpoint(self, save_dir, tag=None, *args, **kwargs):
+    opt = taciturn_optimizer(self)
+    if opt is None:
+        return _ORIGINAL["save_checkpoint"](self, save_dir, tag, *args, **kwargs)
+    tag = str(tag) if tag is not None else f"global_step{self.global_steps}"
+    directory = os.path.join(save_dir, tag)
+    os.makedirs(directory, exist_ok=True)
+    torch.save({"world_size": torch.distributed.get_world_size(), "optimizer": opt.state_dict()},
+               _rank_file(directory))
+    return _ORIGINAL["save_checkpoint"](self, save_dir, tag, *args, **kwargs)
+
+
+def _load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                     load_lr_scheduler_states=True, load_module_only=False, *args, **kwargs):
+    result = _ORIGINAL["load_checkpoint"](self, load_dir, tag, load_module_strict, load_optimizer_states,
+                                          load_lr_scheduler_states, load_module_only, *args, **kwargs)
+    opt = taciturn_optimizer(self)
+    load_path = result[0]
+    if opt is None or load_path is None or not load_optimizer_states or load_module_only:
+        return result
+    path = _rank_file(os.path.dirname(load_path))
+    world = torch.distributed.get_world_size()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: taciturn saves each rank's compression state next to the "
+                                f"DeepSpeed checkpoint, and this rank ({torch.distributed.get_rank()} of {world}) has "
+                                "none (saved by a smaller job, or without taciturn?). Resume with the same number "
+                                "of ranks, or pass load_optimizer_states=False to restart the optimizer")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if saved["world_size"] != world:
+        raise ValueError(f"{path} was saved by a job of {saved['world_size']} ranks and this one has {world}: "
+                         "per-rank compression state cannot be carried over; pass load_optimizer_states=False")
+    opt.load_state_dict(saved["optimizer"])
+    _sync_low_precision(self.optimizer)
+    return result
+
+
+def _sync_low_precision(wrapper) -> None:
+    """Copy fp32 master weights into the model's fp16/bf16 weights (an optimizer such as SAEF
+    places different weights on each rank, and DeepSpeed loaded rank 0's into the model)."""
+    lp_groups, hp_groups = getattr(wrapper, "fp16_groups", None), getattr(wrapper, "fp32_groups", None)
+    if lp_groups is None or hp_groups is None:
+        return
+    with torch.no_grad():
+        for lp_group, hp_group in zip(lp_groups, hp_groups):
+            for lp, hp in zip(lp_group, hp_group):
+                lp.copy_(hp)
+
+
+# ---------------------------------------------------------------------------- registration
+_PATCHES = (
+    ("DeepSpeedEngine", "_is_supported_optimizer", _is_supported_optimizer),
+    ("DeepSpeedEngine", "_configure_optimizer", _configure_optimizer),
+    ("DeepSpeedEngine", "save_checkpoint", _save_checkpoint),
+    ("DeepSpeedEngine", "load_checkpoint", _load_checkpoint),
+    ("PipelineEngine", "__init__", _pipeline_init),
+)
+
+
+def register() -> None:
+    """Make every taciturn optimizer a DeepSpeed JSON optimizer type. Idempotent."""
+    if _ORIGINAL:
+        return
+    check_version()
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    classes = {"DeepSpeedEngine": DeepSpeedEngine, "PipelineEngine": PipelineEngine}
+    missing = [f"{c}.{m}" for c, m, _ in _PATCHES if m not in vars(classes[c])]
+    if missing:
+        raise RuntimeError(f"DeepSpeed {deepspeed.__version__} lacks {', '.join(missing)}, which "
+                           "taciturn.integrations.deepspeed adapts; use a release in "
+                           f"{SUPPORTED_VERSIONS[0]}..{SUPPORTED_VERSIONS[1]} (major, minor)")
+    for cls_name, method, wrapper in _PATCHES:
+        cls = classes[cls_name]
+        original = vars(cls)[method]
+        key = method if cls_name == "DeepSpeedEngine" else f"{cls_name}.{method}"
+        _ORIGINAL[key] = original
+        setattr(cls, method, functools.wraps(original)(wrapper))
+
+
+def is_registered() -> bool:
+    return bool(_ORIGINAL)
+
+
+register()
+
+__all__ = ["register", "is_registered", "check_version", "taciturn_optimizer", "SUPPORTED_VERSIONS"]

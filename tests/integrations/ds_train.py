@@ -1,0 +1,488 @@
+"""Scenarios of the DeepSpeed integration, run by test_deepspeed.py under torchrun (gloo, CPU).
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 ds_train.py --out DIR SCENARIO [SCENARIO ...]
+
+Every rank writes ``DIR/<scenario>.rank<r>.json`` with what the scenario measured (or the
+error it raised); the test asserts on those files. The model is a tiny MLP regressing a fixed
+random teacher; each rank draws its own batches from a generator seeded by (step, rank).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import traceback
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import deepspeed
+import taciturn
+import taciturn.integrations.deepspeed as tds
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
+DIM_IN, DIM_HIDDEN, DIM_OUT = 16, 32, 4
+#: overrides that fit the configs' schedules to runs of tens of steps (freeze_step 400 -> 10)
+SHORT_RUN = {"onebit_adam_cdadam_warmup.json": {"freeze_step": 10}, "onebit_adam.json": {"freeze_step": 10}}
+COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather", "all_to_all_single", "all_to_all", "broadcast",
+               "reduce_scatter_tensor", "reduce_scatter", "reduce", "gather", "scatter", "send", "recv", "isend",
+               "irecv", "batch_isend_irecv")
+
+
+# ---------------------------------------------------------------------------- helpers
+def load_config(name: str, **params) -> dict:
+    with open(os.path.join(CONFIGS, name)) as f:
+        cfg = json.load(f)
+    cfg["optimizer"]["params"].update(SHORT_RUN.get(name, {}))
+    cfg["optimizer"]["params"].update(params)
+    return cfg
+
+
+def teacher():
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(DIM_IN, DIM_OUT, generator=g) / DIM_IN ** 0.5
+
+
+TEACHER = teacher()
+
+
+def batch(step: int, micro: int, size: int, rank: int = None):
+    rank = dist.get_rank() if rank is None else rank
+    g = torch.Generator().manual_seed(100003 * step + 1009 * micro + rank)
+    x = torch.randn(size, DIM_IN, generator=g)
+    y = torch.tanh(x @ TEACHER) * 2 + 0.01 * torch.randn(size, DIM_OUT, generator=g)
+    return x, y
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(DIM_IN, DIM_HIDDEN), nn.Tanh(), nn.Linear(DIM_HIDDEN, DIM_OUT))
+
+
+def build(cfg: dict, model=None, params=None):
+    model = model if model is not None else mlp()
+    engine, _, _, _ = deepspeed.initialize(model=model, config=copy.deepcopy(cfg),
+                                           model_parameters=params if params is not None else model.parameters())
+    return engine
+
+
+def model_dtype(engine):
+    return next(engine.module.parameters()).dtype
+
+
+def train_step(engine, inject_inf: bool = False) -> float:
+    """One optimizer step (gradient_accumulation_steps micro batches); the mean micro loss."""
+    losses = []
+    for micro in range(engine.gradient_accumulation_steps()):
+        x, y = batch(engine.global_steps, micro, engine.train_micro_batch_size_per_gpu())
+        out = engine(x.to(model_dtype(engine)))
+        loss = nn.functional.mse_loss(out.float(), y)
+        engine.backward(loss)
+        if inject_inf:
+            next(engine.module.parameters()).grad[0, 0] = float("inf")
+        losses.append(loss.item())
+        engine.step()
+    return sum(losses) / len(losses)
+
+
+def eval_loss(engine) -> float:
+    """The loss on a fixed held-out batch of 512 (the same on every rank)."""
+    x, y = batch(step=10 ** 6, micro=0, size=512, rank=0)
+    with torch.no_grad():
+        return nn.functional.mse_loss(engine.module(x.to(model_dtype(engine))).float(), y).item()
+
+
+def falls(losses) -> dict:
+    """First and last sixth of the training losses (pipeline engines, which hold part of the model)."""
+    k = max(3, len(losses) // 6)
+    return {"losses": losses, "first": sum(losses[:k]) / k, "last": sum(losses[-k:]) / k}
+
+
+def params_of(engine):
+    return [p.detach().float().clone() for p in engine.module.parameters()]
+
+
+def compression_state(opt):
+    return {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in opt.state["taciturn"].items()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
+                                        for k in a)
+
+
+def wire(opt, pipeline: str) -> dict:
+    return opt.pipelines[pipeline].wire_bytes()
+
+
+class CollectiveLog:
+    """Records every torch.distributed collective (name, dtype, bytes of each tensor argument)
+    while active, by wrapping the module's functions (DeepSpeed and taciturn both call them)."""
+
+    def __init__(self):
+        self.calls = []
+        self._saved = {}
+
+    def __enter__(self):
+        for name in COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                self._saved[name] = fn
+                setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+    def _wrap(self, name, fn):
+        def recorded(*args, **kwargs):
+            tensors = [a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)]
+            self.calls.append({"op": name, "tensors": [[str(t.dtype), t.numel() * t.element_size()] for t in tensors]})
+            return fn(*args, **kwargs)
+        return recorded
+
+
+# ---------------------------------------------------------------------------- scenarios
+def scenario_train(name: str, steps: int = 60) -> dict:
+    cfg = load_config(name)
+    engine = build(cfg)
+    opt = tds.taciturn_optimizer(engine)
+    before = eval_loss(engine)
+    losses, lrs, bytes_up = [], [], []
+    for _ in range(steps):
+        losses.append(train_step(engine))
+        lrs.append([opt.param_groups[0]["lr"], engine.get_lr()[0]])
+        bytes_up.append(opt.metrics()["taciturn/bytes_up"])
+    return {"losses": losses, "first": before, "last": eval_loss(engine), "optimizer": type(opt).__name__,
+            "lrs": lrs, "bytes_up": bytes_up,
+            "fp32_bytes": 4 * sum(p.numel() for p in engine.module.parameters()),
+            "backward_allreduce": engine.enable_backward_allreduce, "global_samples": engine.global_samples,
+            "train_batch_size": engine.train_batch_size()}
+
+
+def scenario_bytes(config: str = "cdadam.json", **params) -> dict:
+    """Collectives of one optimizer step (the second) with a taciturn type and DeepSpeed's AdamW."""
+    out = {}
+    for label, cfg in (("taciturn", load_config(config, **params)),
+                       ("adamw", {**load_config(config), "optimizer": {"type": "AdamW",
+                                                                        "params": {"lr": 1e-3, "torch_adam": True}}})):
+        engine = build(cfg)
+        train_step(engine)
+        with CollectiveLog() as log:
+            train_step(engine)
+        opt = tds.taciturn_optimizer(engine)
+        out[label] = {"calls": log.calls, "numel": sum(p.numel() for p in engine.module.parameters()),
+                      "wire": {n: wire(opt, n) for n in opt.pipelines} if opt else None,
+                      "metrics": opt.metrics() if opt else None}
+    return out
+
+
+def scenario_grad_accum() -> dict:
+    cfg = load_config("cdadam.json")
+    cfg.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=3)
+    engine = build(cfg)
+    opt = tds.taciturn_optimizer(engine)
+    before = eval_loss(engine)
+    losses = [train_step(engine) for _ in range(2)]
+    with CollectiveLog() as log:
+        losses.append(train_step(engine))
+    losses += [train_step(engine) for _ in range(17)]
+    return {"losses": losses, "first": before, "last": eval_loss(engine), "calls": log.calls, "wire": wire(opt, "grad"),
+            "train_batch_size": engine.train_batch_size(), "global_steps": engine.global_steps,
+            "global_samples": engine.global_samples, "taciturn_steps": opt.global_step}
+
+
+def scenario_clipping() -> dict:
+    cfg = load_config("cdadam.json")
+    cfg["gradient_clipping"] = 0.05
+    engine = build(cfg)
+    opt = tds.taciturn_optimizer(engine)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(
+        torch.norm(torch.stack([p.grad.norm() for g in o.param_groups for p in g["params"]])).item()))
+    raw = []
+    for _ in range(3):
+        x, y = batch(engine.global_steps, 0, engine.train_micro_batch_size_per_gpu())
+        engine.backward(nn.functional.mse_loss(engine(x), y))
+        raw.append(torch.norm(torch.stack([p.grad.norm() for p in engine.module.parameters()])).item())
+        engine.step()
+    return {"clip": cfg["gradient_clipping"], "raw_norms": raw, "clipped_norms": seen}
+
+
+def scenario_bf16() -> dict:
+    """bf16: trains through DeepSpeed's wrapper; an inf gradient on rank 1 only skips the step everywhere."""
+    cfg = load_config("cdadam.json")
+    cfg["bf16"] = {"enabled": True}
+    engine = build(cfg)
+    opt = tds.taciturn_optimizer(engine)
+    first = eval_loss(engine)
+    losses = [train_step(engine) for _ in range(3)]
+    before, params, steps = compression_state(opt), params_of(engine), opt.global_step
+    train_step(engine, inject_inf=dist.get_rank() == 1)
+    skipped = {"skipped_steps": engine.skipped_steps, "state_unchanged": same_state(before, compression_state(opt)),
+               "params_unchanged": all(torch.equal(a, b) for a, b in zip(params, params_of(engine))),
+               "taciturn_step_before": steps, "taciturn_step_after": opt.global_step}
+    losses += [train_step(engine) for _ in range(25)]
+    return {"losses": losses, "first": first, "last": eval_loss(engine), **skipped,
+            "wrapper": type(engine.optimizer).__name__, "param_dtype": str(model_dtype(engine)),
+            "optimizer_param_dtype": str(opt.param_groups[0]["params"][0].dtype)}
+
+
+def scenario_fp16() -> dict:
+    """fp16 with dynamic loss scaling: DeepSpeed refuses fp16 on a CPU without mkldnn fp16
+    kernels, so this overrides its capability check (torch runs fp16 Linear layers on CPU)
+    to exercise the same FP16_UnfusedOptimizer path a GPU takes."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    cfg = load_config("cdadam.json")
+    cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8}
+    supported = accelerator.is_fp16_supported
+    accelerator.is_fp16_supported = lambda: True
+    try:
+        engine = build(cfg)
+    finally:
+        accelerator.is_fp16_supported = supported
+    opt = tds.taciturn_optimizer(engine)
+    first = eval_loss(engine)
+    losses = [train_step(engine) for _ in range(3)]
+    before, params, steps = compression_state(opt), params_of(engine), opt.global_step
+    scale = engine.optimizer.loss_scale
+    train_step(engine, inject_inf=dist.get_rank() == 1)
+    skipped = {"skipped_steps": engine.skipped_steps, "state_unchanged": same_state(before, compression_state(opt)),
+               "params_unchanged": all(torch.equal(a, b) for a, b in zip(params, params_of(engine))),
+               "taciturn_step_before": steps, "taciturn_step_after": opt.global_step,
+               "loss_scale_before": scale, "loss_scale_after": engine.optimizer.loss_scale}
+    losses += [train_step(engine) for _ in range(25)]
+    return {"losses": losses, "first": first, "last": eval_loss(engine), **skipped,
+            "wrapper": type(engine.optimizer).__name__, "param_dtype": str(model_dtype(engine))}
+
+
+def scenario_onebit_stranded() -> dict:
+    """DeepSpeed's documented 1-bit Adam params, exp_avg_mask, freeze_step changed live."""
+    cfg = load_config("onebit_adam.json", freeze_step=1000)
+    model = mlp()
+    first = model[0].weight
+    mask = torch.ones_like(first)
+    mask[:4] = 0.0
+    groups = [{"params": [first], "exp_avg_mask": mask}, {"params": [p for p in model.parameters() if p is not first]}]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = build(cfg, model, groups)
+    opt = tds.taciturn_optimizer(engine)
+    before = eval_loss(engine)
+    losses, bytes_up = [], []
+    for step in range(30):
+        if step == 8:
+            opt.freeze_step = 10
+        if step == 10:
+            masked_rows = first.detach()[:4].clone()
+        losses.append(train_step(engine))
+        bytes_up.append(opt.metrics()["taciturn/bytes_up"])
+    return {"losses": losses, "first": before, "last": eval_loss(engine), "bytes_up": bytes_up,
+            "freeze_step": opt.freeze_step,
+            "nccl_warnings": [str(w.message) for w in caught if "nccl" in str(w.message)],
+            "masked_rows_unchanged": torch.equal(masked_rows, first.detach()[:4]),
+            "other_rows_changed": not torch.equal(first.detach()[4:], mlp()[0].weight.detach()[4:]),
+            "numel": sum(p.numel() for p in model.parameters())}
+
+
+def scenario_checkpoint(name: str, steps: int = 6) -> dict:
+    """Train 2*steps uninterrupted vs steps, save, a fresh engine loads, steps more."""
+    # 1-bit Adam: the CD-Adam warm-up one freezes after the resume (the warm-up state must carry
+    # over), the other before the save (the error-feedback state must)
+    freeze = {"onebit_adam_cdadam_warmup.json": steps + 2, "onebit_adam.json": steps - 2}
+    cfg = load_config(name, **({"freeze_step": freeze[name]} if name in freeze else {}))
+    directory = os.path.join(ARGS.out, f"ckpt_{name}")
+    straight = build(cfg)
+    full = [train_step(straight) for _ in range(2 * steps)]
+    first = build(cfg)
+    head = [train_step(first) for _ in range(steps)]
+    first.save_checkpoint(directory, tag="mid")
+    resumed = build(cfg, mlp(seed=99))
+    path, _ = resumed.load_checkpoint(directory)
+    tail = [train_step(resumed) for _ in range(steps)]
+    a, b = tds.taciturn_optimizer(straight), tds.taciturn_optimizer(resumed)
+    files = sorted(f for f in os.listdir(os.path.join(directory, "mid")) if f.startswith("taciturn_"))
+    return {"full": full, "resumed": head + tail, "loaded": path,
+            "params_equal": all(torch.equal(x, y) for x, y in zip(params_of(straight), params_of(resumed))),
+            "state_equal": same_state(compression_state(a), compression_state(b)), "files": files}
+
+
+def scenario_monitor() -> dict:
+    cfg = load_config("cdadam.json")
+    log_dir = os.path.join(ARGS.out, "monitor")
+    cfg["csv_monitor"] = {"enabled": True, "output_path": log_dir, "job_name": "taciturn"}
+    engine = build(cfg)
+    opt = tds.taciturn_optimizer(engine)
+    for _ in range(4):
+        train_step(engine)
+    return {"dir": os.path.join(log_dir, "taciturn"), "wire": wire(opt, "grad"), "metrics": opt.metrics(),
+            "train_batch_size": engine.train_batch_size()}
+
+
+def scenario_refusals() -> dict:
+    """Each of these must fail at initialize with a clear message."""
+    out = {}
+    cases = {
+        "zero1": {**load_config("cdadam.json"), "zero_optimization": {"stage": 1}},
+        "unknown_type": {**load_config("cdadam.json"), "optimizer": {"type": "CDAdma", "params": {"lr": 1e-3}}},
+        "misspelled_param": load_config("cdadam.json", betass=[0.9, 0.99]),
+        "engine_group": load_config("cdadam.json", process_group="local"),
+    }
+    if not hasattr(deepspeed.runtime.config, "ZERO_ONE_ADAM_OPTIMIZER"):  # removed in 0.19.7; 0.16 builds its own
+        cases["zero_one_adam"] = {**load_config("cdadam.json"), "optimizer": {"type": "ZeroOneAdam", "params": {}}}
+    for label, cfg in cases.items():
+        try:
+            build(cfg)
+            out[label] = None
+        except Exception as err:  # the message is what the test checks
+            out[label] = f"{type(err).__name__}: {err}"
+    return out
+
+
+def scenario_client() -> dict:
+    """A taciturn optimizer object passed as optimizer=: the same handshake; refused under bf16."""
+    cfg = load_config("cdadam.json")
+    params = cfg.pop("optimizer")["params"]
+    model = mlp()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=taciturn.create_optimizer("CDAdam",
+                                           model.parameters(), **params), config=cfg)
+    opt = tds.taciturn_optimizer(engine)
+    before = eval_loss(engine)
+    losses = [train_step(engine)]
+    with CollectiveLog() as log:
+        losses.append(train_step(engine))
+    losses += [train_step(engine) for _ in range(28)]
+    model = mlp()
+    try:
+        deepspeed.initialize(model=model, optimizer=taciturn.CDAdam(model.parameters()),
+                             config={**cfg, "bf16": {"enabled": True}})
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    return {"losses": losses, "first": before, "last": eval_loss(engine), "calls": log.calls,
+            "wire": wire(opt, "grad"), "backward_allreduce": engine.enable_backward_allreduce, "bf16": refused}
+
+
+def scenario_mpi_backend() -> dict:
+    """comm_backend_name='mpi' under torchrun: mpi4py's COMM_WORLD holds one rank, which would
+    train each rank alone with the engine's allreduce off; refused."""
+    try:
+        build(load_config("onebit_adam.json", comm_backend_name="mpi"))
+    except ValueError as err:
+        return {"refused": str(err)}
+    return {"refused": None}
+
+
+def scenario_zero0() -> dict:
+    cfg = load_config("cdadam.json")
+    cfg["zero_optimization"] = {"stage": 0}
+    engine = build(cfg)
+    before = eval_loss(engine)
+    losses = [train_step(engine) for _ in range(20)]
+    return {"losses": losses, "first": before, "last": eval_loss(engine),
+            "optimizer": type(tds.taciturn_optimizer(engine)).__name__}
+
+
+def scenario_pipeline(stages: int) -> dict:
+    from deepspeed.pipe import PipelineModule
+
+    cfg = load_config("cdadam.json")
+    cfg.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    pipe = PipelineModule(layers=[nn.Linear(DIM_IN, DIM_HIDDEN), nn.Tanh(), nn.Linear(DIM_HIDDEN, DIM_OUT)],
+                          num_stages=stages, loss_fn=lambda out, y: nn.functional.mse_loss(out.float(), y))
+    engine, _, _, _ = deepspeed.initialize(model=pipe, config=cfg, model_parameters=pipe.parameters())
+    opt = tds.taciturn_optimizer(engine)
+    dp_rank = engine.grid.get_data_parallel_rank()
+
+    def data(step):
+        for micro in range(engine.gradient_accumulation_steps()):
+            yield batch(step, micro, engine.train_micro_batch_size_per_gpu(), rank=dp_rank)
+
+    losses = [engine.train_batch(data(s)).item() for s in range(2)]
+    with CollectiveLog() as log:
+        losses.append(engine.train_batch(data(2)).item())
+    losses += [engine.train_batch(data(s)).item() for s in range(3, 30)]
+    return {**falls(losses), "calls": log.calls, "wire": wire(opt, "grad"),
+            "dp_size": engine.grid.get_data_parallel_world_size(), "comm_size": opt.comm.world_size,
+            "pipeline_allreduce": engine.pipeline_enable_backward_allreduce,
+            "numel": sum(p.numel() for p in engine.module.parameters())}
+
+
+def scenario_pipeline_bf16() -> dict:
+    """bf16 pipeline engines get DeepSpeed's BF16_Optimizer, which partitions the optimizer: refused."""
+    from deepspeed.pipe import PipelineModule
+
+    cfg = load_config("cdadam.json")
+    cfg["bf16"] = {"enabled": True}
+    pipe = PipelineModule(layers=[nn.Linear(DIM_IN, DIM_HIDDEN), nn.Tanh(), nn.Linear(DIM_HIDDEN, DIM_OUT)],
+                          num_stages=1, loss_fn=nn.functional.mse_loss)
+    try:
+        deepspeed.initialize(model=pipe, config=cfg, model_parameters=pipe.parameters())
+    except ValueError as err:
+        return {"refused": str(err)}
+    return {"refused": None}
+
+
+def scenario_version() -> dict:
+    tds.register()  # idempotent
+    return {"deepspeed": deepspeed.__version__, "taciturn": taciturn.__version__, "registered": tds.is_registered()}
+
+
+SCENARIOS = {
+    "version": scenario_version,
+    "bytes": scenario_bytes,
+    "bytes_sparsams": lambda: scenario_bytes("sparsams_topk.json"),
+    "grad_accum": scenario_grad_accum,
+    "clipping": scenario_clipping,
+    "bf16": scenario_bf16,
+    "fp16": scenario_fp16,
+    "onebit_stranded": scenario_onebit_stranded,
+    "monitor": scenario_monitor,
+    "refusals": scenario_refusals,
+    "zero0": scenario_zero0,
+    "client": scenario_client,
+    "mpi_backend": scenario_mpi_backend,
+    "pipeline_1x2": lambda: scenario_pipeline(1),
+    "pipeline_2x1": lambda: scenario_pipeline(2),
+    "pipeline_bf16": scenario_pipeline_bf16,
+}
+
+
+def run(name: str):
+    if name.startswith("train:"):
+        return scenario_train(name.split(":", 1)[1])
+    if name.startswith("checkpoint:"):
+        return scenario_checkpoint(name.split(":", 1)[1])
+    return SCENARIOS[name]()
+
+
+def main():
+    global ARGS
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=-1)  # passed by the `deepspeed` launcher
+    parser.add_argument("scenarios", nargs="+")
+    ARGS = parser.parse_args()
+    # a scenario that fails on one rank only leaves its peer in a collective: fail it in 2 minutes, not 30
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=120))
+    rank = dist.get_rank()
+    for name in ARGS.scenarios:
+        try:
+            result = run(name)
+        except Exception:
+            result = {"error": traceback.format_exc()}
+        with open(os.path.join(ARGS.out, f"{name.replace(':', '_')}.rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""DeepSpeed integration (taciturn.integrations.deepspeed): real 2-rank engines on gloo/CPU.
+
+The scenarios live in ds_train.py; one torchrun job runs them all (DeepSpeed's import and
+first engine cost ~10 s per process, every later engine ~20 ms) and each test reads what its
+scenario measured on both ranks. A second job runs a few under DeepSpeed 0.16.9 (a venv made
+by scripts/install_deepspeed.sh).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+deepspeed = pytest.importorskip("deepspeed")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUNNER = os.path.join(HERE, "ds_train.py")
+CONFIGS = sorted(f for f in os.listdir(os.path.join(HERE, "..", "..", "configs")) if f.endswith(".json"))
+CHECKPOINTED = ["cdadam.json", "onebit_adam_cdadam_warmup.json", "onebit_adam.json", "dist_ef_blocksgdm.json",
+                "saef.json"]
+# pipeline engines last (they leave their topology in DeepSpeed's global groups); MPI just before
+SCENARIOS = (["version", "bytes", "bytes_sparsams", "grad_accum", "clipping", "bf16", "fp16", "onebit_stranded",
+              "monitor", "refusals", "zero0", "client"] + [f"train:{c}" for c in CONFIGS]
+             + [f"checkpoint:{c}" for c in CHECKPOINTED]
+             + ["mpi_backend", "pipeline_1x2", "pipeline_bf16", "pipeline_2x1"])
+LEGACY_SCENARIOS = ["version", "train:cdadam.json", "train:onebit_adam.json", "bytes", "refusals",
+                    "checkpoint:cdadam.json"]
+LEGACY_VENV = os.environ.get("TACITURN_DS_LEGACY_VENV",
+                             os.path.expanduser("~/.cache/taciturn/venv-deepspeed-0.16.9"))
+GRADIENT_FLOOR = 16  # bytes of the smallest gradient (a 4-element bias); every scalar sync is smaller
+
+
+def launch(python: str, scenarios, out: str, timeout: float = 420.0, **env) -> dict:
+    """Run the scenarios on 2 ranks; {scenario: [rank 0 result, rank 1 result]}."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env}
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", RUNNER, "--out", out,
+           *scenarios]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the DeepSpeed scenarios did not finish within {timeout:.0f} s:\n{stderr[-6000:]}")
+    results = {}
+    for name in scenarios:
+        files = [os.path.join(out, f"{name.replace(':', '_')}.rank{r}.json") for r in range(2)]
+        if not all(os.path.exists(f) for f in files):
+            pytest.fail(f"scenario {name} left no result (exit {proc.returncode}):\n{stdout[-3000:]}\n"
+                        f"{stderr[-6000:]}")
+        results[name] = [json.load(open(f)) for f in files]
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return launch(sys.executable, SCENARIOS, str(tmp_path_factory.mktemp("ds")))
+
+
+def result(runs, name):
+    """Both ranks' results of ``name``, failing with the rank's traceback if it raised."""
+    out = runs[name]
+    for rank, r in enumerate(out):
+        if "error" in r:
+            pytest.fail(f"scenario {name} raised on rank {rank}:\n{r['error']}")
+    return out
+
+
+def collective_bytes(calls):
+    """(all_to_all input bytes, all_gather input bytes, all_gather output bytes, all_reduce sizes)."""
+    a2a = sum(c["tensors"][1][1] for c in calls if c["op"] == "all_to_all_single")
+    ag_in = sum(c["tensors"][1][1] for c in calls if c["op"] == "all_gather_into_tensor")
+    ag_out = sum(c["tensors"][0][1] for c in calls if c["op"] == "all_gather_into_tensor")
+    reduces = [c["tensors"][0][1] for c in calls if c["op"] == "all_reduce"]
+    return a2a, ag_in, ag_out, reduces
+
+
+def assert_falls(r, factor=0.9):
+    assert r["last"] < factor * r["first"], f"loss did not fall: {r['losses']}"
+
+
+# ---------------------------------------------------------------------------- in-process
+def test_register_is_idempotent_and_version_checked(monkeypatch):
+    import taciturn.integrations.deepspeed as tds
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    patched = DeepSpeedEngine._configure_optimizer
+    tds.register()
+    assert tds.is_registered() and DeepSpeedEngine._configure_optimizer is patched
+    for version in ("0.15.4", "0.20.0"):
+        monkeypatch.setattr(deepspeed, "__version__", version)
+        with pytest.raises(RuntimeError, match=r"0\.16\.x to 0\.19\.x.*found " + version.replace(".", r"\.")):
+            tds.check_version()
+
+
+# ---------------------------------------------------------------------------- 0.19 engines
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_trains(runs, config):
+    for r in result(runs, f"train:{config}"):
+        assert_falls(r)
+        assert r["backward_allreduce"] is False
+        assert r["global_samples"] == 60 * r["train_batch_size"] == 60 * 16 * 2
+        assert max(r["bytes_up"][-5:]) < r["fp32_bytes"] / 8, "the steps after any warm-up must be compressed"
+
+
+def test_lr_schedulers_drive_the_optimizer(runs):
+    warmup = result(runs, "train:cdadam.json")[0]["lrs"]  # WarmupLR: 0 -> 1e-3 over 5 steps, then flat
+    assert [opt for opt, engine in warmup] == [engine for opt, engine in warmup]
+    assert [round(lr, 6) for lr, _ in warmup[:7]] == [0.0, 0.0002, 0.0004, 0.0006, 0.0008, 0.001, 0.001]
+    decay = [lr for lr, _ in result(runs, "train:dist_ef_blocksgdm.json")[0]["lrs"]]  # WarmupDecayLR
+    assert decay[5] == pytest.approx(0.1, rel=1e-3) and decay[5] > decay[10] > decay[59] > 0
+
+
+def test_one_step_sends_only_the_compressed_payloads(runs):
+    for r in result(runs, "bytes"):
+        tac, ds = r["taciturn"], r["adamw"]
+        wire = tac["wire"]["grad"]
+        a2a, _, ag_out, reduces = collective_bytes(tac["calls"])
+        assert (a2a, ag_out) == (wire["up"], wire["down"]) == (tac["metrics"]["taciturn/bytes_up"],
+                                                                tac["metrics"]["taciturn/bytes_down"])
+        assert wire["up"] < wire["fp32"] / 15
+        assert all(b < GRADIENT_FLOOR for b in reduces), f"a gradient-sized allreduce slipped in: {tac['calls']}"
+        # the control: DeepSpeed's own optimizer allreduces the fp32 gradient, and the log sees it
+        _, _, _, ds_reduces = collective_bytes(ds["calls"])
+        assert 4 * ds["numel"] in ds_reduces
+
+
+def test_one_way_sparse_config_sends_only_topk(runs):
+    for r in result(runs, "bytes_sparsams"):
+        tac = r["taciturn"]
+        wire = tac["wire"]["grad"]
+        a2a, ag_in, ag_out, reduces = collective_bytes(tac["calls"])
+        assert (a2a, ag_in, ag_out) == (0, wire["up"], wire["down"])
+        assert all(b < GRADIENT_FLOOR for b in reduces)
+
+
+def test_gradient_accumulation_communicates_once_per_step(runs):
+    for r in result(runs, "grad_accum"):
+        ops = [c["op"] for c in r["calls"] if c["op"] in ("all_to_all_single", "all_gather_into_tensor")]
+        assert ops == ["all_to_all_single", "all_gather_into_tensor"]  # 3 micro batches, one exchange
+        a2a, _, ag_out, reduces = collective_bytes(r["calls"])
+        assert (a2a, ag_out) == (r["wire"]["up"], r["wire"]["down"])
+        assert all(b < GRADIENT_FLOOR for b in reduces)
+        assert r["train_batch_size"] == 4 * 3 * 2
+        assert r["global_steps"] == r["taciturn_steps"] == 20
+        assert r["global_samples"] == 20 * 24
+        assert_falls(r)
+
+
+def test_gradient_clipping_clips_the_local_gradient(runs):
+    ranks = result(runs, "clipping")
+    clip = ranks[0]["clip"]
+    for t in range(3):
+        raw = [r["raw_norms"][t] for r in ranks]
+        # fp32: DeepSpeed averages the local norms over the data-parallel ranks and applies one
+        # coefficient to each rank's own (pre-compression) gradient
+        coef = min(1.0, clip / (sum(raw) / len(raw) + 1e-6))
+        assert coef < 1.0
+        for r in ranks:
+            assert r["clipped_norms"][t] == pytest.approx(r["raw_norms"][t] * coef, rel=1e-4)
+        assert raw[0] != raw[1]
+
+
+def test_bf16_trains_and_an_overflow_skips_every_rank_without_touching_state(runs):
+    for r in result(runs, "bf16"):
+        assert (r["wrapper"], r["param_dtype"], r["optimizer_param_dtype"]) == (
+            "FP16_UnfusedOptimizer", "torch.bfloat16", "torch.float32")
+        assert r["skipped_steps"] == 1  # rank 0 had finite gradients: DeepSpeed's check agreed over ranks
+        assert r["state_unchanged"] and r["params_unchanged"]
+        assert r["taciturn_step_before"] == r["taciturn_step_after"]
+        assert_falls(r)
+
+
+def test_fp16_dynamic_loss_scaling_skips_an_overflow_on_every_rank(runs):
+    # DeepSpeed refuses fp16 on this CPU (no mkldnn fp16); the scenario overrides that check only
+    for r in result(runs, "fp16"):
+        assert (r["wrapper"], r["param_dtype"]) == ("FP16_UnfusedOptimizer", "torch.float16")
+        assert r["skipped_steps"] == 1 and r["loss_scale_after"] == r["loss_scale_before"] / 2
+        assert r["state_unchanged"] and r["params_unchanged"]
+        assert r["taciturn_step_before"] == r["taciturn_step_after"]
+        assert_falls(r)
+
+
+def test_stranded_onebit_adam_config(runs):
+    for r in result(runs, "onebit_stranded"):
+        assert len(r["nccl_warnings"]) == 1  # "nccl" on a gloo job: mapped, warned once
+        fp32 = 4 * r["numel"]
+        assert min(r["bytes_up"][:10]) >= fp32  # uncompressed warm-up ("adam")
+        assert max(r["bytes_up"][10:]) < fp32 / 8  # freeze_step lowered live from 1000 to 10
+        assert r["freeze_step"] == 10
+        assert r["masked_rows_unchanged"] and r["other_rows_changed"]  # exp_avg_mask after the freeze
+        assert_falls(r)
+
+
+def test_metrics_reach_the_csv_monitor(runs):
+    r = result(runs, "monitor")[0]
+    def read(name):
+        with open(os.path.join(r["dir"], f"Train_Samples_{name}.csv")) as f:
+            return [row for row in csv.reader(f)][1:]
+    up, down, ctime = read("taciturn_bytes_up"), read("taciturn_bytes_down"), read("taciturn_compress_time")
+    assert [int(float(v)) for _, v in up] == [r["wire"]["up"]] * 4
+    assert [int(float(v)) for _, v in down] == [r["wire"]["down"]] * 4
+    assert all(float(v) > 0 for _, v in ctime)
+    assert [s for s, _ in up] == [s for s, _ in read("lr")] == [str(r["train_batch_size"] * k) for k in range(1, 5)]
+
+
+def test_refusals_name_the_fix(runs):
+    for r in result(runs, "refusals"):
+        assert "ZeRO stage 1" in r["zero1"] and '"stage": 0' in r["zero1"]
+        assert "'CDAdma'" in r["unknown_type"] and "Did you mean 'CDAdam'" in r["unknown_type"]
+        assert "Valid names" in r["unknown_type"] and "OneBitAdam" in r["unknown_type"]
+        assert "'betass' (did you mean 'betas'?)" in r["misspelled_param"]
+        assert "valid parameters" in r["misspelled_param"]
+        assert "ZeroOneAdam" in r["zero_one_adam"] and "use \"OneBitAdam\"" in r["zero_one_adam"]
+        assert "process_group" in r["engine_group"] and "data-parallel group" in r["engine_group"]
+
+
+def test_mpi_backend_outside_mpirun_is_refused(runs):
+    for r in result(runs, "mpi_backend"):
+        assert "OneBitAdam communicates over 1 rank(s) (MPICommunicator)" in r["refused"]
+        assert "data-parallel group has 2" in r["refused"] and "mpirun" in r["refused"]
+
+
+def test_zero_stage_0_trains(runs):
+    for r in result(runs, "zero0"):
+        assert r["optimizer"] == "CDAdam"
+        assert_falls(r)
+
+
+def test_optimizer_object_gets_the_same_handshake(runs):
+    for r in result(runs, "client"):
+        assert r["backward_allreduce"] is False
+        a2a, _, ag_out, reduces = collective_bytes(r["calls"])
+        assert (a2a, ag_out) == (r["wire"]["up"], r["wire"]["down"])
+        assert all(b < GRADIENT_FLOOR for b in reduces)
+        assert_falls(r)
+        assert "name it in the JSON config" in r["bf16"]
+
+
+@pytest.mark.parametrize("layout", ["pipeline_1x2", "pipeline_2x1"])
+def test_pipeline_engine_uses_the_data_parallel_group(runs, layout):
+    for r in result(runs, layout):
+        assert r["pipeline_allreduce"] is False
+        assert r["comm_size"] == r["dp_size"] == (2 if layout == "pipeline_1x2" else 1)
+        a2a, _, ag_out, reduces = collective_bytes(r["calls"])
+        assert (a2a, ag_out) == (r["wire"]["up"], r["wire"]["down"])
+        assert all(b < GRADIENT_FLOOR for b in reduces)
+        assert_falls(r)
+
+
+def test_bf16_pipeline_engine_is_refused(runs):
+    for r in result(runs, "pipeline_bf16"):
+        assert "BF16_Optimizer" in r["refused"] and "338 of the 676" in r["refused"]
+        assert "use fp32 or fp16 for pipeline engines" in r["refused"]
+
+
+@pytest.mark.parametrize("config", CHECKPOINTED)
+def test_checkpoint_resumes_bit_identically(runs, config):
+    for rank, r in enumerate(result(runs, f"checkpoint:{config}")):
+        assert r["loaded"] is not None
+        assert r["files"] == ["taciturn_rank00000.pt", "taciturn_rank00001.pt"]
+        assert r["resumed"] == r["full"], f"rank {rank}: the resumed run diverged"
+        assert r["params_equal"] and r["state_equal"]
+
+
+# ---------------------------------------------------------------------------- DeepSpeed 0.16
+@pytest.fixture(scope="module")
+def legacy_runs(tmp_path_factory):
+    python = os.path.join(LEGACY_VENV, "bin", "python")
+    if not os.path.exists(python):
+        pytest.skip(f"no DeepSpeed 0.16.9 venv at {LEGACY_VENV}: run scripts/install_deepspeed.sh")
+    # its own op cache: 0.16 and 0.19 name their shm op alike, and a shared cache rebuilds it each time
+    return launch(python, LEGACY_SCENARIOS, str(tmp_path_factory.mktemp("ds016")),
+                  TORCH_EXTENSIONS_DIR=os.path.join(LEGACY_VENV, "torch_extensions"))
+
+
+def test_deepspeed_016(legacy_runs):
+    assert result(legacy_runs, "version")[0]["deepspeed"] == "0.16.9"
+    for name in ("train:cdadam.json", "train:onebit_adam.json"):
+        for r in result(legacy_runs, name):
+            assert_falls(r)
+            assert r["backward_allreduce"] is False
+    for r in result(legacy_runs, "bytes"):
+        a2a, _, ag_out, reduces = collective_bytes(r["taciturn"]["calls"])
+        assert (a2a, ag_out) == (r["taciturn"]["wire"]["grad"]["up"], r["taciturn"]["wire"]["grad"]["down"])
+        assert all(b < GRADIENT_FLOOR for b in reduces)
+    for r in result(legacy_runs, "refusals"):
+        assert "ZeRO stage 1" in r["zero1"] and "Did you mean 'CDAdam'" in r["unknown_type"]
+    for r in result(legacy_runs, "checkpoint:cdadam.json"):
+        assert r["resumed"] == r["full"] and r["params_equal"] and r["state_equal"]
