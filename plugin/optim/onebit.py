@@ -62,6 +62,17 @@ class OneBitAdam(CompressedOptimizer):
         for group in self.param_groups:
             group["freeze_step"] = int(value)
 
+    def load_state_dict(self, state_dict, reset_compression_state: bool = False):
+        """As DeepSpeed's OneBitAdam: the ``exp_avg_mask`` of the running script wins over the
+        checkpoint's (masks change between training phases, e.g. BERT's 128 -> 512 tokens)."""
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for mine, saved in zip(self.param_groups, groups):
+            if "exp_avg_mask" in mine:
+                saved["exp_avg_mask"] = mine["exp_avg_mask"]
+            else:
+                saved.pop("exp_avg_mask", None)
+        super().load_state_dict({**state_dict, "param_groups": groups}, reset_compression_state)
+
     def _step(self):
         if self.global_step < self.freeze_step:
             self._warmup_step()
