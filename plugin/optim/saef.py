@@ -20,8 +20,9 @@ class SAEFSGD(CompressedOptimizer):
 
     ``step_ahead=True`` (SAEF): after each step the parameters the forward pass sees are
     x - e_k, different on every rank; ``step_ahead=False`` is plain local EF (they hold x).
-    ``error_avg_period=p`` averages the worker errors in full precision at the start of step t
-    when (t + 1) mod p = 0 (t from 0), before the step ahead; ``None`` never does.
+    ``error_avg_period=p`` (SAEF only, as in Algorithm 1) averages the worker errors in full
+    precision at the start of step t when (t + 1) mod p = 0 (t from 0), before the step ahead;
+    ``None`` never does.
 
     Evaluate and save the synced model inside ``with opt.synced_weights():``.
     """
@@ -62,7 +63,8 @@ class SAEFSGD(CompressedOptimizer):
 
     def _after_step(self):
         t = self.global_step
-        if self.error_avg_period and (t + 1) % self.error_avg_period == 0 and self.comm.world_size > 1:
+        if (self.step_ahead and self.error_avg_period and (t + 1) % self.error_avg_period == 0
+                and self.comm.world_size > 1):
             start = time.perf_counter()
             nbytes = 0
             for st in self.bucket_states("delta"):

@@ -1,0 +1,139 @@
+"""What every preset must handle at n = 1: frozen parameters, a missing gradient, per-group
+learning rates, closures and gradient accumulation (one communication per step)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from reference import one_thread  # noqa: E402,F401 (fixture)
+
+import taciturn  # noqa: E402
+
+ALL = taciturn.list_optimizers()
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def loss_of(net, t, micro=0):
+    gen = torch.Generator().manual_seed(31 * t + micro)
+    return net(torch.randn(8, 6, generator=gen)).pow(2).mean()
+
+
+def make(name, groups, **kw):
+    return taciturn.create_optimizer(name, groups, lr=1e-2, **kw)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_missing_gradient_is_zero(name):
+    """A parameter whose grad is None this step is treated exactly as a zero gradient."""
+    a, b = model(), model()
+    opt_a, opt_b = make(name, a.parameters()), make(name, b.parameters())
+    for t in range(4):
+        for net, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            loss_of(net, t).backward()
+        a[2].bias.grad = None
+        b[2].bias.grad = torch.zeros_like(b[2].bias)
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_frozen_parameter_untouched(name):
+    net = model()
+    net[0].weight.requires_grad_(False)
+    frozen = net[0].weight.detach().clone()
+    opt = make(name, net.parameters())
+    for t in range(3):
+        opt.zero_grad()
+        loss_of(net, t).backward()
+        opt.step()
+    assert torch.equal(net[0].weight, frozen) and net[0].weight not in opt.state
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert all(pipe.numel == trainable for pipe in opt.pipelines.values()), "a frozen parameter is communicated"
+
+
+def test_nothing_trainable_is_refused():
+    net = model().requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter requires grad"):
+        taciturn.CDAdam(net.parameters())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_param_group_learning_rates(name):
+    """Each group moves with its own lr: a group at lr 0 stays put while the other moves."""
+    net = model()
+    still = [p.detach().clone() for p in net[0].parameters()]
+    moving = [p.detach().clone() for p in net[2].parameters()]
+    opt = taciturn.create_optimizer(name, [{"params": net[0].parameters(), "lr": 0.0},
+                                           {"params": net[2].parameters(), "lr": 1e-2}])
+    for t in range(3):
+        opt.zero_grad()
+        loss_of(net, t).backward()
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(net[0].parameters(), still))
+    assert all(not torch.equal(p, q) for p, q in zip(net[2].parameters(), moving))
+
+
+@pytest.mark.parametrize("name", ["CDAdam", "DistEFSGD", "SAEFSGD", "OneBitAdam"])
+def test_closure_runs_with_grad_and_returns_its_loss(name):
+    net = model()
+    opt = make(name, net.parameters())
+    before = [p.detach().clone() for p in net.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(net, 0)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and loss.requires_grad
+    assert all(not torch.equal(p, q) for p, q in zip(net.parameters(), before))
+
+
+@pytest.mark.parametrize("name", ["CDAdam", "SparsAMS", "DistEFSGD", "SAEFSGD", "EF21SGD"])
+def test_gradient_accumulation_communicates_once_per_step(name):
+    """Several backward calls, one step: the summed gradient is sent once."""
+    acc, whole = model(), model()
+    opt_acc, opt_whole = make(name, acc.parameters()), make(name, whole.parameters())
+    for t in range(3):
+        opt_acc.zero_grad()
+        for micro in range(3):
+            loss_of(acc, t, micro).backward()
+        opt_whole.zero_grad()
+        grads = torch.autograd.grad(sum(loss_of(whole, t, micro) for micro in range(3)), list(whole.parameters()))
+        for p, g in zip(whole.parameters(), grads):
+            p.grad = g
+        opt_acc.step()
+        opt_whole.step()
+        assert opt_acc.stats.steps == t + 1
+        assert opt_acc.stats.bytes_up == (t + 1) * opt_acc.metrics()["taciturn/bytes_up"]
+    for p, q in zip(acc.parameters(), whole.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_saef_parameters_are_x_minus_error_and_synced_weights_swaps_x_in():
+    net = model()
+    opt = taciturn.SAEFSGD(net.parameters(), lr=0.1, momentum=0.9, ratio=0.1)
+    for t in range(3):
+        opt.zero_grad()
+        loss_of(net, t).backward()
+        opt.step()
+    x = [opt.state[p]["synced_param"].clone() for p in net.parameters()]
+    ahead = [p.detach().clone() for p in net.parameters()]
+    for xi, pi, ei in zip(x, ahead, opt.worker_errors()):
+        assert ei.any() and torch.equal(pi, xi - ei)
+    with opt.synced_weights():
+        assert all(torch.equal(p, xi) for p, xi in zip(net.parameters(), x))
+    assert all(torch.equal(p, a) for p, a in zip(net.parameters(), ahead))
