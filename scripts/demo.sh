@@ -6,6 +6,6 @@
 # Extra arguments go to scripts/demo_fashion.py (e.g. --rate 100mbit, --epochs 3; see --help).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-bash "$here/scripts/install_deps.sh"
+bash "$here/scripts/install_deps.sh" demo
 cd "$here"
 exec "${PYTHON:-python3}" scripts/demo_fashion.py "$@"

