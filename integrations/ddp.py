@@ -1,0 +1,398 @@
+"""DDP communication hooks that average gradients through taciturn's compressed allreduce.
+
+``model.register_comm_hook(state, hook)`` is DDP's extension point: DDP hands each ready bucket
+(a flat buffer of local gradients) to ``hook(state, bucket)`` and waits for the returned future
+to hold the averaged buffer. Here the hook runs the core's ``compressed_allreduce`` on the bucket
+(same layouts, codecs and feedback rules as the optimizers), so no algorithm lives in this file::
+
+    from taciturn.integrations.ddp import register_compression_hook
+    model = DistributedDataParallel(net)
+    hook_state = register_compression_hook(model, "markov_sign")   # CD-Adam's communication
+    opt = taciturn.AMSGrad(model.parameters(), lr=1e-4, process_group="local")
+
+Presets (``PRESETS``): ``markov_sign`` (Markov both ways, blockwise scaled sign: CD-Adam's),
+``ef_sign`` (error feedback both ways, per-tensor scaled sign: dist-EF-SGD's), ``block_sign``
+(error feedback both ways, blockwise: dist-EF-blockSGD's), ``topk`` (top-k with worker error
+feedback, one-way: SPARS-AMS's) and ``identity`` (fp32 over the same path, a byte-counted
+baseline). Every ingredient can be overridden (``compressor=``, ``block_size=``, ``ratio=``...).
+
+What runs on top: the hook gives every rank the same averaged gradient, so any optimizer
+works. ``markov_sign`` + ``taciturn.AMSGrad(params, process_group="local")`` (CD-Adam's update
+rule applied locally) is exactly ``taciturn.CDAdam``; with ``torch.optim.Adam(amsgrad=True)`` on
+top it is CD-Adam up to eps placement (torch adds eps outside the square root, CD-Adam inside)
+and torch's bias correction. EF presets use the error scale s = 1 (a hook does not see the
+learning rate; ``taciturn.DistEFSGD`` rescales by lr_{t-1}/lr_t).
+
+State is keyed by parameter, not by ``bucket.index()``: DDP rebuilds its buckets after the first
+iteration (and a restored job starts from its initial buckets). Worker-side state is stored
+per bucket as flat tensors, with each parameter's slice known; when a bucket of a new
+composition appears, its state is assembled from the slices where they live now, and the
+server state (each rank holds only its chunk of a bucket) is reassembled with one fp32
+all_reduce of that bucket, so the result is exactly what the old buckets would have produced.
+``static_graph=True`` (buckets rebuilt after the second iteration) is followed the same way.
+
+Checkpoints: ``state_dict()`` / ``load_state_dict()``, and the state pickles without its process
+group and model (like PowerSGD's); a state loaded from a pickle is re-attached with
+``register_compression_hook(model, state)`` or ``state.bind(model)``. The state is per rank
+(each worker's feedback, each rank's server chunk): every rank saves and restores its own.
+
+Limits: hooks run their collectives synchronously, bucket after bucket, in DDP's bucket order
+(the same on every rank); DDP's ``join()`` for uneven inputs is not supported (its shadow
+allreduce bypasses comm hooks); sparse gradients are refused.
+"""
+import hashlib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+from torch.nn.parallel import DistributedDataParallel
+
+from taciturn.comm import make_communicator
+from taciturn.comm.allreduce import compressed_allreduce
+from taciturn.comm.base import gather_objects
+from taciturn.compressors import make_compressor
+from taciturn.feedback import make_feedback
+from taciturn.layout import BucketLayout
+from taciturn.metrics import CommStats
+from taciturn.optim.base import codec
+from taciturn.pipeline import Pipeline
+
+__all__ = ["PRESETS", "HookPreset", "CompressionHookState", "compressed_hook", "register_compression_hook",
+           "keep_gradients_local"]
+
+STATE_FORMAT = "taciturn-ddp-hook-1"
+
+
+@dataclass(frozen=True)
+class HookPreset:
+    compressor: str
+    worker_feedback: str
+    server_feedback: str
+    two_way: bool
+    description: str
+
+
+PRESETS: Dict[str, HookPreset] = {
+    "markov_sign": HookPreset("block_sign", "markov", "markov", True,
+                              "CD-Adam's communication: Markov compression both ways, blockwise scaled sign"),
+    "ef_sign": HookPreset("scaled_sign", "ef", "ef", True,
+                          "dist-EF-SGD's communication: error feedback both ways, per-tensor scaled sign"),
+    "block_sign": HookPreset("block_sign", "ef", "ef", True,
+                             "dist-EF-blockSGD's communication: error feedback both ways, blockwise scaled sign"),
+    "topk": HookPreset("topk", "ef", "none", False,
+                       "SPARS-AMS's communication: top-k with worker error feedback, one-way (all_gather)"),
+    "identity": HookPreset("identity", "none", "none", True,
+                           "fp32 both ways through the same path (an uncompressed, byte-counted baseline)"),
+}
+
+
+@dataclass
+class _Slot:
+    """The feedback state of one bucket composition: flat tensors and each parameter's offset."""
+
+    names: Tuple[str, ...]
+    layout: BucketLayout
+    state: Dict[str, torch.Tensor]
+    offsets: Dict[str, int]
+
+
+def _inner(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class CompressionHookState:
+    """The state of ``compressed_hook``: codec, feedback rules, communicator and per-parameter
+    feedback state for one DDP model.
+
+    ``model``: the DDP model (or the module it wraps; parameter names are the inner module's).
+    ``preset``: a name in ``PRESETS``; ``compressor``, ``worker_feedback``, ``server_feedback``
+    and ``two_way`` override its parts; ``block_size`` (block_sign), ``ratio``/``k`` (topk,
+    randk) and ``compressor_options`` configure the codec. ``process_group``: None = the DDP
+    model's group (or the default group), a ProcessGroup, or a taciturn Communicator.
+    ``check_consistency``: compare the configuration and parameters across ranks once, now.
+    """
+
+    def __init__(self, model, preset: str = "markov_sign", *, process_group=None, compressor=None,
+                 block_size: Optional[int] = 1024, ratio: Optional[float] = None, k: Optional[int] = None,
+                 compressor_options: Optional[dict] = None, worker_feedback: Optional[str] = None,
+                 server_feedback: Optional[str] = None, two_way: Optional[bool] = None,
+                 check_consistency: bool = True):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown hook preset {preset!r}; valid: {', '.join(PRESETS)} "
+                             "(or override compressor=/worker_feedback=/server_feedback=/two_way=)")
+        base = PRESETS[preset]
+        name, opts = codec(compressor if compressor is not None else base.compressor, block_size=block_size,
+                           ratio=ratio, k=k, options=compressor_options)
+        self.config = {
+            "preset": preset,
+            "compressor": name,
+            "compressor_options": opts,
+            "worker_feedback": make_feedback(worker_feedback or base.worker_feedback).name,
+            "server_feedback": make_feedback(server_feedback or base.server_feedback).name,
+            "two_way": bool(base.two_way if two_way is None else two_way),
+        }
+        self._reset_runtime()
+        self.bind(model, process_group, check_consistency=check_consistency)
+
+    # ------------------------------------------------------------------ setup
+    def _reset_runtime(self) -> None:
+        self.worker = make_feedback(self.config["worker_feedback"])
+        self.server = make_feedback(self.config["server_feedback"])
+        self.two_way = self.config["two_way"]
+        #: state keys that hold one rank's chunk of a bucket (the rest are full-length, per element)
+        self.chunk_keys = tuple(self.server.server_keys) if self.two_way else ()
+        self.comm = None
+        self.codec = None
+        self.stats = CommStats()
+        #: fp32 bytes this rank sent to reassemble server state after DDP changed its buckets
+        self.rebucket_bytes = 0
+        self.step = 0
+        self._params: Dict[str, torch.Tensor] = {}
+        self._names: Dict[int, str] = {}
+        self._slots: Dict[Tuple[str, ...], _Slot] = {}
+        self._owner: Dict[str, _Slot] = {}
+        self._pending: Optional[dict] = None
+
+    def bind(self, model, process_group=None, check_consistency: bool = True) -> "CompressionHookState":
+        """Attach the state to ``model``'s parameters and a communicator (done by the constructor;
+        call it again after unpickling a state, or use ``register_compression_hook``)."""
+        module = _inner(model)
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("CompressionHookState: the model has no parameter that requires grad")
+        if process_group is None and isinstance(model, DistributedDataParallel):
+            process_group = model.process_group
+        if process_group is None and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("CompressionHookState needs torch.distributed: call "
+                               "torch.distributed.init_process_group(...) and wrap the model in "
+                               "DistributedDataParallel first")
+        self.comm = make_communicator(process_group)
+        self._params = dict(named)
+        self._names = {id(p): n for n, p in named}
+        codec_ = make_compressor(self.config["compressor"], **dict(self.config["compressor_options"]))
+        self.codec = codec_.bind(sum(p.numel() for _, p in named)) if hasattr(codec_, "bind") else codec_
+        if check_consistency and self.comm.world_size > 1:
+            self._check_consistency()
+        if self._pending is not None:
+            saved, self._pending = self._pending, None
+            self.load_state_dict(saved)
+        return self
+
+    def _signature(self) -> dict:
+        return {"config": self.config, "params": [(n, tuple(p.shape)) for n, p in self._params.items()]}
+
+    def _check_consistency(self) -> None:
+        mine = self._signature()
+        digest = hashlib.sha256(repr(mine).encode()).hexdigest()
+        for rank, (theirs, sig) in enumerate(gather_objects(self.comm, (digest, mine))):
+            if theirs == digest:
+                continue
+            if sig["config"] != mine["config"]:
+                detail = f"hook configuration {sig['config']} vs {mine['config']}"
+            else:
+                detail = f"model parameters ({len(sig['params'])} vs {len(mine['params'])} tensors, or their shapes)"
+            raise RuntimeError(f"CompressionHookState: rank {rank} and rank {self.comm.rank} disagree on the {detail}. "
+                               "Every rank must build the same model and hook.")
+
+    # ------------------------------------------------------------------ buckets
+    @property
+    def buckets(self) -> List[Tuple[str, ...]]:
+        """Parameter names of the bucket compositions whose state is live, in creation order."""
+        return [names for names, slot in self._slots.items() if any(self._owner.get(n) is slot for n in names)]
+
+    def _new_slot(self, names: Tuple[str, ...], device) -> _Slot:
+        sizes = [self._params[n].numel() for n in names]
+        one_bucket = 4 * sum(sizes) / 2 ** 20 + 1
+        pipe = Pipeline(sizes, self.codec, self.worker, self.server, self.comm, self.two_way, one_bucket)
+        offsets, at = {}, 0
+        for n, size in zip(names, sizes):
+            offsets[n] = at
+            at += size
+        return _Slot(names, pipe.layouts[0], pipe.init_state(device)[0], offsets)
+
+    def _names_of(self, bucket) -> Tuple[str, ...]:
+        if self.comm is None:
+            raise RuntimeError("this CompressionHookState is not attached to a model (it was unpickled): call "
+                               "register_compression_hook(ddp_model, state) or state.bind(ddp_model) first")
+        try:
+            return tuple(self._names[id(p)] for p in bucket.parameters())
+        except KeyError:
+            raise RuntimeError(f"DDP bucket {bucket.index()} holds a parameter that this hook state was not built "
+                               "for: the state belongs to another model, or parameters were added or unfrozen after "
+                               "it was made. Build the state from the DDP model you train "
+                               "(register_compression_hook(ddp_model, ...)).") from None
+
+    def slot_for(self, bucket) -> _Slot:
+        """The state of ``bucket``'s composition, assembled from where its parameters' state lives."""
+        names = self._names_of(bucket)
+        slot = self._slots.get(names)
+        if slot is not None and all(self._owner.get(n) is slot for n in names):
+            return slot
+        return self._rebucket(names, bucket.buffer().device)
+
+    def _rebucket(self, names: Tuple[str, ...], device) -> _Slot:
+        slot = self._new_slot(names, device)
+        me = self.comm.rank
+        moved = [n for n in names if n in self._owner]
+        gathered = {k: torch.zeros(slot.layout.numel, dtype=torch.float32, device=device) for k in self.chunk_keys}
+        for n in moved:
+            old, size = self._owner[n], self._params[n].numel()
+            lo_old, lo_new = old.offsets[n], slot.offsets[n]
+            for key, t in slot.state.items():
+                if key not in self.chunk_keys:
+                    t[lo_new:lo_new + size].copy_(old.state[key][lo_old:lo_old + size])
+            mine = old.layout.chunk(me)
+            start, stop = max(lo_old, mine.start), min(lo_old + size, mine.stop)
+            for key in self.chunk_keys:
+                if start < stop:
+                    gathered[key][lo_new + start - lo_old:lo_new + stop - lo_old].copy_(
+                        old.state[key][start - mine.start:stop - mine.start])
+        if moved:
+            # Every element of the bucket was served by exactly one rank: the sum is the old value.
+            for key in self.chunk_keys:
+                self.comm.all_reduce(gathered[key], "sum")
+                self.rebucket_bytes += 4 * slot.layout.numel
+                slot.state[key].copy_(gathered[key][slot.layout.chunk(me)])
+        previous = {id(self._owner[n]): self._owner[n] for n in moved}
+        for n in names:
+            self._owner[n] = slot
+        self._slots[names] = slot
+        for old in previous.values():
+            if not any(self._owner.get(n) is old for n in old.names) and self._slots.get(old.names) is old:
+                del self._slots[old.names]
+        return slot
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """This rank's feedback state (per-rank: save one per rank), the step and the configuration."""
+        if self._pending is not None:
+            return self._pending
+        live = [self._slots[names] for names in self.buckets]
+        index = {id(s): i for i, s in enumerate(live)}
+        return {
+            "format": STATE_FORMAT,
+            "config": dict(self.config),
+            "world_size": self.comm.world_size,
+            "rank": self.comm.rank,
+            "step": self.step,
+            "buckets": [{"params": list(s.names), "state": dict(s.state)} for s in live],
+            "owner": {n: index[id(s)] for n, s in self._owner.items() if id(s) in index},
+        }
+
+    def load_state_dict(self, state_dict: dict, reset_compression_state: bool = False) -> None:
+        """Restore what ``state_dict()`` saved on this rank. ``reset_compression_state=True`` keeps
+        only the step (e.g. after a change of world size) and restarts feedback from zero."""
+        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+            raise ValueError("CompressionHookState.load_state_dict: not a taciturn DDP hook state (save it with "
+                             "state.state_dict())")
+        if state_dict["config"] != self.config:
+            raise ValueError(f"CompressionHookState.load_state_dict: the checkpoint was saved with hook "
+                             f"configuration {state_dict['config']} and this state has {self.config}; build the state "
+                             "with the same preset and options")
+        problem = None
+        if state_dict["world_size"] != self.comm.world_size:
+            problem = (f"it was saved with world size {state_dict['world_size']} and this job has "
+                       f"{self.comm.world_size} ranks")
+        elif state_dict["rank"] != self.comm.rank:
+            problem = f"it was saved by rank {state_dict['rank']} and is loaded on rank {self.comm.rank}"
+        if problem and not reset_compression_state:
+            raise ValueError(f"CompressionHookState.load_state_dict: refusing the checkpoint: {problem}. Each rank's "
+                             "errors, Markov sequences and server chunk cannot be carried over; load every rank's own "
+                             "file, or pass reset_compression_state=True to restart compression from zero")
+        self._slots, self._owner = {}, {}
+        self.step = int(state_dict["step"])
+        if reset_compression_state:
+            return
+        device = next(iter(self._params.values())).device
+        slots = []
+        for entry in state_dict["buckets"]:
+            names = tuple(entry["params"])
+            unknown = [n for n in names if n not in self._params]
+            if unknown:
+                raise ValueError(f"CompressionHookState.load_state_dict: the checkpoint holds state for parameters "
+                                 f"{unknown[:3]} that this model does not have (or that do not require grad)")
+            slot = self._new_slot(names, device)
+            for key, t in slot.state.items():
+                saved = entry["state"].get(key)
+                if saved is None or saved.numel() != t.numel():
+                    raise ValueError(f"CompressionHookState.load_state_dict: state {key!r} of the bucket holding "
+                                     f"{names[0]}... does not fit this model (saved "
+                                     f"{None if saved is None else saved.numel()} elements, need {t.numel()})")
+                t.copy_(saved)
+            slots.append(slot)
+            self._slots[names] = slot
+        for n, i in state_dict["owner"].items():
+            self._owner[n] = slots[i]
+
+    def __getstate__(self):
+        return {"config": self.config, "saved": self.state_dict()}
+
+    def __setstate__(self, d):
+        self.config = d["config"]
+        self._reset_runtime()
+        self._pending = d["saved"]
+
+    # ------------------------------------------------------------------ reporting
+    def metrics(self) -> dict:
+        """The last iteration's communication metrics (bytes per direction, times, ratio)."""
+        return self.stats.as_dict()
+
+    def __repr__(self):
+        comm = self.comm if self.comm is not None else "unbound"
+        return f"CompressionHookState({self.config['preset']}, {self.codec!r}, {comm})"
+
+
+def compressed_hook(state: "CompressionHookState", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """The DDP comm hook: average ``bucket``'s gradients through ``state``'s compressed allreduce.
+
+    Runs synchronously and returns a completed future holding the bucket buffer, overwritten
+    with the (decompressed) average, in the buffer's dtype."""
+    buf = bucket.buffer()
+    if buf.is_sparse:
+        raise RuntimeError("taciturn's DDP hooks need dense gradients; use nn.Embedding(sparse=False)")
+    slot = state.slot_for(bucket)
+    if buf.numel() != slot.layout.numel:
+        raise RuntimeError(f"DDP bucket {bucket.index()} holds {buf.numel()} elements but its parameters have "
+                           f"{slot.layout.numel}: taciturn cannot follow this bucket layout (padded or "
+                           "non-contiguous gradients); report it with your DDP settings")
+    x = buf if buf.dtype == torch.float32 else buf.float()
+    avg = compressed_allreduce(x, slot.layout, state.codec, state.worker, state.server, slot.state, state.comm,
+                               two_way=state.two_way, seed=state.step * 65537 + bucket.index(), stats=state.stats)
+    buf.copy_(avg)
+    if bucket.is_last():
+        state.stats.end_step()
+        state.step += 1
+    fut = torch.futures.Future()
+    fut.set_result(buf)
+    return fut
+
+
+def register_compression_hook(model: DistributedDataParallel, preset="markov_sign", **kwargs) -> CompressionHookState:
+    """One line: build a ``CompressionHookState`` for ``model`` (or bind a given/unpickled one),
+    register ``compressed_hook`` on it and return the state."""
+    if not isinstance(model, DistributedDataParallel):
+        raise TypeError(f"register_compression_hook needs a DistributedDataParallel model, got "
+                        f"{type(model).__name__}: wrap it first, DistributedDataParallel(model)")
+    if isinstance(preset, CompressionHookState):
+        if kwargs.keys() - {"process_group"}:
+            raise ValueError(f"options {sorted(kwargs)} given with a ready hook state; only process_group= applies")
+        state = preset.bind(model, kwargs.get("process_group"))
+    else:
+        state = CompressionHookState(model, preset, **kwargs)
+    model.register_comm_hook(state, compressed_hook)
+    return state
+
+
+def keep_gradients_local(model: DistributedDataParallel) -> DistributedDataParallel:
+    """Make DDP communicate nothing (torch's ``noop_hook``; registered once) and return ``model``.
+
+    For a taciturn optimizer on a DDP model: the optimizer averages (compressed) inside
+    ``step()``, so DDP must not allreduce the same gradients in fp32 first."""
+    if not isinstance(model, DistributedDataParallel):
+        raise TypeError(f"keep_gradients_local needs a DistributedDataParallel model, got {type(model).__name__}")
+    if not getattr(model, "_taciturn_local_gradients", False):
+        model.register_comm_hook(None, noop_hook)
+        model._taciturn_local_gradients = True
+    return model
