@@ -178,8 +178,9 @@ class Compression:
     sparsams_topk = _preset("sparsams_topk", "topk", "ef", "none", False, ratio=0.01)
     #: error feedback both ways, one l1 scale per tensor
     ef_sign = _preset("ef_sign", "scaled_sign", "ef", "ef", True)
-    #: Markov both ways, one l1 scale per tensor (CD-Adam as the paper writes it)
-    markov_sign = _preset("markov_sign", "scaled_sign", "markov", "markov", True)
+    #: Markov both ways, blockwise scaled sign: CD-Adam's communication, as the DDP hook of the
+    #: same name (``markov_sign(block_size=None)``: one scale per tensor, the paper's form)
+    markov_sign = _preset("markov_sign", "block_sign", "markov", "markov", True, block_size=1024)
 
     @staticmethod
     def names() -> List[str]:
