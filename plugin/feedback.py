@@ -44,8 +44,10 @@ class Feedback:
     worker_keys: Tuple[str, ...] = ()
     server_keys: Tuple[str, ...] = ()
     result_keys: Tuple[str, ...] = ()
-    #: whether post() needs the decoded compression (false lets the pipeline skip a decode)
+    #: whether worker_post() / server_post() need the decoded compression (false lets the
+    #: pipeline skip a decode)
     needs_decoded = False
+    server_needs_decoded = False
 
     def init_state(self, numel: int, chunk_numel: int, two_way: bool, device=None) -> State:
         zeros = lambda n: torch.zeros(n, dtype=torch.float32, device=device)
@@ -90,6 +92,7 @@ class ErrorFeedback(Feedback):
     worker_keys = ("worker_error",)
     server_keys = ("server_error",)
     needs_decoded = True
+    server_needs_decoded = True
 
     def worker_pre(self, x, st, s):
         return x.add(st["worker_error"], alpha=s) if s != 0 else x.clone()

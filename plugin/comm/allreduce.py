@@ -102,7 +102,7 @@ def compressed_allreduce(x: torch.Tensor, layout: BucketLayout, codec: Compresso
         z = server.server_pre(a.div_(n), state, s, sl)
         sseed = _seed(seed, 1, me, n)
         payload = _fit(codec.encode(z, pieces, sseed), layout.chunk_nbytes)
-        if server.needs_decoded:
+        if server.server_needs_decoded:
             server.server_post(z, codec.decode(payload, pieces, sseed, out=tmp), state)
         tc = clock()
         gathered = comm.all_gather(payload)

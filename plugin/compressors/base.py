@@ -63,6 +63,10 @@ class Compressor:
         ``fused`` (a ``taciturn.feedback.Fused``) says. Only where ``fuses(x, fused.h)``."""
         raise NotImplementedError(f"{self.name} has no fused encode; check fuses() first")
 
+    def fused_scales(self, x: torch.Tensor, pieces: Pieces, fused) -> torch.Tensor:
+        """``scales(y)`` of y = x + alpha*h (codecs with ``unit_scales``), h left unchanged."""
+        raise NotImplementedError(f"{self.name} has no fused scales; check fuses() first")
+
     def compress(self, x: torch.Tensor, pieces: Optional[Pieces] = None, seed: int = 0) -> torch.Tensor:
         """C(x) for a flat tensor: decode(encode(x)) (what every receiver reconstructs)."""
         flat = x.reshape(-1).float()

@@ -1,12 +1,14 @@
 """Fused CPU kernels for the scaled sign codecs, with their feedback update in the same pass.
 
-The torch path of a Markov worker makes five passes over memory and allocates two full-size
-temporaries (y = x - h, the block scales, the packed bits, the decoded C(y), h += C(y)); the
-kernel in ``sign.cpp`` does it in one pass per block, while the block is in cache, and writes
-the same payload bytes. It is plain C++ with OpenMP (it joins torch's own OpenMP runtime),
-compiled with the system ``g++`` at first use (about 2 s) into a cache folder
-(``$TORCH_EXTENSIONS_DIR/taciturn`` or ``~/.cache/taciturn/kernels``) under a name that hashes
-the source, the flags and the CPU, and loaded with ctypes.
+The torch path of a Markov worker makes several passes over memory and allocates full-size
+temporaries (y = x - h, a byte per sign before packing, the decoded C(y)); the kernel in
+``sign.cpp`` reads x and h once per block, while the block is in cache, writes h and the same
+payload bytes. It is plain C++ with OpenMP (joining the OpenMP runtime torch already loaded),
+compiled with the system ``g++`` at first use (under a second of CPU; a torch C++ extension
+spends about 30 s compiling torch's headers, too long for the first step of a job with
+timeouts) into a cache folder (``$TORCH_EXTENSIONS_DIR/taciturn`` or
+``~/.cache/taciturn/kernels``) under a name hashing the source, the flags and the CPU, and
+loaded with ctypes.
 
 Callers ask ``usable(*tensors)`` first: true for contiguous CPU tensors when the library is
 built. If it cannot be built (no compiler, a read-only cache...), one warning says why and the
@@ -38,8 +40,9 @@ _SOURCE = Path(__file__).with_name("sign.cpp")
 _FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared")
 _SCALES = {"none": 0, "l1": 1, "l2": 2}
 _UPDATES = {"none": 0, "markov": 1, "ef": 2}
-#: below this many elements per thread, extra threads cost more than they save
-_MIN_PER_THREAD = 1 << 15
+#: fewer elements per thread do not pay for a team of threads (a fork/join, and a stall of a
+#: scheduler tick whenever another process holds one of the cores)
+_MIN_PER_THREAD = 1 << 18
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None

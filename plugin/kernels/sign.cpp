@@ -11,8 +11,10 @@
 // back to back while it is in cache; longer pieces are cut into segments shared by all threads.
 // Pieces whose ends are not on a multiple of 8 share a byte with a neighbour: those bytes are
 // OR-ed atomically into zeroed memory, every other byte is stored by exactly one thread.
-#include <immintrin.h>
 #include <omp.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
