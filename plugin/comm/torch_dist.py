@@ -11,8 +11,6 @@ import torch.distributed as dist
 from .base import CollectiveError, Communicator
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-# torch >= 2.13 renamed all_gather_into_tensor (which now warns) to all_gather_single.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 # Gloo sends one large message in a single direction at a time: above this many bytes per rank
 # a collective is split into column pieces issued together, so both directions stay busy
 # (measured at 1 Gbit: a 100 MB all_to_all takes 0.84-1.0 s whole, 0.53 s in pieces).
@@ -81,6 +79,8 @@ class TorchDistCommunicator(Communicator):
         return recv
 
     def all_gather(self, t):
+        # torch >= 2.13 renamed all_gather_into_tensor (which now warns) to all_gather_single.
+        _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         t = t.contiguous()
         out = t.new_empty((self.world_size,) + tuple(t.shape))
         flat_in, flat_out = t.view(-1), out.view(self.world_size, -1)

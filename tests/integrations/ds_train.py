@@ -28,7 +28,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "
 DIM_IN, DIM_HIDDEN, DIM_OUT = 16, 32, 4
 #: overrides that fit the configs' schedules to runs of tens of steps (freeze_step 400 -> 10)
 SHORT_RUN = {"onebit_adam_cdadam_warmup.json": {"freeze_step": 10}, "onebit_adam.json": {"freeze_step": 10}}
-COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather", "all_to_all_single", "all_to_all", "broadcast",
+COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather_single", "all_gather", "all_to_all_single", "all_to_all", "broadcast",
                "reduce_scatter_tensor", "reduce_scatter", "reduce", "gather", "scatter", "send", "recv", "isend",
                "irecv", "batch_isend_irecv")
 
