@@ -1,0 +1,310 @@
+"""Helpers shared by the reproduction, memory and soak scripts (scripts/ on ``sys.path``).
+
+``run_ranks(fn, n, *args)``: run ``fn(rank, n, *args)`` on n real gloo ranks (forked, one
+torch thread each, a file store in a fresh folder, killed after a timeout) and return every
+rank's result. ``write_section(name, text)``: replace this script's own section of
+BENCHMARKS.md, between ``<!-- name:start -->`` and ``<!-- name:end -->``, leaving the rest of
+the file (other scripts' sections) untouched. ``table(headers, rows)``: a Markdown table.
+``train_rank`` / ``train_seeds``: the Fashion-MNIST training loop of the reproductions (one model
+per optimizer spec, the same initial model and batches for all).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import platform
+import tempfile
+import time
+from datetime import timedelta
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
+IMG_DIR = os.path.join(ROOT, "docs", "img")
+_TITLE = "# taciturn benchmarks\n\nEach section is written by the script it names; rerun the script to refresh it.\n"
+
+
+def _rank_entry(rank: int, fn: Callable, world_size: int, tmp: str, args: tuple, timeout: float) -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout))
+    try:
+        result = fn(rank, world_size, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
+
+
+def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 900.0) -> list:
+    """``[fn(r, world_size, *args) for each rank r]``, computed on ``world_size`` gloo ranks.
+
+    ``fn`` must be a module-level function; its result must be ``torch.save``-able. A rank
+    that fails raises here with its traceback; ranks still running after ``timeout`` seconds
+    are killed and a TimeoutError names the function.
+    """
+    with tempfile.TemporaryDirectory(prefix="taciturn-bench-") as tmp:
+        ctx = mp.start_processes(_rank_entry, args=(fn, world_size, tmp, args, timeout), nprocs=world_size,
+                                 join=False, start_method="fork")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                raise TimeoutError(f"{world_size} ranks of {fn.__name__} did not finish within {timeout:.0f} s")
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A Markdown table (also readable as printed text)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                     + [line(r) for r in cells[1:]])
+
+
+def machine_note(started: float, load_before: float) -> str:
+    """One line on where and how a run was measured (the cores are shared with other work)."""
+    load_after = os.getloadavg()[0]
+    cores = os.cpu_count()
+    shared = max(load_before, load_after) > cores
+    return (f"Measured on {cores} CPU cores ({platform.processor() or platform.machine()}), torch "
+            f"{torch.__version__}, in {time.time() - started:.0f} s wall time; 1-minute load average "
+            f"{load_before:.1f} at the start and {load_after:.1f} at the end"
+            + (" (other jobs shared the cores: timings are noisy and slower than on an idle machine; the "
+               "numerical results do not depend on the load)." if shared else "."))
+
+
+def write_section(name: str, text: str, path: str = BENCHMARKS_MD) -> None:
+    """Put ``text`` between this section's markers in ``path`` (appended the first time)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.strip()}\n{end}"
+    with open(path, "a+", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        current = f.read() or _TITLE
+        if start in current and end in current:
+            head, rest = current.split(start, 1)
+            new = head + block + rest.split(end, 1)[1]
+        else:
+            new = current.rstrip("\n") + "\n\n" + block + "\n"
+        f.seek(0)
+        f.truncate()
+        f.write(new)
+
+
+def img_path(filename: str) -> str:
+    """docs/img/<filename>, creating the folder."""
+    os.makedirs(IMG_DIR, exist_ok=True)
+    return os.path.join(IMG_DIR, filename)
+
+
+def rel(path: str) -> str:
+    """``path`` relative to the repository root (for links in BENCHMARKS.md)."""
+    return os.path.relpath(path, ROOT)
+
+
+def rss_mb() -> float:
+    """This process's current resident set size in MiB (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MiB since it started or since ``reset_peak_rss()`` (Linux
+    VmHWM; unlike ``ru_maxrss`` it does not inherit the parent's peak across fork + exec)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib / 1024
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak RSS count from the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST training
+
+class FlatMLP(torch.nn.Module):
+    """An MLP whose weights and biases are views of ONE flat parameter, so a per-tensor
+    compressor sees the whole model as one vector (one scale for everything: the papers'
+    "non-block" scaled sign). Starts from the same values as ``mlp(seed, widths)``."""
+
+    def __init__(self, seed: int, widths: Sequence[int]):
+        super().__init__()
+        ref = mlp(seed, widths)
+        self.shapes = [p.shape for p in ref.parameters()]
+        self.flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in ref.parameters()]))
+
+    def forward(self, x):
+        views, offset = [], 0
+        for shape in self.shapes:
+            n = shape.numel()
+            views.append(self.flat[offset:offset + n].view(shape))
+            offset += n
+        for i in range(0, len(views), 2):
+            x = torch.nn.functional.linear(x, views[i], views[i + 1])
+            if i + 2 < len(views):
+                x = torch.relu(x)
+        return x
+
+
+def mlp(seed: int, widths: Sequence[int] = (784, 256, 128, 10)) -> torch.nn.Module:
+    """Linear/ReLU layers of the given widths, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    layers: list = []
+    for i in range(len(widths) - 1):
+        layers.append(torch.nn.Linear(widths[i], widths[i + 1]))
+        if i + 2 < len(widths):
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
+def train_rank(rank: int, world_size: int, specs: Sequence[dict], steps: int, batch: int, eval_every: int,
+               seed: int = 0, widths: Sequence[int] = (784, 256, 128, 10)) -> list:
+    """Train one model per spec on this rank's shard of Fashion-MNIST; return the curves.
+
+    A spec is a dict: ``label``, ``optimizer`` (a taciturn registry name), ``kwargs``, and
+    optionally ``flat`` (train a ``FlatMLP``) and ``probe`` (called with the local gradients
+    before every step on rank 0; its results are returned as ``probes``). Every spec sees the
+    same initial model and the same batches. The test accuracy of the synced model is taken
+    on rank 0 every ``eval_every`` steps; bytes are this rank's, up + down, cumulative.
+    """
+    import taciturn
+    from taciturn.datasets import fashion_mnist, shard
+
+    x, y = shard(fashion_mnist("train", flatten=True), world_size, rank)
+    x_test, y_test = fashion_mnist("test", flatten=True)
+    out = []
+    for spec in specs:
+        model = FlatMLP(seed, widths) if spec.get("flat") else mlp(seed, widths)
+        opt = taciturn.create_optimizer(spec["optimizer"], model.parameters(), nonfinite="off", **spec["kwargs"])
+        gen = torch.Generator().manual_seed(seed * 1000 + rank)
+        curve, probes, loss_sum, loss_n = [], [], 0.0, 0
+        start = time.perf_counter()
+        for step in range(1, steps + 1):
+            idx = torch.randint(0, len(x), (batch,), generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            if spec.get("probe") is not None and rank == 0:
+                probes.append(spec["probe"]([p.grad for p in model.parameters()]))
+            opt.step()
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            if step % eval_every == 0 or step == steps:
+                accuracy = float("nan")
+                if rank == 0:
+                    synced = opt.synced_weights() if hasattr(opt, "synced_weights") else contextlib.nullcontext()
+                    with torch.no_grad(), synced:
+                        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+                curve.append(dict(step=step, accuracy=accuracy, loss=loss_sum / loss_n,
+                                  bytes=opt.stats.bytes_up + opt.stats.bytes_down,
+                                  seconds=time.perf_counter() - start))
+                loss_sum, loss_n = 0.0, 0
+        out.append(dict(label=spec["label"], curve=curve, probes=probes,
+                        numel=sum(p.numel() for p in model.parameters()),
+                        fp32_bytes_per_step=2 * 4 * sum(p.numel() for p in model.parameters())))
+    return out
+
+
+def best_accuracy(curve: Sequence[dict]) -> float:
+    return max(c["accuracy"] for c in curve)
+
+
+def train_seeds(world_size: int, specs: Sequence[dict], steps: int, batch: int, eval_every: int, seeds: int,
+                timeout: float) -> list:
+    """``train_rank`` on ``world_size`` ranks once per seed (model and batches), merged per
+    spec: the curve averaged over seeds, ``best`` and ``final`` accuracy per seed, rank 0's probes."""
+    per_seed = [run_ranks(train_rank, world_size, specs, steps, batch, eval_every, seed, timeout=timeout)[0]
+                for seed in range(seeds)]
+    merged = []
+    for i, first in enumerate(per_seed[0]):
+        runs = [seed_runs[i] for seed_runs in per_seed]
+        curve = [{k: sum(r["curve"][j][k] for r in runs) / len(runs) for k in ("step", "accuracy", "loss", "bytes")}
+                 for j in range(len(first["curve"]))]
+        merged.append(dict(first, curve=curve, best=[best_accuracy(r["curve"]) for r in runs],
+                           final=[r["curve"][-1]["accuracy"] for r in runs]))
+    return merged
+
+
+def mean_std(values: Sequence[float], scale: float = 100.0) -> str:
+    """``mean ± std`` (sample std) of ``values`` times ``scale``; just the value for one."""
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{scale * m:.2f}"
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{scale * m:.2f} ± {scale * sd:.2f}"
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def accuracy_table(runs: Sequence[dict], steps: int) -> str:
+    """One row per merged ``train_seeds`` result: wire cost and test accuracy along the run."""
+    mid = len(runs[0]["curve"]) // 2 - 1
+    seeds = len(runs[0]["best"])
+    over = f" (mean ± std, {seeds} seeds)" if seeds > 1 else ""
+    rows = []
+    for r in runs:
+        c = r["curve"]
+        per_step = c[-1]["bytes"] / steps
+        rows.append([r["label"], f"{per_step * 8 / r['numel']:.3f}", f"{r['fp32_bytes_per_step'] / per_step:.1f}x",
+                     f"{100 * c[mid]['accuracy']:.2f}", mean_std(r["final"]), mean_std(r["best"]),
+                     f"{c[-1]['loss']:.3f}"])
+    return table(["method", "bits/param/step (up+down)", "fewer bytes than fp32",
+                  f"test acc % at step {int(runs[0]['curve'][mid]['step'])} (mean)",
+                  f"test acc % at step {steps}{over}",
+                  f"best test acc %{over}", "train loss (last interval, mean)"], rows)
+
+
+def plot_accuracy(runs: Sequence[dict], path: str, title: str, extra: Callable = None) -> None:
+    """Test accuracy against steps and against bytes; ``extra(ax)`` draws a third panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 3 if extra else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8))
+    for r in runs:
+        steps = [c["step"] for c in r["curve"]]
+        acc = [100 * c["accuracy"] for c in r["curve"]]
+        axes[0].plot(steps, acc, marker=".", label=r["label"])
+        axes[1].plot([c["bytes"] / 2 ** 20 for c in r["curve"]], acc, marker=".", label=r["label"])
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("MiB communicated per rank (up + down)")
+    axes[1].set_xscale("log")
+    for ax in axes[:2]:
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if extra:
+        extra(axes[2])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)

@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""Time to accuracy on Fashion-MNIST: 2 ranks over a shaped link, every taciturn method and the
+uncompressed baselines, same model, same initial weights, same batches, same number of steps.
+
+Each rank trains an MLP (784-H-H-10, ReLU; H = 1024 by default: 1.86M parameters) on its own
+half of the training set (``taciturn.datasets.shard``), batch 64 per rank, one torch thread per
+rank, in one network namespace per rank joined by tc-tbf-shaped links (scripts/netcluster.py;
+``--loopback`` or a machine without root: unshaped loopback, said so). Methods: CD-Adam,
+OneBitAdam with its two warm-ups (uncompressed Adam, or CD-Adam; frozen after 15 % of the steps),
+SPARS-AMS (top-1 %), dist-EF-blockSGDM (block sign, Nesterov momentum 0.9), SAEF (top-1 %,
+momentum 0.9), and uncompressed AMSGrad and SGDM; constant learning rates (1e-3 for the Adam
+family, 0.05 for the SGD family).
+
+Wall time is the training steps only (rank 0's clock): the evaluations (the test set split
+between the ranks, the synced model for SAEF) stop the clock. Bytes: what each rank hands to
+and receives from the collectives (``opt.stats``: bytes_up + bytes_down); in namespaces, also
+the bytes through rank 0's veth during training (sent + received, headers included).
+
+    python scripts/bench_tta.py                  # 2 ranks at 1gbit; writes BENCHMARKS.md and the plot
+    python scripts/bench_tta.py --methods cdadam,amsgrad --steps 200
+    python scripts/bench_tta.py --quick          # smoke run: small MLP, few steps, loopback, writes nothing
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from typing import Dict, List, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from _bench import ROOT, img_path, machine_note, mlp, rel, table, write_section  # noqa: E402
+from bench_step import LoopbackCluster, link_counters  # noqa: E402
+from netcluster import Cluster  # noqa: E402
+
+SECTION = "bench_tta"
+ADAM_LR, SGD_LR = 1e-3, 0.05
+# name -> (label, registry name, keyword arguments); OneBitAdam's freeze_step is set per run
+METHODS: Dict[str, tuple] = {
+    "cdadam": ("CD-Adam", "CDAdam", dict(lr=ADAM_LR)),
+    "onebitadam_adam": ("OneBitAdam (warm-up Adam)", "OneBitAdam", dict(lr=ADAM_LR, warmup="adam")),
+    "onebitadam_cdadam": ("OneBitAdam (warm-up CD-Adam)", "OneBitAdam", dict(lr=ADAM_LR, warmup="cdadam")),
+    "sparsams": ("SPARS-AMS (top-1%)", "SparsAMS", dict(lr=ADAM_LR)),
+    "distefsgd": ("dist-EF-blockSGDM", "DistEFSGD", dict(lr=SGD_LR, momentum=0.9, nesterov=True)),
+    "saefsgd": ("SAEF (top-1%)", "SAEFSGD", dict(lr=SGD_LR, momentum=0.9)),
+    "amsgrad": ("AMSGrad (uncompressed)", "AMSGrad", dict(lr=ADAM_LR)),
+    "sgdm": ("SGDM (uncompressed)", "SGD", dict(lr=SGD_LR, momentum=0.9)),
+}
+FREEZE_FRACTION = 0.15
+
+
+# ---------------------------------------------------------------------- inside a rank
+def train(name: str, cfg: dict, data: tuple) -> dict:
+    """Train with method ``name`` on this rank; the evaluation curve (rank 0's clock)."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    import taciturn
+
+    rank, n = dist.get_rank(), dist.get_world_size()
+    x_train, y_train, x_test, y_test = data
+    label, registry_name, kwargs = METHODS[name]
+    kwargs = dict(kwargs)
+    if registry_name == "OneBitAdam":
+        kwargs["freeze_step"] = max(1, round(FREEZE_FRACTION * cfg["steps"]))
+    model = mlp(cfg["seed"], (784, cfg["hidden"], cfg["hidden"], 10))
+    opt = taciturn.create_optimizer(registry_name, model.parameters(), **kwargs)
+    gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
+    evals = {round(cfg["steps"] * k / cfg["evals"]) for k in range(1, cfg["evals"] + 1)}
+
+    def evaluate() -> float:
+        synced = opt.synced_weights() if hasattr(opt, "synced_weights") else contextlib.nullcontext()
+        with torch.no_grad(), synced:
+            correct = torch.tensor([(model(x_test).argmax(1) == y_test).sum().item(), len(y_test)])
+        dist.all_reduce(correct)
+        return correct[0].item() / correct[1].item()
+
+    curve = [{"step": 0, "accuracy": evaluate(), "seconds": 0.0, "bytes": 0, "wire": 0, "loss": float("nan")}]
+    seconds, wire, loss_sum, loss_n = 0.0, 0, 0.0, 0
+    dist.barrier()
+    mark = link_counters()
+    for step in range(1, cfg["steps"] + 1):
+        idx = torch.randint(0, len(x_train), (cfg["batch"],), generator=gen)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+        loss.backward()
+        opt.step()
+        seconds += time.perf_counter() - t0
+        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        if step in evals:
+            dist.barrier()
+            if mark is not None:
+                now = link_counters()
+                wire += now[0] - mark[0] + now[1] - mark[1]
+            curve.append({"step": step, "accuracy": evaluate(), "seconds": seconds, "loss": loss_sum / loss_n,
+                          "bytes": opt.stats.bytes_up + opt.stats.bytes_down, "wire": wire})
+            loss_sum, loss_n = 0.0, 0
+            dist.barrier()
+            mark = link_counters()
+        if rank == 0 and step % max(1, cfg["steps"] // 4) == 0:
+            print(f"  {name}: step {step}/{cfg['steps']}, {seconds:.1f} s", file=sys.stderr, flush=True)
+    s = opt.stats
+    return {"method": name, "label": label, "optimizer": registry_name,
+            "kwargs": {k: v for k, v in kwargs.items()}, "params": sum(p.numel() for p in model.parameters()),
+            "curve": curve, "compress_time": s.compress_time, "collective_time": s.collective_time,
+            "fp32_bytes": s.fp32_bytes, "skipped_steps": s.skipped_steps}
+
+
+def worker(cfg_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from taciturn.datasets import fashion_mnist, shard
+
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg["timeout"]))
+    rank, n = dist.get_rank(), dist.get_world_size()
+    data = (*shard(fashion_mnist("train", flatten=True), n, rank), *shard(fashion_mnist("test", flatten=True), n, rank))
+    results = [train(name, cfg, data) for name in cfg["methods"]]
+    if rank == 0:
+        with open(os.path.join(cfg["out"], "results.json"), "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- the orchestrator
+def reached(curve: List[dict], target: float) -> Optional[dict]:
+    """The first evaluation at or above ``target`` accuracy (None if never)."""
+    return next((p for p in curve[1:] if p["accuracy"] >= target), None)
+
+
+def summary_table(results: List[dict], target: float, shaped: bool) -> str:
+    base = next((r for r in results if r["method"] == "amsgrad"), results[0])
+    headers = ["method", "test acc %", "MB per rank (up + down)", "fewer bytes than AMSGrad"]
+    headers += ["wire MB (rank 0)"] if shaped else []
+    headers += ["wall s", "ms/step", "collective s", f"time to {100 * target:.0f}% (s)",
+                f"MB to {100 * target:.0f}%"]
+    rows = []
+    for r in results:
+        end, hit = r["curve"][-1], reached(r["curve"], target)
+        skipped = f" ({r['skipped_steps']} steps skipped: non-finite gradients)" if r["skipped_steps"] else ""
+        row = [r["label"], f"{100 * end['accuracy']:.2f}{skipped}", f"{end['bytes'] / 1e6:.1f}",
+               f"{base['curve'][-1]['bytes'] / end['bytes']:.1f}x" if end["bytes"] else ""]
+        row += [f"{end['wire'] / 1e6:.1f}"] if shaped else []
+        row += [f"{end['seconds']:.1f}", f"{1000 * end['seconds'] / end['step']:.1f}", f"{r['collective_time']:.1f}",
+                f"{hit['seconds']:.1f}" if hit else "not reached", f"{hit['bytes'] / 1e6:.1f}" if hit else ""]
+        rows.append(row)
+    return table(headers, rows)
+
+
+def notes(results: List[dict]) -> List[str]:
+    """A line for every method that skipped steps on non-finite gradients (it diverged)."""
+    out = []
+    for r in results:
+        if not r["skipped_steps"]:
+            continue
+        line = (f"{r['label']} skipped {r['skipped_steps']} of its steps: its gradients became non-finite (the "
+                "parameters diverged), and every later step was skipped.")
+        if r["method"] == "onebitadam_adam":
+            line += (" Cause, checked in one process: at the freeze some elements of Adam's variance are exactly 0 "
+                     "(weights of ReLU units that did not fire during the warm-up get zero gradients); after the "
+                     "freeze the block-sign momentum gives those elements +-scale, which the update divides by "
+                     "sqrt(0) + eps. The CD-Adam warm-up builds its variance from compressed gradients, which are "
+                     "non-zero everywhere.")
+        out.append(line)
+    return out
+
+
+def plot(results: List[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for r in results:
+        pts = r["curve"][1:]
+        acc = [100 * p["accuracy"] for p in pts]
+        style = "--" if "uncompressed" in r["label"] else "-"
+        ax1.plot([p["bytes"] / 1e6 for p in pts], acc, marker="o", ms=3, linestyle=style, label=r["label"])
+        ax2.plot([p["seconds"] for p in pts], acc, marker="o", ms=3, linestyle=style, label=r["label"])
+    ax1.set_xscale("log")
+    ax1.set_xlabel("MB sent + received per rank (log)")
+    ax2.set_xlabel("training wall time (s)")
+    low = min(100 * p["accuracy"] for r in results for p in r["curve"][1:])
+    for ax in (ax1, ax2):
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(bottom=max(0.0, low - 2))
+        ax.grid(alpha=0.3, which="both")
+    ax2.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
+    ap.add_argument("--rate", default="1gbit", help="link rate in tc syntax (default 1gbit)")
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=400, help="training steps per method (default 400)")
+    ap.add_argument("--batch", type=int, default=64, help="batch per rank (default 64)")
+    ap.add_argument("--hidden", type=int, default=1024, help="MLP width: 784-H-H-10 (default 1024)")
+    ap.add_argument("--evals", type=int, default=16, help="test evaluations per method (default 16)")
+    ap.add_argument("--target", type=float, default=0.80, help="accuracy of the time-to-accuracy columns")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--loopback", action="store_true", help="skip the namespaces: unshaped loopback")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 784-64-64-10, 60 steps, 2 evaluations, loopback, writes nothing but --out")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_tta.json"), help="results (JSON)")
+    ap.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md and docs/img/ alone")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds before every rank is stopped")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args.worker)
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        ap.error(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+    if args.quick:
+        args.loopback, args.no_write = True, True
+        args.steps, args.hidden, args.evals = min(args.steps, 60), min(args.hidden, 64), min(args.evals, 2)
+    if args.steps < 1 or args.evals < 1 or args.evals > args.steps or args.ranks < 2:
+        ap.error("need --steps >= --evals >= 1 and --ranks >= 2")
+    if not 0.0 < args.target < 1.0:
+        ap.error(f"--target {args.target}: an accuracy in (0, 1), e.g. 0.8")
+    started, load_before = time.time(), os.getloadavg()[0]
+    cls = LoopbackCluster if args.loopback else Cluster
+    with tempfile.TemporaryDirectory(prefix="bench-tta-") as tmp:
+        cfg = {k: getattr(args, k) for k in ("steps", "batch", "hidden", "evals", "seed", "timeout")}
+        cfg.update(methods=methods, out=tmp)
+        cfg_path = os.path.join(tmp, "config.json")
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f)
+        with cls(args.ranks, args.rate) as cluster:
+            print(f"bench_tta: {cluster.describe()}", file=sys.stderr, flush=True)
+            cluster.run([sys.executable, os.path.abspath(__file__), "--worker", cfg_path], timeout=args.timeout,
+                        env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+            shaped = cluster.shaped
+        with open(os.path.join(tmp, "results.json")) as f:
+            results = json.load(f)
+    net = f"{args.rate} links" if shaped else f"loopback (NOT shaped; asked for {args.rate})"
+    params = results[0]["params"]
+    what = (f"Fashion-MNIST, MLP 784-{args.hidden}-{args.hidden}-10 ({params:,} parameters), {args.ranks} ranks, "
+            f"{net}, {args.steps} steps of batch {args.batch} per rank")
+    text = summary_table(results, args.target, shaped)
+    print(f"\n{what}\n{text}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"argv": argv, "shaped": shaped, "load_before": load_before, "load_after": os.getloadavg()[0],
+                   "seconds": time.time() - started, "results": results}, f, indent=1)
+    print(f"results: {args.out}")
+    if not args.no_write:
+        png = img_path("bench_tta.png")
+        plot(results, png, what)
+        freeze = max(1, round(FREEZE_FRACTION * args.steps))
+        section = "\n".join([
+            "## Time to accuracy on Fashion-MNIST (scripts/bench_tta.py)", "",
+            f"`python scripts/bench_tta.py {' '.join(argv)}`".replace(" `", "`"), "",
+            f"{what}. Every method starts from the same weights and sees the same batches; learning rates are "
+            f"constant ({ADAM_LR:g} for the Adam family, {SGD_LR:g} with momentum 0.9 for the SGD family); "
+            f"OneBitAdam freezes its variance after {freeze} steps; top-k keeps 1 %. Test accuracy on the whole "
+            "test set (split between the ranks, the synced model for SAEF). Wall time: rank 0's training steps, "
+            "evaluations excluded. MB per rank: what each rank hands to and receives from the collectives "
+            "(`opt.stats`; one-way SPARS-AMS counts its own payload in what its all_gather returns)"
+            + ("; wire MB: rank 0's veth during training, sent + received, headers included." if shaped else "."), "",
+            text, "", *[f"- {line}" for line in notes(results)], "",
+            f"![accuracy vs bytes and time]({rel(png)})", "",
+            machine_note(started, load_before)])
+        write_section(SECTION, section)
+        print(f"wrote the {SECTION} section of BENCHMARKS.md and {rel(png)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

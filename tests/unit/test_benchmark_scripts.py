@@ -1,0 +1,117 @@
+"""Smoke tests of the reproduction, memory and soak scripts: each runs as a user would
+(``python scripts/X.py --quick``), exits 0, prints its table with the expected rows and exact
+byte counts, and leaves its section of BENCHMARKS.md alone in quick mode."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = os.path.join(ROOT, "scripts")
+sys.path.insert(0, SCRIPTS)
+
+import _bench  # noqa: E402
+
+# script -> patterns its --quick output must contain (regular expressions, one line each)
+EXPECTED = {
+    "soak.py": [
+        # 2 ranks x 200 steps, identical ranks (memory is judged only in full-length runs)
+        r"^\| CD-Adam \(block sign, Markov both ways\)\s+\| 200\s+\|.*\| not judged\s+\| yes\s+\|",
+        r"^\| SPARS-AMS \(top-1%, EF, one-way\)\s+\| 200\s+\|",
+        r"^soak: PASS",
+    ],
+    "bench_memory.py": [
+        # torch AMSGrad: exp_avg, exp_avg_sq, max_exp_avg_sq = 12 B/param whatever n is
+        r"^\| torch Adam\(amsgrad=True\)\s+\| 12\.00\s+\| 12\.00\s+\| 12\.00\s+\| 1\.00x\s+\| 1\.00x",
+        # CD-Adam: AMSGrad's 12 + worker h 4 + server H 4/n + shared G 4 B/param (n = 1: 24)
+        r"^\| CDAdam\s+\| 12\.00\s+\| 24\.00\s+\| 21\.0\d\s+\| 2\.00x",
+        # the prediction for n ranks equals what 2 real ranks hold
+        r"^\| CDAdam\s+\| \d+\s+\| \d+ / \d+\s+\| yes\s+\|",
+    ],
+    "bench_repro_cdadam.py": [
+        # d = 196: fp32 2 x 32 x 196 bits; scaled sign 2 x padded(4 + 25 bytes) = 2 x 256 bits
+        r"^\| AMSGrad \(uncompressed\)\s+\| 0\.005\s+\| 12,544\s+\|",
+        r"^\| CD-Adam\s+\| 0\.005\s+\| 512\s+\|",
+        r"^\| Markov one-way\s+\| 0\.005\s+\| 6,528\s+\|",
+    ],
+    "bench_repro_blocksign.py": [
+        r"^\| SGDM \(fp32\)\s+\| 64\.0\d\d\s+\| 1\.0x\s+\|",
+        r"^\| dist-EF-blockSGDM, per tensor\s+\| 2\.0\d\d\s+\|",
+        r"^\| whole vector \(non-block\)\s+\|",
+    ],
+    "bench_repro_saef.py": [
+        r"^\| EF \(local error feedback\)\s+\|",
+        r"^\| p = inf\s+\| 60\.59\s+\| \+10\.59\s+\|",
+        r"^\| p = 5\s+\| 65\.62\s+\|",
+    ],
+    "bench_repro_sparsams.py": [
+        r"^\| AMSGrad \(fp32\)\s+\| 64\.0\d\d\s+\|",
+        r"^\| SPARS-AMS, k = 1%\s+\|",
+        r"^\| top-k without EF, k = 1%\s+\|",
+    ],
+}
+
+
+def _own_section(script: str) -> str:
+    """The script's section of BENCHMARKS.md (between its markers), "" when absent; other
+    sections may change meanwhile (other scripts, other jobs) and are not compared."""
+    name = script[:-3]
+    try:
+        with open(_bench.BENCHMARKS_MD, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return ""
+    match = re.search(f"<!-- {name}:start -->(.*?)<!-- {name}:end -->", text, re.S)
+    return match.group(1) if match else ""
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_quick_run_prints_its_table(script):
+    before = _own_section(script)
+    proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, script), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert re.search(r"^\| [^\n]+\|\n\|-", proc.stdout, re.M), f"{script} printed no Markdown table:\n{proc.stdout}"
+    for pattern in EXPECTED[script]:
+        assert re.search(pattern, proc.stdout, re.M), f"{script}: no line matches {pattern!r} in:\n{proc.stdout}"
+    assert _own_section(script) == before, f"{script} --quick rewrote its section of BENCHMARKS.md"
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path):
+    path = str(tmp_path / "B.md")
+    _bench.write_section("one", "first\nbody", path)
+    _bench.write_section("two", "other script", path)
+    _bench.write_section("one", "second", path)
+    text = open(path).read()
+    assert text.startswith("# taciturn benchmarks")
+    assert "<!-- one:start -->\nsecond\n<!-- one:end -->" in text
+    assert "first" not in text
+    assert "<!-- two:start -->\nother script\n<!-- two:end -->" in text
+    assert text.index("one:start") < text.index("two:start")
+
+
+def test_table_pads_columns():
+    assert _bench.table(["a", "bb"], [[1, 2], ["long", 3]]) == (
+        "| a    | bb |\n|------|----|\n| 1    | 2  |\n| long | 3  |")
+
+
+def _rank(rss, digest):
+    return {"records": [{"step": s, "rss": r} for s, r in zip((0, 500, 2500, 5000), rss)], "digest": digest}
+
+
+def test_soak_verdict_flags_growth_and_divergence():
+    import soak
+
+    # warm-up growth in the first half is not a leak
+    steady = [_rank((400.0, 410.0, 420.0, 421.0), "a"), _rank((400.0, 419.0, 420.0, 420.5), "a")]
+    assert soak.verdict(steady) == dict(second_half=[1.0, 0.5], growth=[11.0, 1.5], total=[21.0, 20.5],
+                                        identical=True, flat=True)
+    leaking = [_rank((400.0, 420.0, 421.0, 421.0 + soak.FLAT_MIB + 0.5), "a"), _rank((400.0, 420.0, 420.0, 420.0), "a")]
+    assert soak.verdict(leaking)["flat"] is False
+    diverged = [_rank((400.0, 420.0, 420.0, 420.0), "a"), _rank((400.0, 420.0, 420.0, 420.0), "b")]
+    assert soak.verdict(diverged)["identical"] is False
+    assert soak.verdict(leaking, judge_memory=False)["flat"] is None
