@@ -30,9 +30,10 @@ step; a barrier starts every step), its ratio to DDP fp32, the split of the step
 on the wire per step and per rank, and the physical limit. Split: taciturn's optimizers time
 their own phases (``opt.stats``: ``compress_time`` = everything in the compressed allreduce
 outside the collectives, ``collective_time`` = inside them), fwd+bwd is timed around the
-backward pass, update = the rest of ``opt.step()``; for DDP and Horovod (communication during
-the backward pass, compression inside their hooks) compute and update are the ``local`` step's
-and communication is what the step takes beyond it. Wire bytes: in namespaces, each rank's
+backward pass, update = the rest of ``opt.step()``; DDP (its allreduces end inside ``backward()``):
+compute = the ``local`` fwd+bwd, communication = its own fwd+bwd beyond that, update = its own
+``opt.step()``; Horovod (waits in ``step()``): compute and update are the ``local`` step's and
+communication is the rest (both compress inside it). Wire bytes: in namespaces, each rank's
 veth counters (tx and rx; the larger over ranks and directions), headers included; on
 loopback, the payload every rank sends, from the formulas of the collectives (ring allreduce:
 2(n-1)/n of the buffer; taciturn: from ``opt.stats``). The limit is wire bytes / link rate;
@@ -41,9 +42,10 @@ loopback, the payload every rank sends, from the formulas of the collectives (ri
     python scripts/bench_step.py                 # the default matrix (below), writes BENCHMARKS.md
     python scripts/bench_step.py --sizes 25M --ranks 2 --rates 1gbit --methods ddp_fp32,cdadam --steps 5
     python scripts/bench_step.py --quick         # smoke run: tiny model, 2 ranks on loopback, writes nothing
+    python scripts/bench_step.py --render results/bench_step.json   # section and plots again, no runs
 
-Default matrix (about 15 minutes on a quiet 2-core machine): 25M at n = 2 and 4 at all three
-rates, and 110M at n = 2 at 1 Gbit (110M at n = 4 needs about 4 GB per rank). Any of
+Default matrix (18 minutes here, on 2 cores shared with other jobs): 25M at n = 2 and 4 at all
+three rates, and 110M at n = 2 at 1 Gbit (110M at n = 4 needs about 4 GB per rank). Any of
 ``--sizes/--ranks/--rates`` replaces it by the full product of the lists given (the others
 keep their defaults: 25M, 2 ranks, 1gbit).
 """
@@ -448,7 +450,8 @@ def cell_table(rows: List[dict]) -> str:
 def goals(rows: List[dict]) -> List[str]:
     """The issue's two goals, checked in every shaped 1 Gbit cell that has the rows they need."""
     lines = []
-    cells = sorted({(r["size"], r["n"], r["rate"]) for r in rows if r["rate"] == "1gbit" and r["shaped"]})
+    cells = sorted({(r["size"], r["n"], r["rate"]) for r in rows if r["rate"] == "1gbit" and r["shaped"]},
+                   key=lambda c: (parse_size(c[0]), c[1]))
     for size, n, rate in cells:
         cell = {r["method"]: r for r in rows if (r["size"], r["n"], r["rate"]) == (size, n, rate)}
         where = f"{size}, n = {n}, {rate}"
@@ -484,7 +487,7 @@ def plot(rows: List[dict], path_rates: str, path_split: str) -> List[str]:
             for name in dict.fromkeys(r["method"] for r in sub):
                 pts = sorted(((parse_rate(r["rate"]), r["step"]) for r in sub if r["method"] == name))
                 ax.plot([p[0] / 1e9 for p in pts], [p[1] for p in pts], marker="o", label=METHODS[name].label,
-                        color=plt.cm.tab20(list(METHODS).index(name) % 20),
+                        color=plt.cm.tab20((2 * list(METHODS).index(name)) % 20 + 2 * list(METHODS).index(name) // 20),
                         linestyle="--" if METHODS[name].family != "taciturn" else "-")
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -542,9 +545,13 @@ def report(result: dict, images: List[str]) -> str:
         f"{result['steps']} timed steps (after {result['warmup']} untimed) of the slowest rank; vs DDP fp32: its "
         "ratio to "
         "DDP fp32's step. Split: taciturn's optimizers time their phases themselves (compress = the compressed "
-        "allreduce outside its collectives, collective = inside them); for DDP and Horovod, fwd+bwd and update "
-        "are the step without any communication (`local`) and comm is what the step takes beyond it (their "
-        "compression runs inside it). Wire: bytes per step through the busiest rank's veth, the larger of sent "
+        "allreduce outside its collectives, collective = inside them); DDP's allreduces finish inside "
+        "`backward()`, so its fwd+bwd is the one of the step without any communication (`local`), comm is its "
+        "backward pass beyond that and update its own optimizer step; Horovod waits in `step()`, so its fwd+bwd "
+        "and update are `local`'s and comm is the rest (compression of both runs inside comm). Horovod runs its "
+        "Gloo controller inside the namespaces: `horovodrun` cannot start ranks in network namespaces, so each "
+        "rank does what its Gloo launcher does (rank 0 serves the rendezvous, every rank sets the HOROVOD_* "
+        "variables). Wire: bytes per step through the busiest rank's veth, the larger of sent "
         "and received, headers included (payload: the collectives' formulas, on loopback). Limit: wire bytes / "
         "link rate; comm / limit compares the communication phase with it.")
     text.append("")
