@@ -8,53 +8,22 @@ multi-process pipeline must reproduce.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-import time
-from datetime import timedelta
 from fractions import Fraction
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from taciturn import launch
 
 
 # ----------------------------------------------------------------------------- processes
 
-def _rank_entry(rank, fn, world_size, tmp, args, timeout):
-    # Forked ranks keep torch single-threaded: OpenMP pools do not survive fork, and the
-    # machine running the suite has two shared cores.
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=timeout))
-    try:
-        result = fn(rank, world_size, *args)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
-
-
 def _run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
-
-    The ranks are forked (no re-import per rank), meet through a file store in a fresh
-    temporary folder (no port to race for) and are killed after ``timeout`` seconds. A rank's
-    exception fails the test with that rank's traceback.
-    """
-    with tempfile.TemporaryDirectory(prefix="taciturn-ranks-") as tmp:
-        ctx = mp.start_processes(_rank_entry, args=(fn, world_size, tmp, args, timeout), nprocs=world_size,
-                                 join=False, start_method="fork")
-        deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                pytest.fail(f"{world_size} ranks of {fn.__name__} did not finish within {timeout:.0f} s")
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world_size)]
+    """``taciturn.launch.run_ranks``; a rank still running at ``timeout`` fails the test."""
+    try:
+        return launch.run_ranks(fn, world_size, *args, timeout=timeout)
+    except TimeoutError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="session")
