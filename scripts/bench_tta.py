@@ -173,7 +173,7 @@ def notes(results: List[dict]) -> List[str]:
         if r["method"] == "onebitadam_adam":
             line += (" Cause, checked in one process: at the freeze some elements of Adam's variance are exactly 0 "
                      "(weights that read from ReLU units that never fired during the warm-up get zero gradients: "
-                     "21,349 of the second layer's 1,048,576 with H = 1024 at step 60); after the "
+                     "with the defaults, 21,349 of the second layer's 1,048,576 weights at step 60); after the "
                      "freeze the block-sign momentum gives those elements +-scale, which the update divides by "
                      "sqrt(0) + eps. The CD-Adam warm-up builds its variance from compressed gradients, which are "
                      "non-zero everywhere.")
