@@ -50,7 +50,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hoo
 from torch.nn.parallel import DistributedDataParallel
 
 from taciturn.comm import make_communicator
-from taciturn.comm.allreduce import compressed_allreduce
+from taciturn.comm.allreduce import Workspace, compressed_allreduce
 from taciturn.comm.base import gather_objects
 from taciturn.compressors import make_compressor
 from taciturn.feedback import make_feedback
@@ -146,6 +146,8 @@ class CompressionHookState:
         self.comm = None
         self.codec = None
         self.stats = CommStats()
+        #: scratch of the hook's allreduce, shared by the buckets (each result is copied out at once)
+        self.work = Workspace()
         #: fp32 bytes this rank sent to reassemble server state after DDP changed its buckets
         self.rebucket_bytes = 0
         self.step = 0
@@ -359,7 +361,8 @@ def compressed_hook(state: "CompressionHookState", bucket: dist.GradBucket) -> t
                            "non-contiguous gradients); report it with your DDP settings")
     x = buf if buf.dtype == torch.float32 else buf.float()
     avg = compressed_allreduce(x, slot.layout, state.codec, state.worker, state.server, slot.state, state.comm,
-                               two_way=state.two_way, seed=state.step * 65537 + bucket.index(), stats=state.stats)
+                               two_way=state.two_way, seed=state.step * 65537 + bucket.index(), stats=state.stats,
+                               work=state.work)
     buf.copy_(avg)
     if bucket.is_last():
         state.stats.end_step()

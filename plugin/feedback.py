@@ -1,8 +1,8 @@
 """Feedback rules (ALGORITHMS.md): none, error feedback (EF) and Markov (EF21 / CD-Adam).
 
 A rule is stateless; its state is a dict of fp32 tensors owned by the caller (an optimizer
-puts them in ``optimizer.state`` so checkpoints carry them). Each side of the pipeline runs
-``y = pre(x)``, compresses y to c, then ``post(y, c)``:
+puts them in ``optimizer.state`` so checkpoints carry them). Each side of the pipeline
+compresses y = x + alpha*h and then updates its state h from what it sent, c = C(y):
 
 =========  ===============================  ===========================================
 rule       worker (state per worker)        server (state per chunk it owns)
@@ -12,9 +12,9 @@ ef         y = x + s*e ; e = y - c          y = a + s*e~ ; e~ = y - c~
 markov     y = x - h ; h = h + c            H = H + a ; y = H - G   (G += c~ on all ranks)
 =========  ===============================  ===========================================
 
-``finish(r)`` turns what every rank decoded from the servers into the result: ``r`` itself,
-or for Markov the shared sequence ``G = G + r``. In one-way mode there is no server
-compression and ``accumulate(a)`` gives the result (Markov: ``H = H + a``).
+Every rank then decodes what the servers sent into the result: that decoded vector itself,
+or for Markov the shared sequence ``G = G + c~`` (``result_target``). In one-way mode there
+is no server compression and ``accumulate(a)`` gives the result (Markov: ``H = H + a``).
 """
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ State = Dict[str, torch.Tensor]
 
 
 class Fused(NamedTuple):
-    """A worker rule in the form a fused kernel runs it (``Compressor.encode_fused``):
-    y = x + alpha*h, then h updated in the same pass by ``update``: "markov" h += C(y),
-    "ef" h = y - C(y), "none" (h is None) nothing."""
+    """One side's rule in the form a codec runs it (``Compressor.encode_fused``): compress
+    y = x + alpha*h, then update h from c = C(y): "markov" h += c, "ef" h = y - c, "none"
+    (h may be None) nothing. A fused kernel does it in one pass; ``input``/``apply`` are the
+    same rule in torch ops."""
 
     h: Optional[torch.Tensor]
     alpha: float
@@ -37,6 +38,20 @@ class Fused(NamedTuple):
     def at(self, sl: slice) -> "Fused":
         return self if self.h is None else self._replace(h=self.h[sl])
 
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x + alpha*h (x itself when alpha is 0)."""
+        return x if self.h is None or self.alpha == 0 else x.add(self.h, alpha=self.alpha)
+
+    def apply(self, y: torch.Tensor, c: torch.Tensor) -> None:
+        """The state update from y and its decoded compression c."""
+        if self.update == "markov":
+            self.h.add_(c)
+        elif self.update == "ef":
+            torch.sub(y, c, out=self.h)
+
+
+_NONE = Fused(None, 0.0, "none")
+
 
 class Feedback:
     name = "none"
@@ -44,10 +59,8 @@ class Feedback:
     worker_keys: Tuple[str, ...] = ()
     server_keys: Tuple[str, ...] = ()
     result_keys: Tuple[str, ...] = ()
-    #: whether worker_post() / server_post() need the decoded compression (false lets the
-    #: pipeline skip a decode)
-    needs_decoded = False
-    server_needs_decoded = False
+    #: whether the result is one of this rule's state tensors (Markov) rather than the decoded average
+    keeps_result = False
 
     def init_state(self, numel: int, chunk_numel: int, two_way: bool, device=None) -> State:
         zeros = lambda n: torch.zeros(n, dtype=torch.float32, device=device)
@@ -62,24 +75,19 @@ class Feedback:
     def one_way_keys(self) -> Tuple[str, ...]:
         return ()
 
-    def worker_pre(self, x: torch.Tensor, st: State, s: float) -> torch.Tensor:
-        return x
+    def worker_fused(self, st: State, s: float) -> Fused:
+        """The worker's rule on its local x (``s`` rescales a stored error)."""
+        return _NONE
 
-    def worker_post(self, y: torch.Tensor, c: torch.Tensor, st: State) -> None:
-        pass
+    def server_fused(self, a: torch.Tensor, st: State, s: float, chunk: slice) -> Tuple[torch.Tensor, Fused]:
+        """The server's input and rule for the mean ``a`` of the workers' chunk ``chunk``.
+        May update state that does not depend on the compression (Markov: H += a)."""
+        return a, _NONE
 
-    def worker_fused(self, st: State, s: float) -> Optional[Fused]:
-        """worker_pre + worker_post as one ``Fused`` step; None for a rule without that form."""
-        return Fused(None, 0.0, "none") if type(self) is Feedback else None
-
-    def server_pre(self, a: torch.Tensor, st: State, s: float, chunk: slice) -> torch.Tensor:
-        return a
-
-    def server_post(self, y: torch.Tensor, c: torch.Tensor, st: State) -> None:
-        pass
-
-    def finish(self, r: torch.Tensor, st: State) -> torch.Tensor:
-        return r
+    def result_target(self, st: State) -> Optional[torch.Tensor]:
+        """The tensor the decoded server chunks are added to, which is then the result
+        (Markov: G); None when the decoded chunks are the result."""
+        return None
 
     def accumulate(self, a: torch.Tensor, st: State) -> torch.Tensor:
         return a
@@ -91,23 +99,12 @@ class ErrorFeedback(Feedback):
     name = "ef"
     worker_keys = ("worker_error",)
     server_keys = ("server_error",)
-    needs_decoded = True
-    server_needs_decoded = True
-
-    def worker_pre(self, x, st, s):
-        return x.add(st["worker_error"], alpha=s) if s != 0 else x.clone()
-
-    def worker_post(self, y, c, st):
-        torch.sub(y, c, out=st["worker_error"])
 
     def worker_fused(self, st, s):
         return Fused(st["worker_error"], s, "ef")
 
-    def server_pre(self, a, st, s, chunk):
-        return a.add(st["server_error"], alpha=s) if s != 0 else a.clone()
-
-    def server_post(self, y, c, st):
-        torch.sub(y, c, out=st["server_error"])
+    def server_fused(self, a, st, s, chunk):
+        return a, Fused(st["server_error"], s, "ef")
 
 
 class MarkovFeedback(Feedback):
@@ -117,27 +114,19 @@ class MarkovFeedback(Feedback):
     worker_keys = ("worker_markov",)
     server_keys = ("server_markov",)
     result_keys = ("result_markov",)
-    needs_decoded = True
+    keeps_result = True
 
     def one_way_keys(self):
         return ("server_markov",)
 
-    def worker_pre(self, x, st, s):
-        return x - st["worker_markov"]
-
-    def worker_post(self, y, c, st):
-        st["worker_markov"].add_(c)
-
     def worker_fused(self, st, s):
         return Fused(st["worker_markov"], -1.0, "markov")
 
-    def server_pre(self, a, st, s, chunk):
-        h = st["server_markov"]
-        h.add_(a)
-        return h - st["result_markov"][chunk]
+    def server_fused(self, a, st, s, chunk):
+        return st["server_markov"].add_(a), Fused(st["result_markov"][chunk], -1.0, "none")
 
-    def finish(self, r, st):
-        return st["result_markov"].add_(r)
+    def result_target(self, st):
+        return st["result_markov"]
 
     def accumulate(self, a, st):
         return st["server_markov"].add_(a)

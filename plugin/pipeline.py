@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .comm import Communicator
-from .comm.allreduce import compressed_allreduce
+from .comm.allreduce import Workspace, compressed_allreduce
 from .compressors import Compressor
 from .feedback import Feedback, State
 from .layout import BucketLayout
@@ -53,6 +53,8 @@ class Pipeline:
         self.buckets = bucket_ranges(self.sizes, cap, self.groups)
         self.layouts = [BucketLayout(tuple(self.sizes[i] for i in b), comm.world_size, compressor)
                         for b in self.buckets]
+        scratch = Workspace()
+        self.workspaces = [scratch.sibling() for _ in self.buckets]
 
     @property
     def numel(self) -> int:
@@ -98,7 +100,8 @@ class Pipeline:
                   s: Union[float, Sequence[float]] = 1.0, seed: int = 0,
                   stats: Optional[CommStats] = None) -> List[torch.Tensor]:
         """Average ``tensors`` (shapes as given at construction) over the ranks. Returns fp32
-        tensors of the same shapes; they may alias feedback state, so treat them as read-only.
+        tensors of the same shapes; they may alias feedback state or the pipeline's scratch, so
+        treat them as read-only and use them before the next call.
         ``s`` (EF error scale) is one float, or one per group id."""
         if len(tensors) != len(self.sizes):
             raise ValueError(f"pipeline built for {len(self.sizes)} tensors, got {len(tensors)}")
@@ -119,8 +122,11 @@ class Pipeline:
         if len(tensors) != len(idx):
             raise ValueError(f"bucket {b} holds {len(idx)} tensors, got {len(tensors)}")
         parts = [t.reshape(-1) for t in tensors]
-        flat = torch.cat(parts).float() if len(parts) > 1 else parts[0].float()
+        work = self.workspaces[b]
+        flat = torch.cat(parts, out=work.scratch("flat", lay.numel, parts[0].device)) if len(parts) > 1 \
+            else parts[0].float()
         scale = s if isinstance(s, (int, float)) else s[self.groups[idx[0]]]
         res = compressed_allreduce(flat, lay, self.compressor, self.worker, self.server, state, self.comm,
-                                   two_way=self.two_way, s=scale, seed=seed * len(self.buckets) + b, stats=stats)
+                                   two_way=self.two_way, s=scale, seed=seed * len(self.buckets) + b, stats=stats,
+                                   work=work)
         return self._views(idx, res, [t.shape for t in tensors])

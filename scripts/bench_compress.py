@@ -61,15 +61,10 @@ def median_time(fn, reps: int, sync) -> float:
     return statistics.median(times)
 
 
-def torch_round(codec, rule, pieces, x, state, out):
-    """Pre, encode, decode, post: the worker phase of comm/allreduce.py, one chunk."""
-    y = rule.worker_pre(x, state, 1.0)
-    c = codec.decode(codec.encode(y, pieces), pieces, out=out)
-    rule.worker_post(y, c, state)
-
-
-def fused_round(codec, rule, pieces, x, state, out):
-    """The same round through the fused kernel (pre, encode and post in one pass), then decode."""
+def worker_round(codec, rule, pieces, x, state, out):
+    """The worker phase of comm/allreduce.py on one chunk (encode with the feedback rule and
+    its state update), then the decode a receiver does. Torch ops with the kernels off (the
+    decode for the state update is then a separate pass), the fused kernel with them on."""
     codec.decode(codec.encode_fused(x, pieces, rule.worker_fused(state, 1.0)), pieces, out=out)
 
 
@@ -88,14 +83,12 @@ def measure(sizes, reps, device, threads):
             pieces = Pieces.from_lengths(codec.units([d]))
             for rule_name in rules:
                 rule = make_feedback(rule_name)
-                paths = [("torch", torch_round)]
-                if codec.fuses(x):
-                    paths.append(("fused", fused_round))
-                for path, round_fn in paths:
+                paths = ["torch", "fused"] if codec.fuses(x) else ["torch"]
+                for path in paths:
                     state = {k: torch.zeros_like(x) for k in rule.worker_keys}
                     previous = kernels.set_enabled(path == "fused")
                     try:
-                        t = median_time(lambda: round_fn(codec, rule, pieces, x, state, out), reps, sync)
+                        t = median_time(lambda: worker_round(codec, rule, pieces, x, state, out), reps, sync)
                     finally:
                         kernels.set_enabled(previous)
                     results.setdefault((label, rule_name, path, threads), {})[d] = t

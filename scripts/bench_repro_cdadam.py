@@ -112,15 +112,13 @@ def run(problem: Problem, method: str, lr: float, iters: int) -> dict:
         g = problem.worker_grads(x)
         norms.append(g.mean(0).norm().item())
         bits.append(t * (bits_up + bits_down))
-        y = worker.worker_pre(g.reshape(-1), w_state, 1.0)
-        c = codec.decode(codec.encode(y, stacked), stacked)
-        worker.worker_post(y, c, w_state)
+        c = codec.decode(codec.encode_fused(g.reshape(-1), stacked, worker.worker_fused(w_state, 1.0)), stacked)
         a = c.view(n, d).mean(0)
         if two_way:
-            z = server.server_pre(a, s_state, 1.0, slice(0, d))
-            c_server = codec.decode(codec.encode(z, single), single)
-            server.server_post(z, c_server, s_state)
-            direction = server.finish(c_server, s_state)
+            z, rule = server.server_fused(a, s_state, 1.0, slice(0, d))
+            c_server = codec.decode(codec.encode_fused(z, single, rule), single)
+            target = server.result_target(s_state)
+            direction = target.add_(c_server) if target is not None else c_server
         else:
             direction = server.accumulate(a, s_state)
         amsgrad_(x, direction, m, v, vmax, lr=lr, beta1=0.9, beta2=0.99, eps=1e-8)

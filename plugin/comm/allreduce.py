@@ -3,18 +3,21 @@
 Pure: the bucket, its layout, the feedback state and the communicator come in as arguments;
 the averaged (compressed) result comes out. Two-way mode:
 
-1. worker: y = worker_feedback(x); the payload C(y) is encoded chunk by chunk
+1. worker: the payload C(y) of y = x + alpha*h is encoded chunk by chunk, h updated (``Fused``)
 2. all_to_all: rank j receives chunk j of every worker's payload
-3. server (rank j): a = mean_i decode(payload_i[j]); z = server_feedback(a); encode C(z)
+3. server (rank j): a = mean_i decode(payload_i[j]); encode its own rule's C(y~), update its state
 4. all_gather: every rank receives every server chunk
-5. finish: r = decode(all server chunks); result = r (Markov: G = G + r)
+5. finish: decode all server chunks: the result (Markov: added to G, the result)
 
 One-way mode all_gathers the workers' payloads and every rank averages them.
+
+Full-size temporaries are taken from a ``Workspace`` kept between calls: a fresh CPU tensor
+of 100 MB costs about 45 ms of page faults here, several times the pass over it.
 """
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -22,7 +25,39 @@ from ..compressors import Compressor
 from ..feedback import Feedback, State
 from ..layout import BucketLayout
 from ..metrics import CommStats
+from ..wire import Pieces
 from .base import Communicator
+
+
+class Workspace:
+    """fp32 scratch tensors reused from call to call (not state: never checkpointed).
+
+    ``scratch`` tensors live for one call and come from a pool that sibling workspaces
+    (the buckets of one pipeline) share; ``keep`` tensors are this workspace's own, for a
+    result that must outlive the calls on other buckets. A result is valid until the next
+    call with the same workspace. Contents are undefined on return.
+    """
+
+    def __init__(self, pool: Optional[Dict[str, torch.Tensor]] = None):
+        self._own: Dict[str, torch.Tensor] = {}
+        self._pool: Dict[str, torch.Tensor] = pool if pool is not None else {}
+
+    @staticmethod
+    def _take(store: Dict[str, torch.Tensor], name: str, numel: int, device) -> torch.Tensor:
+        t = store.get(name)
+        if t is None or t.numel() < numel or t.device != torch.device(device):
+            t = store[name] = torch.empty(numel, dtype=torch.float32, device=device)
+        return t[:numel]
+
+    def scratch(self, name: str, numel: int, device) -> torch.Tensor:
+        return self._take(self._pool, name, numel, device)
+
+    def keep(self, name: str, numel: int, device) -> torch.Tensor:
+        return self._take(self._own, name, numel, device)
+
+    def sibling(self) -> "Workspace":
+        """A workspace with its own ``keep`` tensors and this one's scratch pool."""
+        return Workspace(self._pool)
 
 
 def _fit(payload: torch.Tensor, nbytes: int) -> torch.Tensor:
@@ -37,80 +72,73 @@ def _seed(seed: int, side: int, j: int, n: int) -> int:
     return (seed * 2 + side) * (n + 1) + j
 
 
+def _decode_sum(codec: Compressor, payloads: Sequence[torch.Tensor], pieces: Pieces, seed: int,
+                out: torch.Tensor) -> torch.Tensor:
+    """out = sum_i decode(payloads[i]), in order."""
+    codec.decode(payloads[0], pieces, seed, out=out)
+    for p in payloads[1:]:
+        codec.decode_add(p, pieces, out, seed)
+    return out
+
+
 def compressed_allreduce(x: torch.Tensor, layout: BucketLayout, codec: Compressor,
                          worker: Feedback, server: Feedback, state: State, comm: Communicator, *,
                          two_way: bool = True, s: float = 1.0, seed: int = 0,
-                         stats: Optional[CommStats] = None) -> torch.Tensor:
+                         stats: Optional[CommStats] = None, work: Optional[Workspace] = None) -> torch.Tensor:
     """Average the flat fp32 ``x`` over ``comm``'s ranks through compression and feedback.
 
     ``s`` scales the stored errors (EF), ``seed`` drives random compressors (same on every
-    rank). Returns a tensor that may be a state tensor (Markov): copy it, do not modify it.
+    rank), ``work`` keeps the scratch tensors between calls (a new one each call if None).
+    Returns a tensor that may be a state tensor (Markov) or a workspace tensor: copy it, do
+    not modify it, and do not keep it past the next call.
     """
     n = comm.world_size
+    work = work if work is not None else Workspace()
     clock = time.perf_counter
     coll = 0.0
     t0 = clock()
-    # A fused kernel (CPU sign codecs) runs pre, encode and post in one pass per chunk.
-    fused = worker.worker_fused(state, s)
-    fused = fused if fused is not None and codec.fuses(x, fused.h) else None
-    y = x if fused is not None else worker.worker_pre(x, state, s)
+    rule = worker.worker_fused(state, s)
     if not two_way:
-        if fused is not None:
-            payload = codec.encode_fused(x, layout.units, fused)
-        else:
-            payload = codec.encode(y, layout.units, _seed(seed, 0, 0, n))
-            if worker.needs_decoded:
-                worker.worker_post(y, codec.decode(payload, layout.units, _seed(seed, 0, 0, n)), state)
+        wseed = _seed(seed, 0, 0, n)
+        payload = codec.encode_fused(x, layout.units, rule, seed=wseed)
         tc = clock()
         gathered = comm.all_gather(payload)
         coll += clock() - tc
-        a = torch.zeros_like(y)
-        tmp = torch.empty_like(y)
-        for i in range(n):
-            codec.decode_add(gathered[i], layout.units, a, _seed(seed, 0, 0, n), tmp)
+        buffer = work.scratch if server.keeps_result else work.keep  # the average may be the result
+        a = _decode_sum(codec, gathered, layout.units, wseed, buffer("sum", layout.numel, x.device))
         result = server.accumulate(a.div_(n), state)
         up, down = payload.numel(), gathered.numel()
     else:
         unit_scales = None
         if codec.unit_scales and not codec.chunk_aligned:
-            unit_scales = (codec.fused_scales(x, layout.units, fused) if fused is not None
-                           else codec.scales(y, layout.units))
+            unit_scales = codec.fused_scales(x, layout.units, rule)
         chunks = []
-        c = torch.empty_like(y) if worker.needs_decoded and fused is None else None
         for j in range(n):
             sl, pieces = layout.chunk(j), layout.chunk_pieces[j]
             scales = unit_scales[layout.piece_unit[j]] if unit_scales is not None else None
-            if fused is not None:
-                payload = codec.encode_fused(x[sl], pieces, fused.at(sl), scales)
-            else:
-                payload = codec.encode(y[sl], pieces, _seed(seed, 0, j, n), scales)
-            if c is not None:
-                codec.decode(payload, pieces, _seed(seed, 0, j, n), out=c[sl])
+            payload = codec.encode_fused(x[sl], pieces, rule.at(sl), scales, _seed(seed, 0, j, n))
             chunks.append(_fit(payload, layout.chunk_nbytes))
-        if c is not None:
-            worker.worker_post(y, c, state)
         tc = clock()
         received = comm.all_to_all(chunks)
         coll += clock() - tc
 
         me, sl = comm.rank, layout.chunk(comm.rank)
-        pieces, wseed = layout.chunk_pieces[me], _seed(seed, 0, me, n)
-        a = torch.zeros(layout.chunk_numel(me), dtype=torch.float32, device=x.device)
-        tmp = torch.empty_like(a)
-        for i in range(n):
-            codec.decode_add(received[i], pieces, a, wseed, tmp)
-        z = server.server_pre(a.div_(n), state, s, sl)
-        sseed = _seed(seed, 1, me, n)
-        payload = _fit(codec.encode(z, pieces, sseed), layout.chunk_nbytes)
-        if server.server_needs_decoded:
-            server.server_post(z, codec.decode(payload, pieces, sseed, out=tmp), state)
+        pieces, sseed = layout.chunk_pieces[me], _seed(seed, 1, me, n)
+        a = _decode_sum(codec, received, pieces, _seed(seed, 0, me, n),
+                        work.scratch("sum", layout.chunk_numel(me), x.device))
+        xs, server_rule = server.server_fused(a.div_(n), state, s, sl)
+        payload = _fit(codec.encode_fused(xs, pieces, server_rule, seed=sseed), layout.chunk_nbytes)
         tc = clock()
         gathered = comm.all_gather(payload)
         coll += clock() - tc
-        r = torch.empty_like(y)
+        target = server.result_target(state)
+        result = target if target is not None else work.keep("result", layout.numel, x.device)
         for j in range(n):
-            codec.decode(gathered[j], layout.chunk_pieces[j], _seed(seed, 1, j, n), out=r[layout.chunk(j)])
-        result = server.finish(r, state)
+            out, jpieces, jseed = result[layout.chunk(j)], layout.chunk_pieces[j], _seed(seed, 1, j, n)
+            if target is not None:
+                codec.decode_add(gathered[j], jpieces, out, jseed)
+            else:
+                codec.decode(gathered[j], jpieces, jseed, out=out)
         up, down = sum(ch.numel() for ch in chunks), gathered.numel()
     if stats is not None:
         total = clock() - t0

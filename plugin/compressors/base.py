@@ -54,18 +54,19 @@ class Compressor:
         return acc.add_(self.decode(payload, pieces, seed, out=tmp))
 
     def fuses(self, *tensors: Optional[torch.Tensor]) -> bool:
-        """Whether ``encode_fused`` runs on these tensors (a fused kernel for this codec and device)."""
+        """Whether ``encode_fused`` runs a fused kernel on these tensors (else its torch ops)."""
         return False
 
     def encode_fused(self, x: torch.Tensor, pieces: Pieces, fused, scales: Optional[torch.Tensor] = None,
                      seed: int = 0) -> torch.Tensor:
-        """``encode(y)`` of y = x + alpha*h with the feedback state h updated in the same pass, as
-        ``fused`` (a ``taciturn.feedback.Fused``) says. Only where ``fuses(x, fused.h)``."""
-        raise NotImplementedError(f"{self.name} has no fused encode; check fuses() first")
-
-    def fused_scales(self, x: torch.Tensor, pieces: Pieces, fused) -> torch.Tensor:
-        """``scales(y)`` of y = x + alpha*h (codecs with ``unit_scales``), h left unchanged."""
-        raise NotImplementedError(f"{self.name} has no fused scales; check fuses() first")
+        """``encode(y)`` of y = x + alpha*h, with the feedback state h updated from C(y) as
+        ``fused`` (a ``taciturn.feedback.Fused``) says. Here in torch ops; codecs with a fused
+        kernel do it in one pass over memory without full-size temporaries."""
+        y = fused.input(x)
+        payload = self.encode(y, pieces, seed, scales)
+        if fused.update != "none":
+            fused.apply(y, self.decode(payload, pieces, seed))
+        return payload
 
     def compress(self, x: torch.Tensor, pieces: Optional[Pieces] = None, seed: int = 0) -> torch.Tensor:
         """C(x) for a flat tensor: decode(encode(x)) (what every receiver reconstructs)."""

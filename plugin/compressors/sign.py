@@ -59,9 +59,13 @@ class ScaledSign(Compressor):
 
     def fused_scales(self, x, pieces, fused):
         """``scales(y)`` of y = x + alpha*h, ``fused`` as in ``encode_fused`` (h is not changed)."""
-        return kernels.sign_scales(x, pieces, self.scale, fused.h, fused.alpha)
+        if kernels.usable(x, fused.h):
+            return kernels.sign_scales(x, pieces, self.scale, fused.h, fused.alpha)
+        return self.scales(fused.input(x), pieces)
 
     def encode_fused(self, x, pieces, fused, scales=None, seed=0):
+        if not kernels.usable(x, fused.h):
+            return super().encode_fused(x, pieces, fused, scales, seed)
         out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8)
         return kernels.sign_encode(x, pieces, self.scale, out, self._head(pieces), h=fused.h, alpha=fused.alpha,
                                    update=fused.update, scales=scales)

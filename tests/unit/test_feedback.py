@@ -28,40 +28,49 @@ def test_init_state_is_fp32_zeros_of_the_right_lengths(rule, two_way):
     assert all(v.dtype == torch.float32 and not v.any() for v in state.values())
 
 
+def run_rule(fused, x, c):
+    """What a codec does with a rule in torch ops: y = x + alpha*h, then h updated from c."""
+    y = fused.input(x)
+    fused.apply(y, c)
+    return y
+
+
 def test_none_passes_through():
     fb, x = make_feedback("none"), vec(1, -2)
-    assert fb.worker_pre(x, {}, 1.0) is x and fb.server_pre(x, {}, 1.0, slice(0, 2)) is x
-    assert fb.finish(x, {}) is x and fb.accumulate(x, {}) is x
+    assert run_rule(fb.worker_fused({}, 1.0), x, vec(5, 5)) is x
+    xs, rule = fb.server_fused(x, {}, 1.0, slice(0, 2))
+    assert xs is x and run_rule(rule, xs, vec(5, 5)) is x
+    assert fb.result_target({}) is None and fb.accumulate(x, {}) is x
 
 
 def test_error_feedback_rescales_and_stores_the_error():
     fb = make_feedback("ef")
     st = {"worker_error": vec(1, 1, 0), "server_error": vec(2, -2)}
     x = vec(1, 2, 3)
-    y = fb.worker_pre(x, st, 0.5)
+    y = run_rule(fb.worker_fused(st, 0.5), x, vec(1, 1, 1))
     assert torch.equal(y, vec(1.5, 2.5, 3)) and torch.equal(x, vec(1, 2, 3))
-    fb.worker_post(y, vec(1, 1, 1), st)
     assert torch.equal(st["worker_error"], vec(0.5, 1.5, 2))
-    z = fb.server_pre(vec(1, 1), st, 2.0, slice(0, 2))
-    assert torch.equal(z, vec(5, -3))
-    fb.server_post(z, vec(4, -4), st)
-    assert torch.equal(st["server_error"], vec(1, 1))
-    # s = 0 (lr_{-1} = 0 in dist-EF-SGD): the error is dropped, and y is a copy, never x itself
-    y0 = fb.worker_pre(x, st, 0.0)
-    assert torch.equal(y0, x) and y0.data_ptr() != x.data_ptr()
+    xs, rule = fb.server_fused(vec(1, 1), st, 2.0, slice(0, 2))
+    z = run_rule(rule, xs, vec(4, -4))
+    assert torch.equal(z, vec(5, -3)) and torch.equal(st["server_error"], vec(1, 1))
+    assert fb.result_target(st) is None
+    # s = 0 (lr_{-1} = 0 in dist-EF-SGD): the error is dropped, x itself is compressed, unchanged
+    y0 = run_rule(fb.worker_fused(st, 0.0), x, vec(1, 1, 1))
+    assert torch.equal(y0, x) and torch.equal(x, vec(1, 2, 3)) and torch.equal(st["worker_error"], vec(0, 1, 2))
 
 
 def test_markov_sequences():
     fb = make_feedback("markov")
     st = {"worker_markov": vec(1, 0, 0, 0), "server_markov": vec(1, 1), "result_markov": vec(0, 0, 3, 1)}
-    y = fb.worker_pre(vec(2, 2, 2, 2), st, 1.0)
+    y = run_rule(fb.worker_fused(st, 1.0), vec(2, 2, 2, 2), vec(1, 1, 1, 1))
     assert torch.equal(y, vec(1, 2, 2, 2))
-    fb.worker_post(y, vec(1, 1, 1, 1), st)
     assert torch.equal(st["worker_markov"], vec(2, 1, 1, 1))
-    z = fb.server_pre(vec(1, 2), st, 1.0, slice(2, 4))  # H = H + a ; y = H - G[chunk]
-    assert torch.equal(st["server_markov"], vec(2, 3)) and torch.equal(z, vec(-1, 2))
-    result = fb.finish(vec(1, 1, 1, 1), st)  # G = G + c~ on every rank; the result is G
-    assert torch.equal(result, vec(1, 1, 4, 2)) and result.data_ptr() == st["result_markov"].data_ptr()
+    xs, rule = fb.server_fused(vec(1, 2), st, 1.0, slice(2, 4))  # H = H + a ; y = H - G[chunk]
+    assert torch.equal(st["server_markov"], vec(2, 3))
+    z = run_rule(rule, xs, vec(7, 7))  # G is not changed by the server's own compression...
+    assert torch.equal(z, vec(-1, 2)) and torch.equal(st["result_markov"], vec(0, 0, 3, 1))
+    target = fb.result_target(st)  # ...every rank adds the decoded server chunks to G, the result
+    assert target.data_ptr() == st["result_markov"].data_ptr()
     one_way = {"server_markov": vec(1, 1)}
     assert torch.equal(fb.accumulate(vec(0.5, -1), one_way), vec(1.5, 0))
 
