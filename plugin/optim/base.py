@@ -80,7 +80,8 @@ class CompressedOptimizer(Optimizer):
         check_consistency: compare shapes, dtypes, hyper-parameters and codecs across ranks at
             construction and raise naming the first difference (before any collective can hang).
         nonfinite: ``"skip"`` (default, like DeepSpeed's fp16 overflow skip: when any rank's
-            gradient holds a NaN/Inf every rank skips the step, no state is touched),
+            gradient holds a NaN/Inf every rank skips the step, no state is touched; the count is
+            ``stats.skipped_steps`` and the warning is logged on the 1st, 2nd, 4th, 8th... skip),
             ``"raise"`` (every rank raises naming the ranks) or ``"off"`` (no check, one
             collective less per step).
         check_divergence_every: every N steps compare a checksum of the parameters across ranks
@@ -165,13 +166,22 @@ class CompressedOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ state
     def _init_compression_state(self) -> None:
-        device = self._trainable[0][1].device
         flat: Dict[str, object] = {"step": 0, "world_size": self.comm.world_size, "signature": self._state_signature()}
-        for name, pipe in self.pipelines.items():
-            for b, st in enumerate(pipe.init_state(device)):
-                for key, t in st.items():
-                    flat[f"{name}.{b}.{key}"] = t
+        for name in self.pipelines:
+            flat.update(self.zero_compression_state(name))
         self.state[TACITURN_KEY] = flat
+
+    def zero_compression_state(self, name: str) -> Dict[str, torch.Tensor]:
+        """Fresh (zero) compression state of pipeline ``name``, keyed ``<name>.<bucket>.<key>``."""
+        device = self._trainable[0][1].device
+        return {f"{name}.{b}.{key}": t for b, st in enumerate(self.pipelines[name].init_state(device))
+                for key, t in st.items()}
+
+    def free_compression_state(self, name: str) -> None:
+        """Drop pipeline ``name``'s compression state (one that will not run again), returning its
+        memory. The state dict is replaced, not edited, so a ``state_dict()`` taken earlier keeps it."""
+        prefix = f"{name}."
+        self.state[TACITURN_KEY] = {k: v for k, v in self.state[TACITURN_KEY].items() if not k.startswith(prefix)}
 
     def _state_signature(self) -> str:
         return repr({n: (repr(p.compressor), p.worker.name, p.server.name, p.two_way, [lay.numel for lay in p.layouts])
@@ -302,7 +312,10 @@ class CompressedOptimizer(Optimizer):
         if self.nonfinite == "raise":
             raise FloatingPointError(msg + "; every rank raises. Use nonfinite='skip' to skip such steps.")
         self.stats.skipped_steps += 1
-        _log.warning("%s: every rank skips this step; compression state untouched", msg)
+        skipped = self.stats.skipped_steps
+        if skipped & (skipped - 1) == 0:  # 1st, 2nd, 4th, 8th... skipped step
+            _log.warning("%s: every rank skips this step; compression state untouched (%d step(s) skipped so far; "
+                         "next warning at %d)", msg, skipped, 2 * skipped)
         return True
 
     def synced_tensors(self) -> List[torch.Tensor]:

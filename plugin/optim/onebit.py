@@ -1,12 +1,17 @@
 """1-bit Adam (Tang et al. 2021), with CD-Adam as an optional compressed warm-up."""
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
 
-from .base import CompressedOptimizer, PipelineSpec, check_range, codec
+from .base import TACITURN_KEY, CompressedOptimizer, PipelineSpec, check_range, codec
 from .functional import amsgrad_
+
+#: per-parameter state after the freeze: True where the frozen variance is exactly 0
+ZERO_VARIANCE_MASK = "zero_variance_mask"
+_log = logging.getLogger("taciturn")
 
 
 class OneBitAdam(CompressedOptimizer):
@@ -22,8 +27,24 @@ class OneBitAdam(CompressedOptimizer):
     After the freeze, every step: m = b1 m + (1-b1) g_local; m = EF-compressed average of m
     (both directions, ``compressor``, default ``block_sign``); m is masked by the group's
     ``exp_avg_mask`` when present; x = x - lr (m / (sqrt(v) + eps) + weight_decay x).
-    No bias correction, as in DeepSpeed's OneBitAdam. ``freeze_step`` may be changed on a live
-    optimizer (``opt.freeze_step = n`` or in a param group).
+    No bias correction, as in DeepSpeed's OneBitAdam.
+
+    ``mask_zero_variance`` (default True): at the freeze, the elements whose frozen variance is
+    exactly 0 (gradient always 0 during the warm-up: input features that are always 0, ReLU
+    units that never fired, unused embedding rows) get their averaged momentum masked to 0 for
+    the rest of the run, on top of any ``exp_avg_mask``. Without it the 1-bit momentum of such an
+    element is +-scale, never 0, and the update moves it by about lr * scale / eps every step
+    (DeepSpeed's behaviour, where ``exp_avg_mask`` is the only remedy). Tiny but non-zero
+    variances are not masked and can still blow up the same way. The mask is a bool tensor
+    ``state[p]["zero_variance_mask"]``, kept for the parameters that have such elements; loading
+    a checkpoint re-derives it from the frozen variance under the running script's setting, as
+    the running script's ``exp_avg_mask`` wins over the checkpoint's.
+
+    At the freeze, ``warmup="cdadam"`` frees the warm-up's Markov sequences and running max.
+    ``freeze_step`` may be changed on a live optimizer (``opt.freeze_step = n`` or in a param
+    group); raised past the current step after the freeze, the warm-up resumes with its
+    compression state restarted from zero, and the variance is frozen (and masked) again at the
+    new ``freeze_step``.
 
     ``cuda_aware`` and ``comm_backend_name`` are accepted for DeepSpeed configs: "nccl" and
     "gloo" use torch.distributed, "mpi" the mpi4py communicator.
@@ -31,7 +52,8 @@ class OneBitAdam(CompressedOptimizer):
 
     def __init__(self, params, lr=1e-3, freeze_step=100000, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  warmup="adam", compressor="block_sign", block_size=1024, ratio=None, k=None, compressor_options=None,
-                 cuda_aware=False, comm_backend_name=None, amsgrad=False, bias_correction=False, **kwargs):
+                 cuda_aware=False, comm_backend_name=None, amsgrad=False, bias_correction=False,
+                 mask_zero_variance=True, **kwargs):
         if amsgrad:
             raise ValueError("OneBitAdam: amsgrad=True is not supported (1-bit Adam freezes the variance)")
         if bias_correction:
@@ -41,6 +63,8 @@ class OneBitAdam(CompressedOptimizer):
                              "'cdadam' (CD-Adam compressed from step 1)")
         if not isinstance(freeze_step, int) or freeze_step < 0:
             raise ValueError(f"OneBitAdam: freeze_step={freeze_step!r} must be an int >= 0")
+        if not isinstance(mask_zero_variance, bool):
+            raise ValueError(f"OneBitAdam: mask_zero_variance={mask_zero_variance!r} must be True or False")
         check_range("eps", eps, 0.0)
         if comm_backend_name is not None and "process_group" not in kwargs:
             kwargs["process_group"] = _backend(comm_backend_name)
@@ -48,7 +72,8 @@ class OneBitAdam(CompressedOptimizer):
         warm = (PipelineSpec("identity", "none", "none", True) if warmup == "adam" else
                 PipelineSpec("block_sign", "markov", "markov", True, (("block_size", block_size),)))
         pipelines = {"warmup": warm, "momentum": PipelineSpec(name, "ef", "ef", True, opts)}
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, freeze_step=freeze_step)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, freeze_step=freeze_step,
+                        mask_zero_variance=mask_zero_variance)
         self.warmup = warmup
         self.cuda_aware = cuda_aware
         super().__init__(params, defaults, pipelines, **kwargs)
@@ -64,20 +89,77 @@ class OneBitAdam(CompressedOptimizer):
 
     def load_state_dict(self, state_dict, reset_compression_state: bool = False):
         """As DeepSpeed's OneBitAdam: the ``exp_avg_mask`` of the running script wins over the
-        checkpoint's (masks change between training phases, e.g. BERT's 128 -> 512 tokens)."""
+        checkpoint's (masks change between training phases, e.g. BERT's 128 -> 512 tokens), and
+        so does ``mask_zero_variance``: past the freeze, the zero-variance masks are re-derived
+        from the loaded frozen variance (torch's loader casts the bool masks to the parameter's
+        dtype). A checkpoint saved after the freeze holds no warm-up compression state."""
         groups = [dict(g) for g in state_dict["param_groups"]]
         for mine, saved in zip(self.param_groups, groups):
+            saved["mask_zero_variance"] = mine["mask_zero_variance"]
             if "exp_avg_mask" in mine:
                 saved["exp_avg_mask"] = mine["exp_avg_mask"]
             else:
                 saved.pop("exp_avg_mask", None)
         super().load_state_dict({**state_dict, "param_groups": groups}, reset_compression_state)
+        if self._frozen:
+            self._mask_zero_variance()
+
+    @property
+    def _frozen(self) -> bool:
+        """Whether the variance is frozen (set at the freeze, carried by checkpoints)."""
+        return bool(self.state[TACITURN_KEY].get("frozen", False))
 
     def _step(self):
         if self.global_step < self.freeze_step:
+            if self._frozen:
+                self._thaw()
             self._warmup_step()
         else:
+            if not self._frozen:
+                self._freeze()
             self._compressed_step()
+
+    def _freeze(self):
+        """Before the first compressed step: freeze the variance (CD-Adam's running max with
+        ``warmup="cdadam"``), mask its zeros and free the warm-up's compression state.
+        Repeating it is harmless (a checkpoint without the ``frozen`` flag, a compression state
+        reset): the frozen variance, hence the mask, does not change."""
+        if self.warmup == "cdadam":
+            for _, p in self._trainable:
+                st = self.state[p]
+                if "max_exp_avg_sq" in st:
+                    self.param_state(p, "exp_avg_sq")[0].copy_(st.pop("max_exp_avg_sq"))
+        masked = self._mask_zero_variance()
+        self.free_compression_state("warmup")
+        self.state[TACITURN_KEY]["frozen"] = True
+        if masked:
+            _log.info("OneBitAdam: variance frozen at step %d; the momentum of %d element(s) whose variance is 0 "
+                      "is masked to 0 (mask_zero_variance=True)", self.global_step, masked)
+
+    def _thaw(self):
+        """Back to the warm-up after the freeze (``freeze_step`` raised): the warm-up's
+        compression state restarts from zero; the masks are dropped until the next freeze."""
+        flat = self.state[TACITURN_KEY]
+        flat.update(self.zero_compression_state("warmup"))
+        flat["frozen"] = False
+        for _, p in self._trainable:
+            self.state[p].pop(ZERO_VARIANCE_MASK, None)
+
+    def _mask_zero_variance(self) -> int:
+        """Set ``state[p]["zero_variance_mask"]`` where the frozen variance is exactly 0, in the
+        groups with ``mask_zero_variance`` (dropped in the others); the number of masked elements."""
+        masked = 0
+        for gi, p in self._trainable:
+            st = self.state[p]
+            st.pop(ZERO_VARIANCE_MASK, None)
+            if not self.param_groups[gi]["mask_zero_variance"]:
+                continue
+            zero = self.param_state(p, "exp_avg_sq")[0] == 0
+            count = int(zero.sum())
+            if count:
+                st[ZERO_VARIANCE_MASK] = zero
+                masked += count
+        return masked
 
     def _warmup_step(self):
         grads = self.communicate("warmup", self.local_grads())
@@ -98,11 +180,6 @@ class OneBitAdam(CompressedOptimizer):
                 self._apply(p, m, v, group)
 
     def _compressed_step(self):
-        if self.warmup == "cdadam":
-            for _, p in self._trainable:
-                st = self.state[p]
-                if "max_exp_avg_sq" in st:
-                    st["exp_avg_sq"].copy_(st.pop("max_exp_avg_sq"))
         local = []
         for (gi, p), g in zip(self._trainable, self.local_grads()):
             b1 = self.param_groups[gi]["betas"][0]
@@ -112,10 +189,18 @@ class OneBitAdam(CompressedOptimizer):
             group = self.param_groups[gi]
             m, v = self.param_state(p, "exp_avg", "exp_avg_sq")
             m.copy_(m_avg)
-            mask = group.get("exp_avg_mask")
-            if mask is not None:
-                m.mul_(mask.to(device=m.device, dtype=m.dtype))
+            self._mask(p, m, group)
             self._apply(p, m, v, group)
+
+    def _mask(self, p, m, group):
+        """Zero the masked elements of the averaged momentum: the group's ``exp_avg_mask`` and
+        the zero-variance mask made at the freeze."""
+        mask = group.get("exp_avg_mask")
+        if mask is not None:
+            m.mul_(mask.to(device=m.device, dtype=m.dtype))
+        zero = self.state[p].get(ZERO_VARIANCE_MASK)
+        if zero is not None and group["mask_zero_variance"]:
+            m.masked_fill_(zero, 0.0)
 
     def _apply(self, p, m, v, group):
         x = self.master(p)

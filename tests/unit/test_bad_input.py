@@ -1,4 +1,6 @@
 """Bad input gets a clear error naming the problem and the fix; never a hang or corrupt state."""
+import logging
+
 import pytest
 import torch
 
@@ -50,6 +52,8 @@ CASES = [
     ("unknown-feedback", lambda: make_feedback("ef22"), ValueError, "unknown feedback 'ef22'"),
     ("onebit-warmup", lambda: taciturn.OneBitAdam(params((4,)), warmup="lamb"), ValueError,
      "warmup='lamb' must be 'adam'"),
+    ("onebit-mask-zero-variance", lambda: taciturn.OneBitAdam(params((4,)), mask_zero_variance="yes"), ValueError,
+     "mask_zero_variance='yes' must be True or False"),
     ("onebit-comm-backend", lambda: taciturn.OneBitAdam(params((4,)), comm_backend_name="ucx"), ValueError,
      "comm_backend_name='ucx' must be 'nccl', 'gloo' or 'mpi'"),
     ("zero-one-adam", lambda: taciturn.create_optimizer("ZeroOneAdam", params((4,))), ValueError,
@@ -120,6 +124,21 @@ def test_nonfinite_gradient_skips_step_and_keeps_state():
     assert torch.equal(ps[0], weights)
     for k, v in snapshot.items():
         assert torch.equal(opt.state["taciturn"][k], v)
+
+
+def test_nonfinite_skip_warnings_are_rate_limited(caplog):
+    """100 skipped steps: a warning on the 1st, 2nd, 4th... 64th, each with the running count."""
+    ps = params((6,))
+    opt = taciturn.CDAdam(ps, lr=1e-2)
+    ps[0].grad = torch.full((6,), float("nan"))
+    with caplog.at_level(logging.WARNING, logger="taciturn"):
+        for _ in range(100):
+            opt.step()
+    warned = [r.getMessage() for r in caplog.records if "every rank skips this step" in r.getMessage()]
+    assert opt.stats.skipped_steps == 100 and opt.global_step == 0
+    assert len(warned) == 7
+    assert "(1 step(s) skipped so far; next warning at 2)" in warned[0]
+    assert "(64 step(s) skipped so far; next warning at 128)" in warned[-1]
 
 
 def test_nonfinite_raise_mode():

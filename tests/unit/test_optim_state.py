@@ -48,7 +48,7 @@ def test_resume_bit_identical(name, tmp_path):
     ("distef_nesterov", ["worker_error", "server_error"]),
     ("saef_two_way", ["worker_error"]),  # at n = 1 the server's top-k of a top-k has no error
     ("sparsams", ["worker_error"]),
-    ("onebit_cdadam", ["worker_error", "server_error", "worker_markov", "server_markov", "result_markov"]),
+    ("onebit_cdadam", ["worker_error", "server_error"]),  # the warm-up's Markov state is freed at the freeze
 ])
 def test_state_dict_carries_compression_state(name, keys):
     case, model, opt = build(name)

@@ -1,0 +1,203 @@
+"""OneBitAdam at the freeze: zero-variance elements are masked, the CD-Adam warm-up's
+compression state is freed, and checkpoints on either side of the freeze resume exactly."""
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import weakref
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import reference as ref  # noqa: E402
+from reference import one_thread  # noqa: E402,F401 (fixture)
+
+import taciturn  # noqa: E402
+from taciturn.optim.onebit import ZERO_VARIANCE_MASK  # noqa: E402
+
+FREEZE = 5
+
+
+def dead_input_net(seed=0):
+    """A classifier whose input feature 0 is always 0 in ``train``: the weights reading it
+    get a zero gradient, so their variance is exactly 0 at the freeze."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def train(net, opt, start, stop):
+    """Steps ``start``..``stop - 1`` on fixed batches; the parameters after each step."""
+    out = []
+    for t in range(start, stop):
+        gen = torch.Generator().manual_seed(t)
+        x = torch.randn(32, 6, generator=gen)
+        x[:, 0] = 0.0
+        y = torch.randint(0, 3, (32,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        out.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    return out
+
+
+def onebit(net, **kw):
+    return taciturn.OneBitAdam(net.parameters(), lr=1e-2, freeze_step=FREEZE, **kw)
+
+
+def test_zero_variance_masked_at_the_freeze():
+    net = dead_input_net()
+    start = net[0].weight.detach().clone()
+    opt = onebit(net)
+    xs = train(net, opt, 0, 20)
+    assert all(torch.isfinite(x).all() for x in xs) and opt.stats.skipped_steps == 0
+    mask = opt.state[net[0].weight][ZERO_VARIANCE_MASK]
+    assert mask.dtype == torch.bool and mask[:, 0].all() and not mask[:, 1:].any()
+    assert all(ZERO_VARIANCE_MASK not in opt.state[p] for p in list(net.parameters())[1:])
+    assert torch.equal(net[0].weight[:, 0], start[:, 0]), "a zero-variance weight moved"
+    assert not torch.equal(net[0].weight[:, 1:], start[:, 1:])
+
+
+def test_zero_variance_mask_combines_with_exp_avg_mask():
+    net = dead_input_net()
+    start = net[0].weight.detach().clone()
+    keep = torch.ones_like(start)
+    keep[:, 1] = 0.0
+    w, *rest = net.parameters()
+    opt = taciturn.OneBitAdam([{"params": [w], "exp_avg_mask": keep}, {"params": rest}], lr=1e-2,
+                              freeze_step=FREEZE)
+    train(net, opt, 0, FREEZE)
+    at_freeze = net[0].weight.detach().clone()
+    train(net, opt, FREEZE, 12)
+    after = net[0].weight.detach()
+    assert torch.equal(after[:, 0], start[:, 0])  # the automatic mask
+    assert torch.equal(after[:, 1], at_freeze[:, 1])  # exp_avg_mask
+    assert not torch.equal(after[:, 2:], at_freeze[:, 2:]) and torch.isfinite(after).all()
+
+
+def test_without_the_mask_zero_variance_weights_explode():
+    """mask_zero_variance=False is DeepSpeed's behaviour: +-scale / (sqrt(0) + eps)."""
+    net = dead_input_net()
+    start = net[0].weight.detach().clone()
+    opt = onebit(net, mask_zero_variance=False)
+    train(net, opt, 0, FREEZE)
+    assert torch.equal(net[0].weight[:, 0], start[:, 0])
+    train(net, opt, FREEZE, FREEZE + 1)
+    assert (net[0].weight[:, 0] - start[:, 0]).abs().max() > 100.0
+    assert all(ZERO_VARIANCE_MASK not in st for st in opt.state.values())
+
+
+def test_zero_variance_mask_survives_a_checkpoint(tmp_path):
+    net = dead_input_net()
+    opt = onebit(net)
+    train(net, opt, 0, 10)
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    rest = train(net, opt, 10, 20)
+
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["optimizer"]["state"][0][ZERO_VARIANCE_MASK][:, 0].all()
+    fresh_net = dead_input_net(seed=1)
+    fresh = onebit(fresh_net)
+    fresh_net.load_state_dict(saved["model"])
+    fresh.load_state_dict(saved["optimizer"])
+    mask = fresh.state[fresh_net[0].weight][ZERO_VARIANCE_MASK]
+    assert mask.dtype == torch.bool and torch.equal(mask, opt.state[net[0].weight][ZERO_VARIANCE_MASK])
+    again = train(fresh_net, fresh, 10, 20)
+    assert all(torch.equal(a, b) for a, b in zip(rest, again))
+
+    off = onebit(dead_input_net(seed=1), mask_zero_variance=False)
+    off.load_state_dict(saved["optimizer"])  # the running script's setting wins, as for exp_avg_mask
+    assert all(ZERO_VARIANCE_MASK not in st for st in off.state.values())
+
+
+def state_bytes(opt):
+    """(per-parameter state bytes, compression state bytes)."""
+    per_param = sum(v.numel() * v.element_size() for k, st in opt.state.items() if k != "taciturn"
+                    for v in st.values() if torch.is_tensor(v))
+    flat = opt.state["taciturn"]
+    return per_param, sum(v.numel() * v.element_size() for v in flat.values() if torch.is_tensor(v))
+
+
+def test_cdadam_warmup_state_freed_at_the_freeze():
+    net = dead_input_net()
+    opt = taciturn.OneBitAdam(net.parameters(), lr=1e-2, freeze_step=FREEZE, warmup="cdadam", block_size=64)
+    numel = sum(p.numel() for p in net.parameters())
+    train(net, opt, 0, FREEZE)
+    markov = weakref.ref(opt.state["taciturn"]["warmup.0.worker_markov"])
+    assert state_bytes(opt) == (12 * numel, 20 * numel)  # m, v, max v; Markov h, H, G + EF e, e~ (n = 1)
+    train(net, opt, FREEZE, FREEZE + 1)
+    gc.collect()
+    assert markov() is None, "the warm-up's Markov state is still referenced"
+    assert not any(k.startswith("warmup.") for k in opt.state["taciturn"])
+    # m, v; EF e, e~. CD-Adam's variance comes from compressed gradients: no zero, no mask
+    assert state_bytes(opt) == (8 * numel, 8 * numel)
+
+
+@pytest.mark.parametrize("freeze_step", [5, 13], ids=["saved-after-freeze", "saved-before-freeze"])
+def test_cdadam_resume_across_the_freeze(freeze_step, tmp_path):
+    case = ref.CASES["onebit_cdadam"]
+
+    def build(seed):
+        model = ref.make_model(seed)
+        kwargs = {**case.kwargs, "freeze_step": freeze_step}
+        return model, taciturn.create_optimizer(case.optimizer, ref.param_groups(model, case.groups), lr=case.lr,
+                                                **kwargs)
+
+    model, opt = build(0)
+    ref.train(opt, model, 0, 1, 10, case.lr)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    rest, _ = ref.train(opt, model, 0, 1, 20, case.lr, start=10)
+
+    fresh_model, fresh = build(123)
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert any(k.startswith("warmup.") for k in saved["optimizer"]["state"]["taciturn"]) == (freeze_step > 10)
+    fresh_model.load_state_dict(saved["model"])
+    fresh.load_state_dict(saved["optimizer"])
+    again, _ = ref.train(fresh, fresh_model, 0, 1, 20, case.lr, start=10)
+    assert all(torch.equal(a, b) for a, b in zip(rest, again))
+    assert sorted(fresh.state["taciturn"]) == sorted(opt.state["taciturn"])
+
+
+def test_raising_freeze_step_after_the_freeze_restarts_the_warmup():
+    net = dead_input_net()
+    opt = taciturn.OneBitAdam(net.parameters(), lr=1e-2, freeze_step=3, warmup="cdadam", block_size=64)
+    train(net, opt, 0, 5)
+    opt.freeze_step = 8
+    train(net, opt, 5, 6)
+    flat = opt.state["taciturn"]
+    assert not flat["frozen"] and any(k.startswith("warmup.") for k in flat)
+    assert all(ZERO_VARIANCE_MASK not in opt.state[p] for p in net.parameters())
+    xs = train(net, opt, 6, 12)
+    assert opt.state["taciturn"]["frozen"] and not any(k.startswith("warmup.") for k in opt.state["taciturn"])
+    assert torch.isfinite(xs[-1]).all()
+
+
+def _ranks_resume(rank, n, ckpt_dir, resume):
+    """Rank ``rank`` of a 2-rank OneBitAdam(warmup="cdadam") run freezing at step 5: steps
+    0-9 then a checkpoint and steps 10-19, or (``resume``) a fresh model loading it for 10-19."""
+    torch.set_num_threads(1)
+    case = ref.CASES["onebit_cdadam"]
+    model = ref.make_model(1000 * resume + rank)
+    opt = taciturn.create_optimizer(case.optimizer, ref.param_groups(model, case.groups), lr=case.lr,
+                                    **{**case.kwargs, "freeze_step": 5})
+    path = os.path.join(ckpt_dir, f"rank{rank}.pt")
+    if resume:
+        saved = torch.load(path, weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+    else:
+        ref.train(opt, model, rank, n, 10, case.lr)
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    xs, _ = ref.train(opt, model, rank, n, 20, case.lr, start=10)
+    return xs, sorted(opt.state["taciturn"])
+
+
+def test_cdadam_resume_after_the_freeze_on_two_ranks(run_ranks, tmp_path):
+    full = run_ranks(_ranks_resume, 2, str(tmp_path), False)
+    resumed = run_ranks(_ranks_resume, 2, str(tmp_path), True)
+    for (xs, keys), (again, again_keys) in zip(full, resumed):
+        assert all(torch.equal(a, b) for a, b in zip(xs, again))
+        assert keys == again_keys and not any(k.startswith("warmup.") for k in keys)
+    assert all(torch.equal(a, b) for a, b in zip(full[0][0], full[1][0])), "ranks diverged"
