@@ -79,10 +79,11 @@ class Feedback:
         """The worker's rule on its local x (``s`` rescales a stored error)."""
         return _NONE
 
-    def server_fused(self, a: torch.Tensor, st: State, s: float, chunk: slice) -> Tuple[torch.Tensor, Fused]:
-        """The server's input and rule for the mean ``a`` of the workers' chunk ``chunk``.
-        May update state that does not depend on the compression (Markov: H += a)."""
-        return a, _NONE
+    def server_form(self, st: State, s: float, chunk: slice) -> Tuple[Optional[torch.Tensor], Fused]:
+        """The server's rule for its chunk ``chunk`` as (acc, rule): with a the mean of the
+        workers' chunks, x = a, or when ``acc`` is a tensor acc += a and x = acc (Markov's H);
+        then ``rule`` on x (``Compressor.serve_fused``)."""
+        return None, _NONE
 
     def result_target(self, st: State) -> Optional[torch.Tensor]:
         """The tensor the decoded server chunks are added to, which is then the result
@@ -103,8 +104,8 @@ class ErrorFeedback(Feedback):
     def worker_fused(self, st, s):
         return Fused(st["worker_error"], s, "ef")
 
-    def server_fused(self, a, st, s, chunk):
-        return a, Fused(st["server_error"], s, "ef")
+    def server_form(self, st, s, chunk):
+        return None, Fused(st["server_error"], s, "ef")
 
 
 class MarkovFeedback(Feedback):
@@ -122,8 +123,8 @@ class MarkovFeedback(Feedback):
     def worker_fused(self, st, s):
         return Fused(st["worker_markov"], -1.0, "markov")
 
-    def server_fused(self, a, st, s, chunk):
-        return st["server_markov"].add_(a), Fused(st["result_markov"][chunk], -1.0, "none")
+    def server_form(self, st, s, chunk):
+        return st["server_markov"], Fused(st["result_markov"][chunk], -1.0, "none")
 
     def result_target(self, st):
         return st["result_markov"]

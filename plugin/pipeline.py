@@ -13,11 +13,12 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .comm import Communicator
-from .comm.allreduce import Workspace, compressed_allreduce
+from .comm.allreduce import BucketExchange, Workspace
 from .compressors import Compressor
 from .feedback import Feedback, State
 from .layout import BucketLayout
 from .metrics import CommStats
+from .segments import Segments
 
 
 def bucket_ranges(sizes: Sequence[int], cap_elems: int, groups: Optional[Sequence[int]] = None) -> List[range]:
@@ -105,11 +106,24 @@ class Pipeline:
         ``s`` (EF error scale) is one float, or one per group id."""
         if len(tensors) != len(self.sizes):
             raise ValueError(f"pipeline built for {len(self.sizes)} tensors, got {len(tensors)}")
-        out: List[torch.Tensor] = []
-        for b, (idx, st) in enumerate(zip(self.buckets, states)):
-            out.extend(self.allreduce_bucket(b, [tensors[i] for i in idx], st, s=s, seed=seed, stats=stats))
+        # A three-stage software pipeline over the buckets: bucket b is compressed and its
+        # all_to_all started while bucket b-1's is in flight; then b-1's server phase runs
+        # and b-2's all_gather is collected. Every rank issues the collectives in this order.
+        exchanges = [self._exchange(b, [tensors[i] for i in idx], st, s, seed, stats)
+                     for b, (idx, st) in enumerate(zip(self.buckets, states))]
+        results: List[Optional[torch.Tensor]] = [None] * len(exchanges)
+        for b in range(len(exchanges) + 2):
+            if b < len(exchanges):
+                exchanges[b].start()
+            if 0 <= b - 1 < len(exchanges):
+                exchanges[b - 1].serve()
+            if b - 2 >= 0:
+                results[b - 2] = exchanges[b - 2].finish()
         if stats is not None:
             stats.end_step()
+        out: List[torch.Tensor] = []
+        for idx, res in zip(self.buckets, results):
+            out.extend(self._views(idx, res, [tensors[i].shape for i in idx]))
         return out
 
     def allreduce_bucket(self, b: int, tensors: Sequence[torch.Tensor], state: State, *,
@@ -118,15 +132,38 @@ class Pipeline:
         """``allreduce`` of bucket ``b`` alone (``tensors``: that bucket's, in order), for callers
         that start each bucket when its gradients are ready. Buckets must be issued in the same
         order on every rank; the caller closes the step with ``stats.end_step()``."""
-        idx, lay = self.buckets[b], self.layouts[b]
+        ex = self._exchange(b, tensors, state, s, seed, stats)
+        ex.start()
+        ex.serve()
+        return self._views(self.buckets[b], ex.finish(), [t.shape for t in tensors])
+
+    def _exchange(self, b: int, tensors: Sequence[torch.Tensor], state: State, s, seed: int,
+                  stats: Optional[CommStats]) -> "_LazyExchange":
+        idx = self.buckets[b]
         if len(tensors) != len(idx):
             raise ValueError(f"bucket {b} holds {len(idx)} tensors, got {len(tensors)}")
-        parts = [t.reshape(-1) for t in tensors]
-        work = self.workspaces[b]
-        flat = torch.cat(parts, out=work.scratch("flat", lay.numel, parts[0].device)) if len(parts) > 1 \
-            else parts[0].float()
-        scale = s if isinstance(s, (int, float)) else s[self.groups[idx[0]]]
-        res = compressed_allreduce(flat, lay, self.compressor, self.worker, self.server, state, self.comm,
-                                   two_way=self.two_way, s=scale, seed=seed * len(self.buckets) + b, stats=stats,
-                                   work=work)
-        return self._views(idx, res, [t.shape for t in tensors])
+        return _LazyExchange(self, b, tensors, state, s if isinstance(s, (int, float)) else s[self.groups[idx[0]]],
+                             seed * len(self.buckets) + b, stats)
+
+
+class _LazyExchange(BucketExchange):
+    """A bucket's exchange whose input is assembled only when it starts: its tensors in place
+    (``Segments``) for a codec that reads them so, else one flat copy into a scratch tensor
+    that the buckets of a pipeline share (a started bucket no longer reads it)."""
+
+    def __init__(self, pipe: Pipeline, b: int, tensors: Sequence[torch.Tensor], state: State, s: float,
+                 seed: int, stats: Optional[CommStats]):
+        super().__init__(None, pipe.layouts[b], pipe.compressor, pipe.worker, pipe.server, state, pipe.comm,
+                         two_way=pipe.two_way, s=s, seed=seed, stats=stats, work=pipe.workspaces[b])
+        self.tensors = tensors
+
+    def input(self):
+        x = Segments([t.reshape(-1) for t in self.tensors])
+        self.tensors = None
+        if len(x.parts) == 1:
+            self.x = x.parts[0].float()
+        elif self.codec.reads_segments and all(p.dtype == torch.float32 for p in x.parts):
+            self.x = x
+        else:
+            self.x = x.flat(self.work.scratch("flat", self.layout.numel, x.device))
+        return self.x

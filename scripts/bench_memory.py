@@ -259,8 +259,8 @@ def main(argv=None) -> int:
             "have no server chunk: SPARS-AMS adds only the worker error (16 whatever n), Markov one-way keeps h and H "
             "in full (20). SAEF keeps momentum and the synced model x per parameter (8) plus its errors. "
             "OneBitAdam with the CD-Adam warm-up holds the warm-up's Markov state (8 + 4/n) next to the momentum "
-            "pipeline's errors (4 + 4/n) for the whole run, also after the freeze, when the warm-up state is no "
-            "longer used. The uncompressed taciturn baselines keep no compression state. Peak RSS growth adds the "
+            "pipeline's errors (4 + 4/n) during the warm-up and frees it at the freeze (the columns are measured "
+            "after it; peak RSS includes the warm-up). The uncompressed taciturn baselines keep no compression state. Peak RSS growth adds the "
             "step's temporaries (last column: the flat bucket, the feedback buffers, the payloads and the decoded "
             "result, top-k's selection) to the state.",
             "",

@@ -115,8 +115,8 @@ def run(problem: Problem, method: str, lr: float, iters: int) -> dict:
         c = codec.decode(codec.encode_fused(g.reshape(-1), stacked, worker.worker_fused(w_state, 1.0)), stacked)
         a = c.view(n, d).mean(0)
         if two_way:
-            z, rule = server.server_fused(a, s_state, 1.0, slice(0, d))
-            c_server = codec.decode(codec.encode_fused(z, single, rule), single)
+            acc, rule = server.server_form(s_state, 1.0, slice(0, d))
+            c_server = codec.decode(codec.encode_fused(acc.add_(a) if acc is not None else a, single, rule), single)
             target = server.result_target(s_state)
             direction = target.add_(c_server) if target is not None else c_server
         else:

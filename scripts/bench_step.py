@@ -29,7 +29,9 @@ What is printed per method: the step time (median over the timed steps of the sl
 step; a barrier starts every step), its ratio to DDP fp32, the split of the step, the bytes
 on the wire per step and per rank, and the physical limit. Split: taciturn's optimizers time
 their own phases (``opt.stats``: ``compress_time`` = everything in the compressed allreduce
-outside the collectives, ``collective_time`` = inside them), fwd+bwd is timed around the
+(the flat input, compression, the server phase, decoding) except waiting for collectives,
+``collective_time`` = the waits: the buckets' collectives run while the next bucket is
+compressed, so only what compression does not hide is counted), fwd+bwd is timed around the
 backward pass, update = the rest of ``opt.step()``; DDP (its allreduces end inside ``backward()``):
 compute = the ``local`` fwd+bwd, communication = its own fwd+bwd beyond that, update = its own
 ``opt.step()``; Horovod (waits in ``step()``): compute and update are the ``local`` step's and
@@ -545,7 +547,9 @@ def report(result: dict, images: List[str]) -> str:
         f"{result['steps']} timed steps (after {result['warmup']} untimed) of the slowest rank; vs DDP fp32: its "
         "ratio to "
         "DDP fp32's step. Split: taciturn's optimizers time their phases themselves (compress = the compressed "
-        "allreduce outside its collectives, collective = inside them); DDP's allreduces finish inside "
+        "allreduce except its waits for collectives, collective = those waits: each bucket's collectives travel "
+        "while the next bucket is compressed, so this is the communication that compression did not hide); "
+        "DDP's allreduces finish inside "
         "`backward()`, so its fwd+bwd is the one of the step without any communication (`local`), comm is its "
         "backward pass beyond that and update its own optimizer step; Horovod waits in `step()`, so its fwd+bwd "
         "and update are `local`'s and comm is the rest (compression of both runs inside comm). Horovod runs its "

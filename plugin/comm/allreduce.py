@@ -17,7 +17,7 @@ of 100 MB costs about 45 ms of page faults here, several times the pass over it.
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 
@@ -25,8 +25,7 @@ from ..compressors import Compressor
 from ..feedback import Feedback, State
 from ..layout import BucketLayout
 from ..metrics import CommStats
-from ..wire import Pieces
-from .base import Communicator
+from .base import Communicator, Pending
 
 
 class Workspace:
@@ -72,13 +71,112 @@ def _seed(seed: int, side: int, j: int, n: int) -> int:
     return (seed * 2 + side) * (n + 1) + j
 
 
-def _decode_sum(codec: Compressor, payloads: Sequence[torch.Tensor], pieces: Pieces, seed: int,
-                out: torch.Tensor) -> torch.Tensor:
-    """out = sum_i decode(payloads[i]), in order."""
-    codec.decode(payloads[0], pieces, seed, out=out)
-    for p in payloads[1:]:
-        codec.decode_add(p, pieces, out, seed)
-    return out
+class BucketExchange:
+    """One bucket's compressed allreduce in three stages, so that a caller can interleave the
+    stages of several buckets and compress one bucket while another's bytes travel:
+
+    - ``start()``: worker compression, the all_to_all (one-way: all_gather) started;
+    - ``serve()``: the server phase, the all_gather started (one-way: nothing);
+    - ``finish()``: the decoded result.
+
+    Every rank must call the stages of all its buckets in the same order (the collectives are
+    matched by order). Arguments as for ``compressed_allreduce``.
+    """
+
+    def __init__(self, x: torch.Tensor, layout: BucketLayout, codec: Compressor, worker: Feedback,
+                 server: Feedback, state: State, comm: Communicator, *, two_way: bool = True, s: float = 1.0,
+                 seed: int = 0, stats: Optional[CommStats] = None, work: Optional[Workspace] = None):
+        self.x, self.layout, self.codec, self.comm = x, layout, codec, comm
+        self.worker, self.server, self.state = worker, server, state
+        self.two_way, self.s, self.seed, self.stats = two_way, s, seed, stats
+        self.work = work if work is not None else Workspace()
+        self.n = comm.world_size
+        self.busy = 0.0  # seconds in the stages, waits for collectives included
+        self.waiting = 0.0  # of which waiting for collectives
+        self.up = self.down = 0
+        self._pending: Optional[Pending] = None
+
+    def _wait(self) -> torch.Tensor:
+        t = time.perf_counter()
+        out = self._pending.wait()
+        self.waiting += time.perf_counter() - t
+        return out
+
+    def _timed(stage):
+        def run(self):
+            t = time.perf_counter()
+            try:
+                return stage(self)
+            finally:
+                self.busy += time.perf_counter() - t
+        run.__doc__ = stage.__doc__
+        return run
+
+    def input(self):
+        """The flat input x (a subclass may assemble it here, inside the timed stage)."""
+        return self.x
+
+    @_timed
+    def start(self) -> None:
+        x, lay, codec, n = self.input(), self.layout, self.codec, self.n
+        rule = self.worker.worker_fused(self.state, self.s)
+        if not self.two_way:
+            payload = codec.encode_fused(x, lay.units, rule, seed=_seed(self.seed, 0, 0, n))
+            self.up = payload.numel()
+            self._pending = self.comm.all_gather_async(payload)
+            return
+        unit_scales = None
+        if codec.unit_scales and not codec.chunk_aligned:
+            unit_scales = codec.fused_scales(x, lay.units, rule)
+        chunks = []
+        for j in range(n):
+            sl, pieces = lay.chunk(j), lay.chunk_pieces[j]
+            scales = unit_scales[lay.piece_unit[j]] if unit_scales is not None else None
+            payload = codec.encode_fused(x[sl], pieces, rule.at(sl), scales, _seed(self.seed, 0, j, n))
+            chunks.append(_fit(payload, lay.chunk_nbytes))
+        self.up = sum(ch.numel() for ch in chunks)
+        self._pending = self.comm.all_to_all_async(chunks)
+
+    @_timed
+    def serve(self) -> None:
+        if not self.two_way:
+            return
+        lay, codec, n, me = self.layout, self.codec, self.n, self.comm.rank
+        received = self._wait()
+        sl, pieces = lay.chunk(me), lay.chunk_pieces[me]
+        acc, rule = self.server.server_form(self.state, self.s, sl)
+        payload = codec.serve_fused(received, pieces, acc, rule,
+                                    self.work.scratch("sum", lay.chunk_numel(me), self.x.device),
+                                    (_seed(self.seed, 0, me, n), _seed(self.seed, 1, me, n)))
+        self._pending = self.comm.all_gather_async(_fit(payload, lay.chunk_nbytes))
+
+    @_timed
+    def _finish(self) -> torch.Tensor:
+        lay, codec, n, device = self.layout, self.codec, self.n, self.x.device
+        gathered = self._wait()
+        self.down = gathered.numel()
+        if not self.two_way:
+            buffer = self.work.scratch if self.server.keeps_result else self.work.keep  # the average may be the result
+            a = codec.decode_mean(gathered, lay.units, _seed(self.seed, 0, 0, n), buffer("sum", lay.numel, device))
+            return self.server.accumulate(a, self.state)
+        target = self.server.result_target(self.state)
+        result = target if target is not None else self.work.keep("result", lay.numel, device)
+        for j in range(n):
+            out, pieces, seed = result[lay.chunk(j)], lay.chunk_pieces[j], _seed(self.seed, 1, j, n)
+            if target is not None:
+                codec.decode_add(gathered[j], pieces, out, seed)
+            else:
+                codec.decode(gathered[j], pieces, seed, out=out)
+        return result
+
+    def finish(self) -> torch.Tensor:
+        """The averaged result (see ``compressed_allreduce``); records the bucket in ``stats``."""
+        result = self._finish()
+        if self.stats is not None:
+            self.stats.record(self.up, self.down, 4 * self.layout.numel, self.busy - self.waiting, self.waiting)
+        return result
+
+    del _timed
 
 
 def compressed_allreduce(x: torch.Tensor, layout: BucketLayout, codec: Compressor,
@@ -92,55 +190,8 @@ def compressed_allreduce(x: torch.Tensor, layout: BucketLayout, codec: Compresso
     Returns a tensor that may be a state tensor (Markov) or a workspace tensor: copy it, do
     not modify it, and do not keep it past the next call.
     """
-    n = comm.world_size
-    work = work if work is not None else Workspace()
-    clock = time.perf_counter
-    coll = 0.0
-    t0 = clock()
-    rule = worker.worker_fused(state, s)
-    if not two_way:
-        wseed = _seed(seed, 0, 0, n)
-        payload = codec.encode_fused(x, layout.units, rule, seed=wseed)
-        tc = clock()
-        gathered = comm.all_gather(payload)
-        coll += clock() - tc
-        buffer = work.scratch if server.keeps_result else work.keep  # the average may be the result
-        a = _decode_sum(codec, gathered, layout.units, wseed, buffer("sum", layout.numel, x.device))
-        result = server.accumulate(a.div_(n), state)
-        up, down = payload.numel(), gathered.numel()
-    else:
-        unit_scales = None
-        if codec.unit_scales and not codec.chunk_aligned:
-            unit_scales = codec.fused_scales(x, layout.units, rule)
-        chunks = []
-        for j in range(n):
-            sl, pieces = layout.chunk(j), layout.chunk_pieces[j]
-            scales = unit_scales[layout.piece_unit[j]] if unit_scales is not None else None
-            payload = codec.encode_fused(x[sl], pieces, rule.at(sl), scales, _seed(seed, 0, j, n))
-            chunks.append(_fit(payload, layout.chunk_nbytes))
-        tc = clock()
-        received = comm.all_to_all(chunks)
-        coll += clock() - tc
-
-        me, sl = comm.rank, layout.chunk(comm.rank)
-        pieces, sseed = layout.chunk_pieces[me], _seed(seed, 1, me, n)
-        a = _decode_sum(codec, received, pieces, _seed(seed, 0, me, n),
-                        work.scratch("sum", layout.chunk_numel(me), x.device))
-        xs, server_rule = server.server_fused(a.div_(n), state, s, sl)
-        payload = _fit(codec.encode_fused(xs, pieces, server_rule, seed=sseed), layout.chunk_nbytes)
-        tc = clock()
-        gathered = comm.all_gather(payload)
-        coll += clock() - tc
-        target = server.result_target(state)
-        result = target if target is not None else work.keep("result", layout.numel, x.device)
-        for j in range(n):
-            out, jpieces, jseed = result[layout.chunk(j)], layout.chunk_pieces[j], _seed(seed, 1, j, n)
-            if target is not None:
-                codec.decode_add(gathered[j], jpieces, out, jseed)
-            else:
-                codec.decode(gathered[j], jpieces, jseed, out=out)
-        up, down = sum(ch.numel() for ch in chunks), gathered.numel()
-    if stats is not None:
-        total = clock() - t0
-        stats.record(up, down, 4 * layout.numel, total - coll, coll)
-    return result
+    ex = BucketExchange(x, layout, codec, worker, server, state, comm, two_way=two_way, s=s, seed=seed,
+                        stats=stats, work=work)
+    ex.start()
+    ex.serve()
+    return ex.finish()

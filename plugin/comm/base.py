@@ -2,13 +2,30 @@
 
 Implementations take and return tensors; they keep no compression state. ``all_to_all``
 and ``all_gather`` move equal-sized uint8 payloads, ``broadcast`` and ``all_reduce`` serve
-the rare full-precision syncs (initial parameters, SAEF's error averaging, checks).
+the rare full-precision syncs (initial parameters, SAEF's error averaging, checks). The
+``*_async`` forms start a collective and return a ``Pending`` so that the pipeline can
+compress the next bucket while the bytes travel; a backend without them runs the
+collective at once.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, List
 
 import torch
+
+
+class Pending:
+    """A collective in flight: ``wait()`` blocks until it is done and returns its result."""
+
+    def __init__(self, finish: Callable[[], torch.Tensor]):
+        self._finish = finish
+
+    @classmethod
+    def ready(cls, result: torch.Tensor) -> "Pending":
+        return cls(lambda: result)
+
+    def wait(self) -> torch.Tensor:
+        return self._finish()
 
 
 class CollectiveError(RuntimeError):
@@ -22,13 +39,23 @@ class Communicator:
     #: where host-side metadata tensors must live for this backend's collectives
     device = torch.device("cpu")
 
+    # A backend implements all_to_all and all_gather, or their async forms (each pair
+    # defaults to the other).
     def all_to_all(self, chunks: List[torch.Tensor]) -> torch.Tensor:
         """Send ``chunks[j]`` to rank j; return ``(world_size, size)``: row i came from rank i."""
-        raise NotImplementedError
+        return self.all_to_all_async(chunks).wait()
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Return ``(world_size, *t.shape)``: row i is rank i's ``t``."""
-        raise NotImplementedError
+        return self.all_gather_async(t).wait()
+
+    def all_to_all_async(self, chunks: List[torch.Tensor]) -> Pending:
+        """``all_to_all`` started; every rank must start collectives in the same order."""
+        return Pending.ready(self.all_to_all(chunks))
+
+    def all_gather_async(self, t: torch.Tensor) -> Pending:
+        """``all_gather`` started; every rank must start collectives in the same order."""
+        return Pending.ready(self.all_gather(t))
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite ``t`` in place with rank ``src``'s and return it."""

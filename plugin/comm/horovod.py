@@ -17,7 +17,7 @@ import itertools
 
 import torch
 
-from .base import Communicator
+from .base import Communicator, Pending
 
 _INSTANCES = itertools.count()
 
@@ -56,18 +56,17 @@ class HorovodCommunicator(Communicator):
     def _name(self, kind: str) -> str:
         return f"{self.prefix}.{kind}.{next(self._calls)}"
 
-    def all_to_all(self, chunks):
+    def all_to_all_async(self, chunks):
         hvd = _hvd()
         send = torch.stack(chunks).contiguous()
         handle = hvd.alltoall_async(send, name=self._name("alltoall"), process_set=self.process_set)
-        out, _ = hvd.synchronize(handle)
-        return out.view(self.world_size, -1)
+        return Pending(lambda: hvd.synchronize(handle)[0].view(self.world_size, -1))
 
-    def all_gather(self, t):
+    def all_gather_async(self, t):
         hvd = _hvd()
         handle = hvd.allgather_async(t.contiguous().unsqueeze(0), name=self._name("allgather"),
                                      process_set=self.process_set)
-        return hvd.synchronize(handle)
+        return Pending(lambda: hvd.synchronize(handle))
 
     def broadcast(self, t, src=0):
         hvd = _hvd()

@@ -8,7 +8,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .base import CollectiveError, Communicator
+from .base import CollectiveError, Communicator, Pending
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 # Gloo sends one large message in a single direction at a time: above this many bytes per rank
@@ -60,42 +60,53 @@ class TorchDistCommunicator(Communicator):
         step = max(8, GLOO_PIECE_BYTES // self.world_size // 8 * 8)
         return [(a, min(a + step, row_bytes)) for a in range(0, row_bytes, step)]
 
-    def all_to_all(self, chunks):
+    def _start(self, what: str, issue, assemble) -> Pending:
+        """Issue ``issue()`` (async works) now; ``wait()`` waits for them, then ``assemble()``."""
+        with self._guard(what):
+            works = issue()
+
+        def finish():
+            with self._guard(what):
+                for w in works:
+                    w.wait()
+            return assemble()
+        return Pending(finish)
+
+    def all_to_all_async(self, chunks):
         send = torch.stack(chunks) if len(chunks) > 1 else chunks[0].unsqueeze(0)
         recv = torch.empty_like(send)
         pieces = self._pieces(send.shape[1]) if send.dtype == torch.uint8 else [(0, send.shape[1])]
-        with self._guard("all_to_all"):
-            if len(pieces) == 1:
-                dist.all_to_all_single(recv.view(-1), send.view(-1), group=self.group)
-                return recv
-            parts = [(send[:, a:b].contiguous(), torch.empty(self.world_size, b - a, dtype=send.dtype), a, b)
-                     for a, b in pieces]
-            works = [dist.all_to_all_single(r.view(-1), s.view(-1), group=self.group, async_op=True)
-                     for s, r, _, _ in parts]
-            for w in works:
-                w.wait()
-        for _, r, a, b in parts:
-            recv[:, a:b] = r
-        return recv
+        if len(pieces) == 1:
+            return self._start("all_to_all", lambda: [dist.all_to_all_single(
+                recv.view(-1), send.view(-1), group=self.group, async_op=True)], lambda: recv)
+        parts = [(send[:, a:b].contiguous(), torch.empty(self.world_size, b - a, dtype=send.dtype), a, b)
+                 for a, b in pieces]
 
-    def all_gather(self, t):
+        def assemble():
+            for _, r, a, b in parts:
+                recv[:, a:b] = r
+            return recv
+        return self._start("all_to_all", lambda: [dist.all_to_all_single(
+            r.view(-1), s.view(-1), group=self.group, async_op=True) for s, r, _, _ in parts], assemble)
+
+    def all_gather_async(self, t):
         # torch >= 2.13 renamed all_gather_into_tensor (which now warns) to all_gather_single.
         _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         t = t.contiguous()
         out = t.new_empty((self.world_size,) + tuple(t.shape))
         flat_in, flat_out = t.view(-1), out.view(self.world_size, -1)
         pieces = self._pieces(flat_in.numel()) if t.dtype == torch.uint8 else [(0, flat_in.numel())]
-        with self._guard("all_gather"):
-            if len(pieces) == 1:
-                _all_gather(out.view(-1), flat_in, group=self.group)
-                return out
-            parts = [(torch.empty(self.world_size, b - a, dtype=t.dtype), a, b) for a, b in pieces]
-            works = [_all_gather(r.view(-1), flat_in[a:b], group=self.group, async_op=True) for r, a, b in parts]
-            for w in works:
-                w.wait()
-        for r, a, b in parts:
-            flat_out[:, a:b] = r
-        return out
+        if len(pieces) == 1:
+            return self._start("all_gather", lambda: [_all_gather(out.view(-1), flat_in, group=self.group,
+                                                                  async_op=True)], lambda: out)
+        parts = [(torch.empty(self.world_size, b - a, dtype=t.dtype), a, b) for a, b in pieces]
+
+        def assemble():
+            for r, a, b in parts:
+                flat_out[:, a:b] = r
+            return out
+        return self._start("all_gather", lambda: [_all_gather(r.view(-1), flat_in[a:b], group=self.group,
+                                                              async_op=True) for r, a, b in parts], assemble)
 
     def broadcast(self, t, src=0):
         with self._guard("broadcast"):

@@ -25,6 +25,9 @@ class Compressor:
     unit_scales: bool = False
     #: Whether the sum of two payloads is the payload of the sum (only plain casts are).
     summable: bool = False
+    #: Whether encode_fused / fused_scales take a ``taciturn.segments.Segments`` as x (the
+    #: tensors of a bucket read in place; no piece straddles two of them).
+    reads_segments: bool = False
     #: Bits per element on the wire, ignoring per-piece fields (for reports).
     bits_per_element: float = 32.0
 
@@ -67,6 +70,24 @@ class Compressor:
         if fused.update != "none":
             fused.apply(y, self.decode(payload, pieces, seed))
         return payload
+
+    def decode_mean(self, payloads: Sequence[torch.Tensor], pieces: Pieces, seed: int,
+                    out: torch.Tensor) -> torch.Tensor:
+        """out = (decode(payloads[0]) + ... + decode(payloads[n-1])) / n, added in that order."""
+        self.decode(payloads[0], pieces, seed, out=out)
+        for p in payloads[1:]:
+            self.decode_add(p, pieces, out, seed)
+        return out.div_(len(payloads))
+
+    def serve_fused(self, payloads: torch.Tensor, pieces: Pieces, acc: Optional[torch.Tensor], fused,
+                    scratch: torch.Tensor, seeds=(0, 0)) -> torch.Tensor:
+        """The server phase of a two-way chunk: a = the mean of the workers' ``payloads`` (rows,
+        decoded with ``seeds[0]``); x = a, or ``acc += a`` and x = acc; then
+        ``encode_fused(x, pieces, fused, seed=seeds[1])``. ``scratch`` (``pieces.numel`` fp32)
+        may hold a. Codecs with a fused kernel do it in one pass."""
+        a = self.decode_mean(payloads, pieces, seeds[0], scratch)
+        x = acc.add_(a) if acc is not None else a
+        return self.encode_fused(x, pieces, fused, seed=seeds[1])
 
     def compress(self, x: torch.Tensor, pieces: Optional[Pieces] = None, seed: int = 0) -> torch.Tensor:
         """C(x) for a flat tensor: decode(encode(x)) (what every receiver reconstructs)."""

@@ -6,6 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import kernels
+from ..segments import Segments
 from ..wire import Pieces, from_bytes, pack_signs, packed_len, padded, unpack_signs
 from .base import Compressor
 
@@ -27,11 +28,16 @@ def _fill_signed(view: torch.Tensor, scale: torch.Tensor) -> None:
     torch.where(view.ne(0), scale, -scale, out=view)
 
 
+def _flat(x):
+    return x.flat() if isinstance(x, Segments) else x
+
+
 class ScaledSign(Compressor):
     """C(x) = s_b * sign(x_b) per piece b, sign(0) = +1, s_b = ||x_b||_1/d_b (or l2/sqrt(d_b))."""
 
     bits_per_element = 1.0
     unit_scales = True
+    reads_segments = True
 
     _NAMES = {"l1": "scaled_sign", "l2": "scaled_sign_l2", "none": "sign"}
 
@@ -61,14 +67,21 @@ class ScaledSign(Compressor):
         """``scales(y)`` of y = x + alpha*h, ``fused`` as in ``encode_fused`` (h is not changed)."""
         if kernels.usable(x, fused.h):
             return kernels.sign_scales(x, pieces, self.scale, fused.h, fused.alpha)
-        return self.scales(fused.input(x), pieces)
+        return self.scales(fused.input(_flat(x)), pieces)
 
     def encode_fused(self, x, pieces, fused, scales=None, seed=0):
         if not kernels.usable(x, fused.h):
-            return super().encode_fused(x, pieces, fused, scales, seed)
+            return super().encode_fused(_flat(x), pieces, fused, scales, seed)
         out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8)
         return kernels.sign_encode(x, pieces, self.scale, out, self._head(pieces), h=fused.h, alpha=fused.alpha,
                                    update=fused.update, scales=scales)
+
+    def serve_fused(self, payloads, pieces, acc, fused, scratch, seeds=(0, 0)):
+        if not kernels.usable(payloads, acc, fused.h) or any(run[2] > kernels.LOCAL_MAX for run in pieces.runs):
+            return super().serve_fused(payloads, pieces, acc, fused, scratch, seeds)
+        out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8)
+        return kernels.sign_serve(payloads, pieces, self.scale, self._head(pieces), out, acc=acc, h=fused.h,
+                                  alpha=fused.alpha, update=fused.update)
 
     def encode(self, x, pieces, seed=0, scales=None):
         out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8, device=x.device)

@@ -34,15 +34,18 @@ from typing import Optional
 
 import torch
 
+from ..segments import Segments
 from ..wire import Pieces, packed_len
 
-_SOURCE = Path(__file__).with_name("sign.cpp")
+_SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
 _FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared")
 _SCALES = {"none": 0, "l1": 1, "l2": 2}
 _UPDATES = {"none": 0, "markov": 1, "ef": 2}
 #: fewer elements per thread do not pay for a team of threads (a fork/join, and a stall of a
 #: scheduler tick whenever another process holds one of the cores)
 _MIN_PER_THREAD = 1 << 18
+#: the longest piece ``sign_serve`` takes (kLocal in sign.cpp: a piece that one thread keeps in cache)
+LOCAL_MAX = 1 << 16
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -50,10 +53,16 @@ _failed: Optional[str] = None
 _enabled = os.environ.get("TACITURN_KERNELS", "1") != "0"
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-_SIGNATURES = {
-    "tac_sign_scales": [_ptr, _ptr, _f32, _ptr, _i64, _i64, _int, _ptr, _int],
-    "tac_sign_encode": [_ptr, _ptr, _f32, _int, _ptr, _i64, _i64, _int, _ptr, _ptr, _ptr, _int],
+#: argument types of every exported function (all return void); a module that adds a .cpp
+#: file next to sign.cpp adds its functions here
+SIGNATURES = {
+    "tac_sign_scales": [_ptr, _ptr, _ptr, _i64, _ptr, _f32, _ptr, _i64, _i64, _int, _ptr, _int],
+    "tac_sign_encode": [_ptr, _ptr, _ptr, _i64, _ptr, _f32, _int, _ptr, _i64, _i64, _int, _ptr, _ptr, _ptr, _int],
     "tac_sign_decode": [_ptr, _ptr, _ptr, _i64, _i64, _int, _ptr, _int, _int],
+    "tac_sign_serve": [_ptr, _ptr, _int, _ptr, _i64, _i64, _int, _ptr, _ptr, _f32, _int, _ptr, _ptr, _int],
+    "tac_amsgrad": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _int],
+    "tac_adam": [_ptr, _ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _f32, _int],
+    "tac_momentum": [_ptr, _ptr, _ptr, _i64, _f32, _int],
 }
 
 
@@ -77,8 +86,8 @@ def _build() -> ctypes.CDLL:
     if not compiler:
         raise RuntimeError("no C++ compiler: install g++ (apt-get install g++) or set CXX")
     flags = [*_FLAGS, f"-march={os.environ.get('TACITURN_KERNELS_ARCH', 'native')}"]
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
+    sources = [f.read_bytes() for f in _SOURCES]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(flags).encode(), compiler.encode(),
                                      _cpu_id().encode()])).hexdigest()[:16]
     target = cache_dir() / f"sign-{key}.so"
     if not target.exists():
@@ -86,7 +95,7 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp], capture_output=True,
+            done = subprocess.run([compiler, *flags, *map(str, _SOURCES), "-o", tmp], capture_output=True,
                                   text=True, timeout=300)
             if done.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
@@ -95,7 +104,7 @@ def _build() -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
-    for name, argtypes in _SIGNATURES.items():
+    for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
     return lib
@@ -123,15 +132,17 @@ def set_enabled(flag: bool) -> bool:
     return previous
 
 
-def usable(*tensors: Optional[torch.Tensor]) -> bool:
-    """True when the kernels may run on these tensors (None entries are ignored): all on CPU,
-    contiguous, fp32 or uint8, and the library is built (building it if needed)."""
+def usable(*tensors) -> bool:
+    """True when the kernels may run on these tensors (None entries are ignored; a ``Segments``
+    counts as its parts): all on CPU, contiguous, fp32 or uint8, and the library is built
+    (building it if needed)."""
     if not _enabled:
         return False
     for t in tensors:
-        if t is not None and (t.device.type != "cpu" or not t.is_contiguous()
-                              or t.dtype not in (torch.float32, torch.uint8)):
-            return False
+        for part in (t.parts if isinstance(t, Segments) else [t]):
+            if part is not None and (part.device.type != "cpu" or not part.is_contiguous()
+                                     or part.dtype not in (torch.float32, torch.uint8)):
+                return False
     return library() is not None
 
 
@@ -149,7 +160,17 @@ def _addr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def _check(x: torch.Tensor, pieces: Pieces, *states: Optional[torch.Tensor]) -> None:
+def _source(x):
+    """(pointer, segment pointers, segment starts, count) of an input tensor or ``Segments``;
+    the arrays must stay referenced until the call returns."""
+    if not isinstance(x, Segments):
+        return x.data_ptr(), None, None, 0
+    n = len(x.parts)
+    return (None, (ctypes.c_void_p * max(1, n))(*[p.data_ptr() for p in x.parts]),
+            (ctypes.c_int64 * max(1, n))(*x.starts), n)
+
+
+def _check(x, pieces: Pieces, *states: Optional[torch.Tensor]) -> None:
     if x.numel() != pieces.numel:
         raise ValueError(f"taciturn.kernels: {x.numel()} elements given for pieces of {pieces.numel}")
     for h in states:
@@ -157,25 +178,28 @@ def _check(x: torch.Tensor, pieces: Pieces, *states: Optional[torch.Tensor]) -> 
             raise ValueError(f"taciturn.kernels: feedback state of {h.numel()} elements for {x.numel()} inputs")
 
 
-def sign_scales(x: torch.Tensor, pieces: Pieces, scale: str, h: Optional[torch.Tensor] = None,
+def sign_scales(x, pieces: Pieces, scale: str, h: Optional[torch.Tensor] = None,
                 alpha: float = 0.0) -> torch.Tensor:
-    """The scale of every piece of y = x + alpha*h (mean |y| for "l1", sqrt(mean y^2) for "l2")."""
+    """The scale of every piece of y = x + alpha*h (mean |y| for "l1", sqrt(mean y^2) for "l2");
+    x a tensor or ``Segments`` whose parts no piece straddles."""
     _check(x, pieces, h)
     out = torch.empty(pieces.count, dtype=torch.float32)
     runs, nruns = _runs(pieces)
-    library().tac_sign_scales(x.data_ptr(), _addr(h), alpha, runs, nruns, x.numel(), _SCALES[scale],
+    source = _source(x)
+    library().tac_sign_scales(*source, _addr(h), alpha, runs, nruns, x.numel(), _SCALES[scale],
                               out.data_ptr(), _threads(x.numel()))
     return out
 
 
-def sign_encode(x: torch.Tensor, pieces: Pieces, scale: str, payload: torch.Tensor, head: int, *,
+def sign_encode(x, pieces: Pieces, scale: str, payload: torch.Tensor, head: int, *,
                 h: Optional[torch.Tensor] = None, alpha: float = 0.0, update: str = "none",
                 scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Write the sign payload of y = x + alpha*h into ``payload`` and update ``h`` in the same pass.
 
     ``payload[:head]`` gets the fp32 scales (unless ``scale`` is "none"), ``payload[head:]`` the
     packed signs; bytes after them are left alone. ``update``: "none", "markov" (h += C(y)) or
-    "ef" (h = y - C(y)). ``scales`` (one per piece) replaces the computed ones.
+    "ef" (h = y - C(y)). ``scales`` (one per piece) replaces the computed ones. x: a tensor or
+    ``Segments`` whose parts no piece straddles.
     """
     _check(x, pieces, h)
     if update != "none" and h is None:
@@ -185,7 +209,8 @@ def sign_encode(x: torch.Tensor, pieces: Pieces, scale: str, payload: torch.Tens
     if scales is not None:
         scales = scales.to(torch.float32).contiguous()
     runs, nruns = _runs(pieces)
-    library().tac_sign_encode(x.data_ptr(), _addr(h), alpha, _UPDATES[update], runs, nruns, x.numel(),
+    source = _source(x)
+    library().tac_sign_encode(*source, _addr(h), alpha, _UPDATES[update], runs, nruns, x.numel(),
                               _SCALES[scale], _addr(scales), payload.data_ptr(), payload.data_ptr() + head,
                               _threads(x.numel()))
     return payload
@@ -202,4 +227,30 @@ def sign_decode(payload: torch.Tensor, pieces: Pieces, scale: str, head: int,
     runs, nruns = _runs(pieces)
     library().tac_sign_decode(payload.data_ptr(), payload.data_ptr() + head, runs, nruns, pieces.numel,
                               _SCALES[scale], out.data_ptr(), int(accumulate), _threads(pieces.numel))
+    return out
+
+
+def sign_serve(payloads: torch.Tensor, pieces: Pieces, scale: str, head: int, out: torch.Tensor, *,
+               acc: Optional[torch.Tensor] = None, h: Optional[torch.Tensor] = None, alpha: float = 0.0,
+               update: str = "none") -> torch.Tensor:
+    """The server phase in one pass per piece: a = mean of the decoded rows of ``payloads``
+    (n, bytes), x = a, or ``acc += a`` and x = acc; then the payload of y = x + alpha*h into
+    ``out`` with h updated as in ``sign_encode``. Pieces of at most ``LOCAL_MAX`` elements."""
+    for t in (acc, h):
+        if t is not None and t.numel() != pieces.numel:
+            raise ValueError(f"taciturn.kernels: state of {t.numel()} elements for pieces of {pieces.numel}")
+    if pieces.count and max(run[2] for run in pieces.runs) > LOCAL_MAX:
+        raise ValueError(f"taciturn.kernels: sign_serve takes pieces of at most {LOCAL_MAX} elements")
+    if update != "none" and h is None:
+        raise ValueError(f"taciturn.kernels: update={update!r} needs the state tensor h")
+    if min(payloads.shape[1], out.numel()) < head + packed_len(pieces.numel):
+        raise ValueError("taciturn.kernels: payload too small for its pieces")
+    n = payloads.shape[0]
+    rows = [payloads[j].data_ptr() for j in range(n)]
+    heads = (ctypes.c_void_p * n)(*rows)
+    bits = (ctypes.c_void_p * n)(*[r + head for r in rows])
+    runs, nruns = _runs(pieces)
+    library().tac_sign_serve(heads, bits, n, runs, nruns, pieces.numel, _SCALES[scale], _addr(acc), _addr(h),
+                             alpha, _UPDATES[update], out.data_ptr(), out.data_ptr() + head,
+                             _threads(pieces.numel))
     return out

@@ -62,16 +62,33 @@ void parallel(int threads, F f) {
 // Element cut of thread t out of n, on a multiple of 8 (threads never share a byte of signs).
 int64_t cut(int64_t numel, int t, int n) { return t == n ? numel : (numel * t / n) & ~int64_t(7); }
 
-// y = x + alpha * h (h null: y = x), one tile at a time.
-struct Input {
+// Where x is: one array whose x[0] is element `origin`, or `nsegs` arrays, segs[k][0] being
+// element starts[k] (starts ascending, the first 0): a bucket's tensors, not copied into one.
+// A tile never straddles two arrays (pieces never straddle tensors).
+struct Source {
   const float* x;
+  int64_t origin = 0;
+  const float* const* segs = nullptr;
+  const int64_t* starts = nullptr;
+  int64_t nsegs = 0;
+
+  const float* at(int64_t i) const {
+    if (!segs) return x + (i - origin);
+    const int64_t k = std::upper_bound(starts, starts + nsegs, i) - starts - 1;
+    return segs[k] + (i - starts[k]);
+  }
+};
+
+// y = x + alpha * h (h null: y = x), one tile at a time (h[0] is element 0).
+struct Input {
+  Source x;
   const float* h;
   float alpha;
 
   // y[i0, i1), y[0] being element i0: x itself, or `buf` filled with x + alpha * h.
   const float* tile(int64_t i0, int64_t i1, float* __restrict buf) const {
-    if (!h) return x + i0;
-    const float* __restrict xs = x + i0;
+    if (!h) return x.at(i0);
+    const float* __restrict xs = x.at(i0);
     const float* __restrict hs = h + i0;
     for (int64_t i = 0; i < i1 - i0; ++i) buf[i] = xs[i] + alpha * hs[i];
     return buf;
@@ -202,16 +219,23 @@ void unpack_bytes(const uint8_t* bits, int64_t nbytes, float s, float* out, bool
   }
 }
 
+// Elements [i0, i1) of C into out[0, i1 - i0) (+= when accumulate).
 void decode_range(const uint8_t* bits, float s, int64_t i0, int64_t i1, float* out, bool accumulate) {
   auto put = [&](int64_t i) {
     const float c = s * kSigns.v[bits[i >> 3]][i & 7];
-    out[i] = accumulate ? out[i] + c : c;
+    out[i - i0] = accumulate ? out[i - i0] + c : c;
   };
   const int64_t a0 = std::min(i1, (i0 + 7) & ~int64_t(7));
   const int64_t a1 = std::max(a0, i1 & ~int64_t(7));
   for (int64_t i = i0; i < a0; ++i) put(i);
-  unpack_bytes(bits + a0 / 8, (a1 - a0) / 8, s, out + a0, accumulate);
+  unpack_bytes(bits + a0 / 8, (a1 - a0) / 8, s, out + (a0 - i0), accumulate);
   for (int64_t i = a1; i < i1; ++i) put(i);
+}
+
+float piece_scale_of(const uint8_t* head, int scale, int64_t index) {
+  float s = 1.0f;
+  if (scale != kUnit) std::memcpy(&s, head + 4 * index, 4);
+  return s;
 }
 
 }  // namespace
@@ -219,9 +243,11 @@ void decode_range(const uint8_t* bits, float s, int64_t i0, int64_t i1, float* o
 extern "C" {
 
 // Scale of every piece of y = x + alpha * h into `scales` (one float per piece).
-void tac_sign_scales(const float* x, const float* h, float alpha, const int64_t* runs, int64_t nruns,
-                     int64_t numel, int scale, float* scales, int threads) {
-  const Input in{x, alpha != 0.0f ? h : nullptr, alpha};
+// x: the input as one array, or (x null) as nsegs arrays segs[k] starting at element starts[k].
+void tac_sign_scales(const float* x, const float* const* segs, const int64_t* starts, int64_t nsegs, const float* h,
+                     float alpha, const int64_t* runs, int64_t nruns, int64_t numel, int scale, float* scales,
+                     int threads) {
+  const Input in{x ? Source{x} : Source{nullptr, 0, segs, starts, nsegs}, alpha != 0.0f ? h : nullptr, alpha};
   parallel(threads, [&](int t, int n) {
     const int64_t lo = cut(numel, t, n), hi = cut(numel, t + 1, n);
     for_pieces(runs, nruns, lo, hi, [&](const Piece& p) {
@@ -232,10 +258,11 @@ void tac_sign_scales(const float* x, const float* h, float alpha, const int64_t*
 
 // Payload of y = x + alpha * h: the scales into `head` (4 bytes per piece, none for kUnit),
 // the signs into `bits` ((numel + 7) / 8 bytes); h updated per `mode`. `given` (nullable)
-// replaces the computed scales.
-void tac_sign_encode(const float* x, float* h, float alpha, int mode, const int64_t* runs, int64_t nruns,
-                     int64_t numel, int scale, const float* given, uint8_t* head, uint8_t* bits, int threads) {
-  const Input in{x, alpha != 0.0f ? h : nullptr, alpha};
+// replaces the computed scales. x as in tac_sign_scales.
+void tac_sign_encode(const float* x, const float* const* segs, const int64_t* starts, int64_t nsegs, float* h,
+                     float alpha, int mode, const int64_t* runs, int64_t nruns, int64_t numel, int scale,
+                     const float* given, uint8_t* head, uint8_t* bits, int threads) {
+  const Input in{x ? Source{x} : Source{nullptr, 0, segs, starts, nsegs}, alpha != 0.0f ? h : nullptr, alpha};
   const bool need_sum = !given && scale != kUnit;
   auto scale_of = [&](const Piece& p, double sum) {
     const float s = given ? given[p.index] : piece_scale(scale, sum, p.end - p.start);
@@ -280,9 +307,46 @@ void tac_sign_decode(const uint8_t* head, const uint8_t* bits, const int64_t* ru
   parallel(threads, [&](int t, int n) {
     const int64_t lo = cut(numel, t, n), hi = cut(numel, t + 1, n);
     for_pieces(runs, nruns, lo, hi, [&](const Piece& p) {
-      float s = 1.0f;
-      if (scale != kUnit) std::memcpy(&s, head + 4 * p.index, 4);
-      decode_range(bits, s, std::max(lo, p.start), std::min(hi, p.end), out, accumulate != 0);
+      const int64_t i0 = std::max(lo, p.start);
+      decode_range(bits, piece_scale_of(head, scale, p.index), i0, std::min(hi, p.end), out + i0, accumulate != 0);
+    });
+  });
+}
+
+// The server phase of a two-way chunk, one piece at a time while it is in cache: the mean
+// a = (C_0 + ... + C_{n-1}) / n of the n workers' payloads (heads[j], bits[j]), then
+// x = a, or with `acc` (Markov's H): acc += a and x = acc; then y = x + alpha * h and its
+// payload (into head, bits), h updated per `mode` as in tac_sign_encode. Pieces of at most
+// kLocal elements only (LOCAL_MAX in __init__.py); the same bytes and state as decoding,
+// adding, dividing and encoding separately.
+void tac_sign_serve(const uint8_t* const* heads, const uint8_t* const* bits_in, int n, const int64_t* runs,
+                    int64_t nruns, int64_t numel, int scale, float* acc, float* h, float alpha, int mode,
+                    uint8_t* head, uint8_t* bits, int threads) {
+  std::memset(bits, 0, (numel + 7) / 8);
+  parallel(threads, [&](int t, int nt) {
+    std::vector<float> y(kLocal);
+    const int64_t lo = cut(numel, t, nt), hi = cut(numel, t + 1, nt);
+    for_pieces(runs, nruns, lo, hi, [&](const Piece& p) {
+      if (p.start < lo) return;
+      const int64_t len = p.end - p.start;
+      for (int j = 0; j < n; ++j)
+        decode_range(bits_in[j], piece_scale_of(heads[j], scale, p.index), p.start, p.end, y.data(), j > 0);
+      const float count = static_cast<float>(n);
+      float* __restrict ys = y.data();
+      if (acc) {
+        float* __restrict as = acc + p.start;
+        for (int64_t i = 0; i < len; ++i) ys[i] = as[i] += ys[i] / count;
+      } else {
+        for (int64_t i = 0; i < len; ++i) ys[i] /= count;
+      }
+      if (alpha != 0.0f && h) {
+        const float* __restrict hs = h + p.start;
+        for (int64_t i = 0; i < len; ++i) ys[i] = ys[i] + alpha * hs[i];
+      }
+      const Input in{Source{ys, p.start}, nullptr, 0.0f};
+      float s = scale != kUnit ? piece_scale(scale, range_sum(in, scale, p.start, p.end), len) : 1.0f;
+      if (scale != kUnit) std::memcpy(head + 4 * p.index, &s, 4);
+      encode_range(in, h, mode, s, p.start, p.end, bits);
     });
   });
 }

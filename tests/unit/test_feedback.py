@@ -38,8 +38,8 @@ def run_rule(fused, x, c):
 def test_none_passes_through():
     fb, x = make_feedback("none"), vec(1, -2)
     assert run_rule(fb.worker_fused({}, 1.0), x, vec(5, 5)) is x
-    xs, rule = fb.server_fused(x, {}, 1.0, slice(0, 2))
-    assert xs is x and run_rule(rule, xs, vec(5, 5)) is x
+    acc, rule = fb.server_form({}, 1.0, slice(0, 2))
+    assert acc is None and run_rule(rule, x, vec(5, 5)) is x
     assert fb.result_target({}) is None and fb.accumulate(x, {}) is x
 
 
@@ -50,8 +50,9 @@ def test_error_feedback_rescales_and_stores_the_error():
     y = run_rule(fb.worker_fused(st, 0.5), x, vec(1, 1, 1))
     assert torch.equal(y, vec(1.5, 2.5, 3)) and torch.equal(x, vec(1, 2, 3))
     assert torch.equal(st["worker_error"], vec(0.5, 1.5, 2))
-    xs, rule = fb.server_fused(vec(1, 1), st, 2.0, slice(0, 2))
-    z = run_rule(rule, xs, vec(4, -4))
+    acc, rule = fb.server_form(st, 2.0, slice(0, 2))
+    z = run_rule(rule, vec(1, 1), vec(4, -4))
+    assert acc is None
     assert torch.equal(z, vec(5, -3)) and torch.equal(st["server_error"], vec(1, 1))
     assert fb.result_target(st) is None
     # s = 0 (lr_{-1} = 0 in dist-EF-SGD): the error is dropped, x itself is compressed, unchanged
@@ -65,9 +66,10 @@ def test_markov_sequences():
     y = run_rule(fb.worker_fused(st, 1.0), vec(2, 2, 2, 2), vec(1, 1, 1, 1))
     assert torch.equal(y, vec(1, 2, 2, 2))
     assert torch.equal(st["worker_markov"], vec(2, 1, 1, 1))
-    xs, rule = fb.server_fused(vec(1, 2), st, 1.0, slice(2, 4))  # H = H + a ; y = H - G[chunk]
-    assert torch.equal(st["server_markov"], vec(2, 3))
-    z = run_rule(rule, xs, vec(7, 7))  # G is not changed by the server's own compression...
+    acc, rule = fb.server_form(st, 1.0, slice(2, 4))  # H = H + a ; y = H - G[chunk]
+    assert acc.data_ptr() == st["server_markov"].data_ptr()
+    z = run_rule(rule, acc.add_(vec(1, 2)), vec(7, 7))
+    assert torch.equal(st["server_markov"], vec(2, 3))  # G is not changed by the server's own compression...
     assert torch.equal(z, vec(-1, 2)) and torch.equal(st["result_markov"], vec(0, 0, 3, 1))
     target = fb.result_target(st)  # ...every rank adds the decoded server chunks to G, the result
     assert target.data_ptr() == st["result_markov"].data_ptr()

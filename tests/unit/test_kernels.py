@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from taciturn import kernels, make_compressor
+from taciturn.compressors import Compressor
 from taciturn.comm import LocalCommunicator
 from taciturn.comm.allreduce import compressed_allreduce
 from taciturn.feedback import Fused, make_feedback
 from taciturn.layout import BucketLayout
+from taciturn.segments import Segments
 from taciturn.wire import Pieces, packed_len
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="fused kernels could not be built here")
@@ -181,6 +183,58 @@ def test_thread_count_does_not_change_the_payload():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+@pytest.mark.parametrize("cid", ["block_sign", "block_sign_100", "scaled_sign", "scaled_sign_l2", "sign"])
+def test_segments_read_in_place_equal_the_flat_copy(cid):
+    """A bucket's tensors read in place (Segments, also cut at chunk edges) give the bytes and
+    the state of their flat copy; the torch path takes the copy."""
+    codec, parts = layouts(cid, "tensors")
+    sizes = SIZES["tensors"]
+    x = sample(sum(sizes), 40)
+    segments = Segments(list(torch.split(x.clone(), sizes)))
+    assert segments.numel() == x.numel() and torch.equal(segments.flat(), x)
+    h0 = sample(sum(sizes), 41)
+    for sl, pieces in parts:
+        assert torch.equal(segments[sl].flat(), x[sl])
+        for rule, alpha in (("markov", -1.0), ("ef", 0.5), ("none", 0.0)):
+            h1, h2 = h0[sl].clone(), h0[sl].clone()
+            a = codec.encode_fused(segments[sl], pieces, Fused(h1, alpha, rule))
+            b = codec.encode_fused(x[sl], pieces, Fused(h2, alpha, rule))
+            assert torch.equal(a, b) and torch.equal(h1, h2)
+            if codec.unit_scales:
+                assert torch.equal(codec.fused_scales(segments[sl], pieces, Fused(h0[sl], alpha, rule)),
+                                   codec.fused_scales(x[sl], pieces, Fused(h0[sl], alpha, rule)))
+            with torch_path():
+                h3 = h0[sl].clone()
+                c = codec.encode_fused(segments[sl], pieces, Fused(h3, alpha, rule))
+                assert c.numel() == b.numel() and torch.equal(split(codec, c, pieces)[1], split(codec, b, pieces)[1])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("rule", ["none", "ef", "markov"])
+@pytest.mark.parametrize("cid,sid", [("block_sign", "tensors"), ("block_sign_100", "1025"), ("sign", "tensors"),
+                                     ("scaled_sign_l2", "1023"), ("block_sign", "1e6+3")])
+def test_fused_server_phase_equals_its_steps(cid, sid, rule, n, monkeypatch):
+    """serve_fused in one pass == decode_mean, acc += a, encode_fused (both with the kernels),
+    bit for bit: payload and state; pieces longer than LOCAL_MAX take the steps."""
+    codec, parts = layouts(cid, sid)
+    fb, s = make_feedback(rule), 0.5
+    served = []
+    serve = kernels.sign_serve
+    monkeypatch.setattr(kernels, "sign_serve", lambda *a, **k: served.append(1) or serve(*a, **k))
+    for sl, pieces in parts[1:]:
+        d, before = pieces.numel, len(served)
+        payloads = torch.stack([codec.encode(sample(d, 20 + i), pieces) for i in range(n)])
+        state = {"server_error": sample(d, 30), "server_markov": sample(d, 31), "result_markov": sample(d, 32)}
+        twin = {k: v.clone() for k, v in state.items()}
+        acc, form = fb.server_form(state, s, slice(0, d))
+        fast = codec.serve_fused(payloads, pieces, acc, form, torch.empty(d))
+        acc, form = fb.server_form(twin, s, slice(0, d))
+        ref = Compressor.serve_fused(codec, payloads, pieces, acc, form, torch.empty(d))
+        assert torch.equal(fast, ref)
+        assert all(torch.equal(state[k], twin[k]) for k in state)
+        assert (len(served) > before) == all(run[2] <= kernels.LOCAL_MAX for run in pieces.runs)
 
 
 @pytest.mark.parametrize("two_way", [True, False], ids=["two_way", "one_way"])
