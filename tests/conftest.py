@@ -64,7 +64,7 @@ def plain_compress(v: torch.Tensor, name: str, opts: dict) -> torch.Tensor:
     if name == "topk":
         k = min(v.numel(), max(1, math.ceil(Fraction(str(opts["ratio"])) * v.numel())))
         out = torch.zeros_like(v)
-        idx = v.abs().topk(k).indices
+        idx = torch.sort(v.abs(), descending=True, stable=True).indices[:k]  # ties: lowest indices
         out[idx] = v[idx]
         return out
     if name == "identity":

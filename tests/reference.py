@@ -63,7 +63,7 @@ def top_k(v, ratio):
     exact arithmetic (0.07 * 100 is 7, not the float 7.000000000000001)."""
     k = min(v.numel(), max(1, math.ceil(Fraction(str(ratio)) * v.numel())))
     out = torch.zeros_like(v)
-    idx = v.abs().topk(k).indices
+    idx = torch.sort(v.abs(), descending=True, stable=True).indices[:k]  # ties: lowest indices
     out[idx] = v[idx]
     return out
 

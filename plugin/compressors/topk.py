@@ -7,6 +7,8 @@ from typing import Optional, Union
 
 import torch
 
+from .. import kernels
+from ..kernels.topk import topk_encode
 from ..wire import Pieces, from_bytes, padded
 from .base import Compressor
 
@@ -77,18 +79,24 @@ class _Sparse(Compressor):
             out[4 * total:8 * total] = idx.to(torch.int32).view(torch.uint8)
         return out
 
-    def decode(self, payload, pieces, seed=0, out=None):
+    def _entries(self, payload: torch.Tensor, pieces: Pieces, seed: int):
+        """The values a payload carries and their indices (views of the payload where it sends them)."""
         total = sum(self.counts(pieces))
         values = from_bytes(payload, 0, total, torch.float32)
         if self.sends_indices:
-            idx = from_bytes(payload, 4 * total, total, torch.int32).long()
-        else:
-            idx = self.indices(None, pieces, seed).to(payload.device)
+            return values, from_bytes(payload, 4 * total, total, torch.int32)
+        return values, self.indices(None, pieces, seed).to(payload.device)
+
+    def decode(self, payload, pieces, seed=0, out=None):
+        values, idx = self._entries(payload, pieces, seed)
         if out is None:
             out = torch.empty(pieces.numel, dtype=torch.float32, device=payload.device)
-        out.zero_()
-        out[idx] = values
-        return out
+        return out.zero_().index_put_((idx,), values)
+
+    def decode_add(self, payload, pieces, acc, seed=0, tmp=None):
+        """``acc += decode(payload)`` at the kept entries only (no full-size temporary; ``tmp`` unused)."""
+        values, idx = self._entries(payload, pieces, seed)
+        return acc.index_add_(0, idx, values)
 
     def describe(self):
         return {"name": self.name, "ratio": self.ratio, "k": self.k}
@@ -97,10 +105,13 @@ class _Sparse(Compressor):
 class TopK(_Sparse):
     """Keep the ceil(ratio * d_b) largest-magnitude entries of every piece b.
 
-    ``mode="exact"`` (default) uses ``torch.topk``. ``mode="sampled"`` estimates the threshold
-    from a 1% random sample (seeded, so it is the same on every rank) set a little low, and runs
-    the exact top-k only on the entries above it (all of them when the sample set it too high):
-    the same entries as exact top-k, faster on large tensors (pieces of 100k elements or more).
+    On CPU (where ``taciturn.kernels.usable``) both modes run the fused top-k kernel: exact,
+    without a sort, and among entries as large as the k-th largest it keeps the lowest indices.
+    Elsewhere ``mode="exact"`` (default) uses ``torch.topk``, and ``mode="sampled"`` estimates the
+    threshold from a 1% random sample (seeded, so it is the same on every rank) set a little low,
+    and runs the exact top-k only on the entries above it (all of them when the sample set it too
+    high): the same entries as exact top-k, faster on large tensors (pieces of 100k elements or
+    more). The two paths may keep different entries among equal magnitudes.
     """
 
     def __init__(self, ratio=None, k=None, mode: str = "exact"):
@@ -125,6 +136,25 @@ class TopK(_Sparse):
         if above.numel() >= k:
             return above[mag[above].topk(k, sorted=False).indices]
         return mag.topk(k, sorted=False).indices
+
+    def fuses(self, *tensors):
+        return kernels.usable(*tensors)
+
+    def encode_fused(self, x, pieces, fused, scales=None, seed=0):
+        if not kernels.usable(x, fused.h):
+            return super().encode_fused(x, pieces, fused, scales, seed)
+        return self._kernel_encode(x, pieces, fused.h, fused.alpha, fused.update)
+
+    def encode(self, x, pieces, seed=0, scales=None):
+        if kernels.usable(x):
+            return self._kernel_encode(x, pieces)
+        return super().encode(x, pieces, seed, scales)
+
+    def _kernel_encode(self, x: torch.Tensor, pieces: Pieces, h: Optional[torch.Tensor] = None, alpha: float = 0.0,
+                       update: str = "none") -> torch.Tensor:
+        """The payload of y = x + alpha*h from the CPU kernel, h updated as ``update`` says."""
+        out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8)
+        return topk_encode(x, pieces, self.counts(pieces), out, h=h, alpha=alpha, update=update)
 
     def indices(self, x, pieces, seed):
         parts = []

@@ -279,7 +279,7 @@ def test_fallbacks_keep_the_torch_path():
     assert not kernels.usable(strided) and torch.equal(codec.encode(strided, pieces), ref)
     assert not kernels.usable(x.double()) and not kernels.usable(torch.empty(3, device="meta"))
     assert not codec.fuses(x, torch.zeros(3000, dtype=torch.float64))
-    assert not make_compressor("topk").fuses(x)
+    assert not make_compressor("randk").fuses(x)
 
 
 def test_build_failure_warns_once_and_falls_back(tmp_path, monkeypatch):

@@ -1,0 +1,46 @@
+"""The fused CPU top-k kernel (``topk.cpp``), built and loaded with the other kernels.
+
+An exact top-k by magnitude per piece without a sort: a radix select on the bits of |y| (on a
+long piece, first one pass gathering the entries above a bound guessed from a sample), with the
+feedback update of y = x + alpha*h in the same call. On one core it is about 40 times faster
+than ``torch.topk`` (25M elements, 1% kept: 14 ms). Callers ask
+``taciturn.kernels.usable(*tensors)`` first.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..wire import Pieces
+from . import _UPDATES, _addr, _check, _runs, _threads, library
+
+#: indices go on the wire as int32
+_MAX_NUMEL = 2 ** 31 - 1
+
+
+def topk_encode(x: torch.Tensor, pieces: Pieces, counts: Sequence[int], payload: torch.Tensor, *,
+                h: Optional[torch.Tensor] = None, alpha: float = 0.0, update: str = "none") -> torch.Tensor:
+    """Write the top-k payload of y = x + alpha*h into ``payload`` and update ``h`` in the same call.
+
+    Piece b keeps the ``counts[b]`` entries of largest |y| (among entries as large as the last
+    one kept, the lowest indices). ``payload[:4 * total]`` gets their fp32 values piece after
+    piece, ``payload[4 * total:8 * total]`` their int32 indices from the start of x in the same
+    order (``total = sum(counts)``); bytes after them are left alone. ``update``: "none",
+    "markov" (h += C(y)) or "ef" (h = y - C(y)).
+    """
+    _check(x, pieces, h)
+    if update != "none" and h is None:
+        raise ValueError(f"taciturn.kernels: update={update!r} needs the state tensor h")
+    if x.numel() > _MAX_NUMEL:
+        raise ValueError(f"taciturn.kernels: {x.numel()} elements do not fit int32 indices")
+    lengths = pieces.lengths()
+    if len(counts) != len(lengths) or any(not 0 <= k <= n for k, n in zip(counts, lengths)):
+        raise ValueError(f"taciturn.kernels: counts {list(counts)} do not fit pieces of lengths {lengths}")
+    if payload.numel() < 8 * sum(counts):
+        raise ValueError(f"taciturn.kernels: payload of {payload.numel()} bytes is too small")
+    kept = torch.tensor(counts, dtype=torch.int64)
+    runs, nruns = _runs(pieces)
+    library().tac_topk_encode(x.data_ptr(), _addr(h), alpha, _UPDATES[update], runs, nruns, x.numel(),
+                              kept.data_ptr(), payload.data_ptr(), _threads(x.numel()))
+    return payload
