@@ -69,6 +69,17 @@ def adam_(param: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_s
         x.addcdiv_(m, root.add_(eps), value=size)
 
 
+def frozen_adam_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, eps: float,
+                 weight_decay: float = 0.0) -> None:
+    """1-bit Adam's step after the freeze (v frozen, m the communicated momentum):
+    x = x - lr (m / (sqrt(v) + eps) + wd x)."""
+    for x, m, v, step in _pieces(param, exp_avg, exp_avg_sq):
+        torch.div(m, torch.sqrt(v, out=step).add_(eps), out=step)
+        if weight_decay:
+            step.add_(x, alpha=weight_decay)
+        x.add_(step, alpha=-lr)
+
+
 def momentum_(g: torch.Tensor, buf: Optional[torch.Tensor], momentum: float, nesterov: bool) -> torch.Tensor:
     """Heavy-ball buffer ``buf = mu buf + g`` (updated in place); returns the direction:
     ``buf`` or, with Nesterov, ``g + mu buf``. ``momentum == 0`` returns ``g``."""

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from .base import TACITURN_KEY, CompressedOptimizer, PipelineSpec, check_range, codec
-from .functional import amsgrad_
+from .functional import amsgrad_, frozen_adam_
 
 #: per-parameter state after the freeze: True where the frozen variance is exactly 0
 ZERO_VARIANCE_MASK = "zero_variance_mask"
@@ -204,10 +204,7 @@ class OneBitAdam(CompressedOptimizer):
 
     def _apply(self, p, m, v, group):
         x = self.master(p)
-        update = m / (v.sqrt() + group["eps"])
-        if group["weight_decay"]:
-            update.add_(x, alpha=group["weight_decay"])
-        x.add_(update, alpha=-group["lr"])
+        frozen_adam_(x, m, v, lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"])
         self.write_back(p, x)
 
 
