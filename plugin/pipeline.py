@@ -1,9 +1,9 @@
 """Bucketing over the compressed allreduce: tensors in, averaged tensors out.
 
 A ``Pipeline`` is built once from the sizes of the tensors it will carry (the parameters, in
-order). It groups them into flat fp32 buckets of at most ``bucket_cap_mb`` (a tensor larger
-than the cap gets a bucket of its own), so small tensors do not each pay a collective's
-latency, and keeps one ``BucketLayout`` per bucket. It owns no state: ``init_state`` makes the
+order). It groups them into flat fp32 buckets of about ``bucket_cap_mb`` (see
+``bucket_ranges``), so small tensors do not each pay a collective's latency, and keeps one
+``BucketLayout`` per bucket. It owns no state: ``init_state`` makes the
 per-bucket feedback tensors for the caller to keep (an optimizer puts them in its state).
 """
 from __future__ import annotations
@@ -22,12 +22,15 @@ from .segments import Segments
 
 
 def bucket_ranges(sizes: Sequence[int], cap_elems: int, groups: Optional[Sequence[int]] = None) -> List[range]:
-    """Consecutive tensor index ranges whose total size stays within ``cap_elems`` and that
-    never span two ``groups`` (param groups may scale their feedback differently)."""
+    """Consecutive tensor index ranges that never span two ``groups`` (param groups may scale
+    their feedback differently). A range is closed before a tensor that would take it past
+    ``cap_elems``, unless it holds less than half of that: then the tensor joins it, so the
+    small tensors between two large ones (a bias between two weight matrices) do not make a
+    bucket of their own, with a collective's latency and nothing to overlap it with."""
     groups = groups if groups is not None else [0] * len(sizes)
     out, start, acc = [], 0, 0
     for i, n in enumerate(sizes):
-        if acc and (acc + n > cap_elems or groups[i] != groups[start]):
+        if acc and ((acc + n > cap_elems and 2 * acc >= cap_elems) or groups[i] != groups[start]):
             out.append(range(start, i))
             start, acc = i, 0
         acc += n
