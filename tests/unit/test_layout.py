@@ -8,6 +8,7 @@ import torch
 
 from taciturn import BucketLayout, Communicator, Pipeline, make_compressor
 from taciturn.feedback import make_feedback
+from taciturn.pipeline import bucket_ranges
 
 SIZE_SETS = {
     "one_tensor": [10 ** 5 + 3],
@@ -155,3 +156,16 @@ def test_bytes_per_direction_on_25m_parameters(cid, two_way, min_ratio, n):
     # per direction: what one rank sends (up) and what it receives of the result per worker (down / n)
     assert 4 * d / up >= min_ratio
     assert 4 * d / (down if two_way else down / n) >= min_ratio
+
+
+def test_bucket_ranges_keep_small_tensors_with_a_neighbour():
+    """Consecutive ranges, closed before a tensor that overflows the cap, unless the range is
+    under half the cap (a bias between two large weights joins the next weight); never across
+    groups; a cap below every size gives one tensor per bucket."""
+    w, b = 22_000_000, 4690
+    assert bucket_ranges([w, b] * 3, 6_553_600) == [range(0, 1), range(1, 3), range(3, 5), range(5, 6)]
+    assert bucket_ranges([5_000_000, 2236] * 2, 6_553_600) == [range(0, 2), range(2, 4)]
+    assert bucket_ranges([10, 10, 10, 10], 25) == [range(0, 2), range(2, 4)]
+    assert bucket_ranges([10, 10, 10, 10], 25, groups=[0, 1, 1, 1]) == [range(0, 1), range(1, 3), range(3, 4)]
+    assert bucket_ranges([3, 4, 5], 1) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert bucket_ranges([], 10) == []
