@@ -109,19 +109,17 @@ class Pipeline:
         ``s`` (EF error scale) is one float, or one per group id."""
         if len(tensors) != len(self.sizes):
             raise ValueError(f"pipeline built for {len(self.sizes)} tensors, got {len(tensors)}")
-        # A three-stage software pipeline over the buckets: bucket b is compressed and its
-        # all_to_all started while bucket b-1's is in flight; then b-1's server phase runs
-        # and b-2's all_gather is collected. Every rank issues the collectives in this order.
+        # Stage by stage over all buckets: every bucket is compressed and its all_to_all started
+        # before the first server phase, and every server phase has started its all_gather
+        # before the first result is decoded, so each collective travels while this rank works
+        # on the other buckets. Every rank issues the collectives in this same order.
         exchanges = [self._exchange(b, [tensors[i] for i in idx], st, s, seed, stats)
                      for b, (idx, st) in enumerate(zip(self.buckets, states))]
-        results: List[Optional[torch.Tensor]] = [None] * len(exchanges)
-        for b in range(len(exchanges) + 2):
-            if b < len(exchanges):
-                exchanges[b].start()
-            if 0 <= b - 1 < len(exchanges):
-                exchanges[b - 1].serve()
-            if b - 2 >= 0:
-                results[b - 2] = exchanges[b - 2].finish()
+        for ex in exchanges:
+            ex.start()
+        for ex in exchanges:
+            ex.serve()
+        results = [ex.finish() for ex in exchanges]
         if stats is not None:
             stats.end_step()
         out: List[torch.Tensor] = []

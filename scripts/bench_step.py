@@ -30,8 +30,8 @@ step; a barrier starts every step), its ratio to DDP fp32, the split of the step
 on the wire per step and per rank, and the physical limit. Split: taciturn's optimizers time
 their own phases (``opt.stats``: ``compress_time`` = everything in the compressed allreduce
 (the flat input, compression, the server phase, decoding) except waiting for collectives,
-``collective_time`` = the waits: the buckets' collectives run while the next bucket is
-compressed, so only what compression does not hide is counted), fwd+bwd is timed around the
+``collective_time`` = the waits: each bucket's collectives run while the other buckets are
+compressed and served, so only what that work does not hide is counted), fwd+bwd is timed around the
 backward pass, update = the rest of ``opt.step()``; DDP (its allreduces end inside ``backward()``):
 compute = the ``local`` fwd+bwd, communication = its own fwd+bwd beyond that, update = its own
 ``opt.step()``; Horovod (waits in ``step()``): compute and update are the ``local`` step's and
@@ -548,7 +548,8 @@ def report(result: dict, images: List[str]) -> str:
         "ratio to "
         "DDP fp32's step. Split: taciturn's optimizers time their phases themselves (compress = the compressed "
         "allreduce except its waits for collectives, collective = those waits: each bucket's collectives travel "
-        "while the next bucket is compressed, so this is the communication that compression did not hide); "
+        "while the other buckets are compressed and served, so this is the communication that this work did not "
+        "hide); "
         "DDP's allreduces finish inside "
         "`backward()`, so its fwd+bwd is the one of the step without any communication (`local`), comm is its "
         "backward pass beyond that and update its own optimizer step; Horovod waits in `step()`, so its fwd+bwd "

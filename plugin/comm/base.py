@@ -4,7 +4,7 @@ Implementations take and return tensors; they keep no compression state. ``all_t
 and ``all_gather`` move equal-sized uint8 payloads, ``broadcast`` and ``all_reduce`` serve
 the rare full-precision syncs (initial parameters, SAEF's error averaging, checks). The
 ``*_async`` forms start a collective and return a ``Pending`` so that the pipeline can
-compress the next bucket while the bytes travel; a backend without them runs the
+work on other buckets while the bytes travel; a backend without them runs the
 collective at once.
 """
 from __future__ import annotations

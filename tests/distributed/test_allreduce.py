@@ -207,9 +207,10 @@ def _overlap_rank(rank, world_size):
 
 
 def test_overlapped_buckets_equal_buckets_one_by_one(run_ranks):
-    """Pipeline.allreduce issues bucket b's all_to_all before b-1's server phase and b-2's
-    finish (collectives in flight while the next bucket is compressed): the results and states
-    equal those of the buckets run one after the other, bit for bit, on every rank."""
+    """Pipeline.allreduce starts every bucket's all_to_all before the first server phase and
+    every all_gather before the first finish (collectives in flight while the other buckets are
+    worked on): the results and states equal those of the buckets run one after the other, bit
+    for bit, on every rank."""
     per_rank = run_ranks(_overlap_rank, 3, timeout=120)
     for case, (results, same_state) in per_rank[0].items():
         assert same_state, case
