@@ -243,8 +243,8 @@ def main(argv=None) -> int:
             "`opt.state[p]` for every parameter plus taciturn's compression state `opt.state[\"taciturn\"]` "
             "(errors, Markov sequences). Parameters and gradients (4 + 4 B/param) are not counted. Server-side "
             "state is one chunk of about 1/n of the buffer per rank, so the compression state shrinks with n "
-            "toward its worker and result parts; n=1 is measured after the method's steps (OneBitAdam past its "
-            "freeze), n>1 adds the per-parameter state of that run to the compression state built from the "
+            "toward its worker and result parts; n=1 is the largest state over the method's steps (which take "
+            "OneBitAdam past its freeze), n>1 adds the per-parameter state of that run to the compression state built from the "
             "layouts of n ranks (largest rank). Peak RSS growth: how far the process's peak RSS rose over the "
             "model and gradients during construction and the steps, in a fresh process at n=1 (state plus the "
             "step's temporaries: the flat bucket, the feedback buffers, the decoded result).",
@@ -259,8 +259,9 @@ def main(argv=None) -> int:
             "have no server chunk: SPARS-AMS adds only the worker error (16 whatever n), Markov one-way keeps h and H "
             "in full (20). SAEF keeps momentum and the synced model x per parameter (8) plus its errors. "
             "OneBitAdam with the CD-Adam warm-up holds the warm-up's Markov state (8 + 4/n) next to the momentum "
-            "pipeline's errors (4 + 4/n) during the warm-up and frees it at the freeze (the columns are measured "
-            "after it; peak RSS includes the warm-up). The uncompressed taciturn baselines keep no compression state. Peak RSS growth adds the "
+            "pipeline's errors (4 + 4/n) during the warm-up and frees it at the freeze: the columns give the "
+            "largest state over the steps, the warm-up's (after the freeze it keeps 8 + 8 = 16 B/param at n=1). "
+            "The uncompressed taciturn baselines keep no compression state. Peak RSS growth adds the "
             "step's temporaries (last column: the flat bucket, the feedback buffers, the payloads and the decoded "
             "result, top-k's selection) to the state.",
             "",
