@@ -8,7 +8,8 @@ rank, in one network namespace per rank joined by tc-tbf-shaped links (scripts/n
 ``--loopback`` or a machine without root: unshaped loopback, said so). Methods: CD-Adam,
 OneBitAdam with its two warm-ups (uncompressed Adam, or CD-Adam; frozen after 15 % of the steps),
 SPARS-AMS (top-1 %), dist-EF-blockSGDM (block sign, Nesterov momentum 0.9), SAEF (top-1 %,
-momentum 0.9), and uncompressed AMSGrad and SGDM; constant learning rates (1e-3 for the Adam
+momentum 0.9), uncompressed AMSGrad and SGDM, and what users run instead: DDP with torch's
+PowerSGD hook (rank 1) and torch's AMSGrad; constant learning rates (1e-3 for the Adam
 family, 0.05 for the SGD family).
 
 Wall time is the training steps only (rank 0's clock): the evaluations (the test set split
@@ -39,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from _bench import ROOT, img_path, machine_note, mlp, rel, table, write_section  # noqa: E402
-from bench_step import LoopbackCluster, link_counters  # noqa: E402
+from bench_step import POWERSGD_START, LoopbackCluster, link_counters  # noqa: E402
 from netcluster import Cluster  # noqa: E402
 
 SECTION = "bench_tta"
@@ -54,11 +55,48 @@ METHODS: Dict[str, tuple] = {
     "saefsgd": ("SAEF (top-1%)", "SAEFSGD", dict(lr=SGD_LR, momentum=0.9)),
     "amsgrad": ("AMSGrad (uncompressed)", "AMSGrad", dict(lr=ADAM_LR)),
     "sgdm": ("SGDM (uncompressed)", "SGD", dict(lr=SGD_LR, momentum=0.9)),
+    "ddp_powersgd": ("DDP + PowerSGD (rank 1), torch AMSGrad", "powersgd", dict(lr=ADAM_LR)),
 }
 FREEZE_FRACTION = 0.15
 
 
 # ---------------------------------------------------------------------- inside a rank
+def powersgd(model, lr: float):
+    """What a user would run instead: DDP with torch's PowerSGD hook (rank 1, error feedback,
+    warm start, plain allreduce for its first POWERSGD_START steps, one bucket as in
+    bench_step) and torch's AMSGrad. Returns the wrapped model, the optimizer, a stats object
+    like ``opt.stats`` and the function that counts one step's bytes in it: what the hook's
+    allreduces hand over and get back (PowerSGD's own rule for which tensors it compresses)."""
+    import types
+
+    import torch
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    params = list(model.parameters())
+    one_bucket = 4 * sum(p.numel() for p in params) / 2 ** 20 + 1
+    ddp = DistributedDataParallel(model, bucket_cap_mb=one_bucket)
+    state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1,
+                                        start_powerSGD_iter=POWERSGD_START)
+    ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    stats = types.SimpleNamespace(bytes_up=0, bytes_down=0, compress_time=None, collective_time=None,
+                                  fp32_bytes=0, skipped_steps=0, steps=0)
+    full = sum(p.numel() for p in params)
+    low_rank = 0
+    for p in params:
+        rows, cols = (p.shape[0], p.numel() // p.shape[0]) if p.dim() > 1 else (p.numel(), 1)
+        compressed = (rows + cols) * state.matrix_approximation_rank
+        low_rank += compressed if p.dim() > 1 and compressed * state.min_compression_rate < p.numel() else p.numel()
+
+    def count():
+        elements = full if stats.steps < POWERSGD_START else low_rank
+        stats.bytes_up += 4 * elements
+        stats.bytes_down += 4 * elements
+        stats.fp32_bytes += 4 * full
+        stats.steps += 1
+    return ddp, torch.optim.Adam(params, lr=lr, amsgrad=True), stats, count
+
+
 def train(name: str, cfg: dict, data: tuple) -> dict:
     """Train with method ``name`` on this rank; the evaluation curve (rank 0's clock)."""
     import torch
@@ -74,7 +112,11 @@ def train(name: str, cfg: dict, data: tuple) -> dict:
     if registry_name == "OneBitAdam":
         kwargs["freeze_step"] = max(1, round(FREEZE_FRACTION * cfg["steps"]))
     model = mlp(cfg["seed"], (784, cfg["hidden"], cfg["hidden"], 10))
-    opt = taciturn.create_optimizer(registry_name, model.parameters(), **kwargs)
+    if registry_name == "powersgd":
+        model, opt, stats, count = powersgd(model, **kwargs)
+    else:
+        opt = taciturn.create_optimizer(registry_name, model.parameters(), **kwargs)
+        stats, count = opt.stats, (lambda: None)
     gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
     evals = {round(cfg["steps"] * k / cfg["evals"]) for k in range(1, cfg["evals"] + 1)}
 
@@ -96,6 +138,7 @@ def train(name: str, cfg: dict, data: tuple) -> dict:
         loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
         loss.backward()
         opt.step()
+        count()
         seconds += time.perf_counter() - t0
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
         if step in evals:
@@ -104,13 +147,13 @@ def train(name: str, cfg: dict, data: tuple) -> dict:
                 now = link_counters()
                 wire += now[0] - mark[0] + now[1] - mark[1]
             curve.append({"step": step, "accuracy": evaluate(), "seconds": seconds, "loss": loss_sum / loss_n,
-                          "bytes": opt.stats.bytes_up + opt.stats.bytes_down, "wire": wire})
+                          "bytes": stats.bytes_up + stats.bytes_down, "wire": wire})
             loss_sum, loss_n = 0.0, 0
             dist.barrier()
             mark = link_counters()
         if rank == 0 and step % max(1, cfg["steps"] // 4) == 0:
             print(f"  {name}: step {step}/{cfg['steps']}, {seconds:.1f} s", file=sys.stderr, flush=True)
-    s = opt.stats
+    s = stats
     return {"method": name, "label": label, "optimizer": registry_name,
             "kwargs": {k: v for k, v in kwargs.items()}, "params": sum(p.numel() for p in model.parameters()),
             "curve": curve, "compress_time": s.compress_time, "collective_time": s.collective_time,
@@ -156,7 +199,8 @@ def summary_table(results: List[dict], target: float, shaped: bool) -> str:
         row = [r["label"], f"{100 * end['accuracy']:.2f}{skipped}", f"{end['bytes'] / 1e6:.1f}",
                f"{base['curve'][-1]['bytes'] / end['bytes']:.1f}x" if end["bytes"] else ""]
         row += [f"{end['wire'] / 1e6:.1f}"] if shaped else []
-        row += [f"{end['seconds']:.1f}", f"{1000 * end['seconds'] / end['step']:.1f}", f"{r['collective_time']:.1f}",
+        collective = "(in step)" if r["collective_time"] is None else f"{r['collective_time']:.1f}"
+        row += [f"{end['seconds']:.1f}", f"{1000 * end['seconds'] / end['step']:.1f}", collective,
                 f"{hit['seconds']:.1f}" if hit else "not reached", f"{hit['bytes'] / 1e6:.1f}" if hit else ""]
         rows.append(row)
     return table(headers, rows)
@@ -296,7 +340,9 @@ def publish(result: dict) -> None:
         f"OneBitAdam freezes its variance after {result['freeze']} steps; top-k keeps 1 %. Test accuracy on the "
         "whole test set (split between the ranks, the synced model for SAEF). Wall time: rank 0's training steps, "
         "evaluations excluded. MB per rank: what each rank hands to and receives from the collectives "
-        "(`opt.stats`; one-way SPARS-AMS counts its own payload in what its all_gather returns)"
+        "(`opt.stats`; one-way SPARS-AMS counts its own payload in what its all_gather returns; PowerSGD: the "
+        "buffers its allreduces hand over and get back, by its own rule for which tensors it compresses, "
+        f"uncompressed for its first {POWERSGD_START} steps)"
         + ("; wire MB: rank 0's veth during training, sent + received, headers included." if shaped else "."), "",
         summary_table(results, result["target"], shaped), "", *[f"- {line}" for line in notes(results)], "",
         f"![accuracy vs bytes and time]({rel(png)})", "",
