@@ -68,7 +68,7 @@ def test_cdadam_preset_matches_torch_distributed_cdadam_step_by_step(ranks):
         assert res["diffs"] == [0.0] * len(res["diffs"])   # bit-identical every step
         assert res["moved"] > 1e-3                           # and training did move the parameters
         assert res["spread"] == 0.0                          # identical on both ranks
-        assert res["buckets"] == 3
+        assert res["buckets"] == 2                           # several buckets (SMALL_BUCKETS), exchanged in turn
         assert "taciturn.horovod" in res["state_keys"]       # compression state in the wrapped state_dict
 
 

@@ -21,8 +21,10 @@ needs_netns = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"),
     reason="network namespaces need root and iproute2 (apt-get install iproute2)")
 
-PRINT_ENV = [sys.executable, "-c", "import json, os; print(json.dumps({k: os.environ.get(k) for k in "
-             "('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'WORLD_SIZE', 'GLOO_SOCKET_IFNAME')}))"]
+# one os.write per line: the ranks share stdout, and a pipe keeps a short write whole (print may
+# write the text and its newline separately, and the other rank's line can land between them)
+PRINT_ENV = [sys.executable, "-c", "import json, os; os.write(1, (json.dumps({k: os.environ.get(k) for k in "
+             "('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'WORLD_SIZE', 'GLOO_SOCKET_IFNAME')}) + '\\n').encode())"]
 
 
 def _ours(prefix):
