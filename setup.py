@@ -10,7 +10,7 @@ setup(
     packages=["taciturn", "taciturn.compressors", "taciturn.comm", "taciturn.optim", "taciturn.kernels",
               "taciturn.integrations"],
     package_dir={"taciturn": "plugin", "taciturn.integrations": "integrations"},
-    package_data={"taciturn.kernels": ["*.cpp"]},  # built with g++ at first use
+    package_data={"taciturn.kernels": ["*.cpp", "*.h"]},  # built with g++ at first use
     install_requires=["torch>=2.1,<3"],
     extras_require={
         "deepspeed": ["deepspeed>=0.16,<0.20"],

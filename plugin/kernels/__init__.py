@@ -1,14 +1,15 @@
-"""Fused CPU kernels for the scaled sign codecs, with their feedback update in the same pass.
+"""Fused CPU kernels: the sign codecs with their feedback update in the same pass, the fused
+server phase, top-k selection (``topk.py``) and the optimizers' update rules (``update.py``).
 
 The torch path of a Markov worker makes several passes over memory and allocates full-size
 temporaries (y = x - h, a byte per sign before packing, the decoded C(y)); the kernel in
 ``sign.cpp`` reads x and h once per block, while the block is in cache, writes h and the same
-payload bytes. It is plain C++ with OpenMP (joining the OpenMP runtime torch already loaded),
-compiled with the system ``g++`` at first use (under a second of CPU; a torch C++ extension
-spends about 30 s compiling torch's headers, too long for the first step of a job with
-timeouts) into a cache folder (``$TORCH_EXTENSIONS_DIR/taciturn`` or
-``~/.cache/taciturn/kernels``) under a name hashing the source, the flags and the CPU, and
-loaded with ctypes.
+payload bytes. The kernels are plain C++ with OpenMP (joining the OpenMP runtime torch already
+loaded; ``common.h`` holds what the files share), compiled together with the system ``g++`` at
+first use (a few seconds of CPU; a torch C++ extension spends about 30 s compiling torch's
+headers, too long for the first step of a job with timeouts) into a cache folder
+(``$TORCH_EXTENSIONS_DIR/taciturn`` or ``~/.cache/taciturn/kernels``) under a name hashing the
+sources, the flags and the CPU, and loaded with ctypes.
 
 Callers ask ``usable(*tensors)`` first: true for contiguous CPU tensors when the library is
 built. If it cannot be built (no compiler, a read-only cache...), one warning says why and the
@@ -38,6 +39,7 @@ from ..segments import Segments
 from ..wire import Pieces, packed_len
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
+_HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 _FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared")
 _SCALES = {"none": 0, "l1": 1, "l2": 2}
 _UPDATES = {"none": 0, "markov": 1, "ef": 2}
@@ -87,10 +89,10 @@ def _build() -> ctypes.CDLL:
     if not compiler:
         raise RuntimeError("no C++ compiler: install g++ (apt-get install g++) or set CXX")
     flags = [*_FLAGS, f"-march={os.environ.get('TACITURN_KERNELS_ARCH', 'native')}"]
-    sources = [f.read_bytes() for f in _SOURCES]
+    sources = [f.read_bytes() for f in (*_SOURCES, *_HEADERS)]
     key = hashlib.sha256(b"\0".join([*sources, " ".join(flags).encode(), compiler.encode(),
                                      _cpu_id().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"sign-{key}.so"
+    target = cache_dir() / f"kernels-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)

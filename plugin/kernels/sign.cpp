@@ -11,6 +11,8 @@
 // back to back while it is in cache; longer pieces are cut into segments shared by all threads.
 // Pieces whose ends are not on a multiple of 8 share a byte with a neighbour: those bytes are
 // OR-ed atomically into zeroed memory, every other byte is stored by exactly one thread.
+#include "common.h"
+
 #include <omp.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -30,34 +32,10 @@ enum Update { kKeep = 0, kMarkov = 1, kError = 2 };
 constexpr int64_t kTile = 2048;      // elements per inner tile (its y stays in L1)
 constexpr int64_t kLocal = 1 << 16;  // longest piece done by one thread
 
-struct Piece {
-  int64_t index, start, end;
-};
+using tac::for_pieces;
+using tac::Piece;
 
-// f(piece) for every piece overlapping [lo, hi), in order.
-template <class F>
-void for_pieces(const int64_t* runs, int64_t nruns, int64_t lo, int64_t hi, F f) {
-  int64_t index = 0;
-  for (int64_t r = 0; r < nruns; ++r) {
-    const int64_t start = runs[3 * r], count = runs[3 * r + 1], len = runs[3 * r + 2];
-    const int64_t k0 = std::clamp<int64_t>(lo > start ? (lo - start) / len : 0, 0, count);
-    const int64_t k1 = std::clamp<int64_t>(hi > start ? (hi - start + len - 1) / len : 0, 0, count);
-    for (int64_t k = k0; k < k1; ++k) f(Piece{index + k, start + k * len, start + (k + 1) * len});
-    index += count;
-  }
-}
-
-// f(thread, threads) on `threads` OpenMP threads (torch's runtime); no OpenMP at all for one
-// thread, as in forked processes, which must not start a team.
-template <class F>
-void parallel(int threads, F f) {
-  if (threads <= 1) {
-    f(0, 1);
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  f(omp_get_thread_num(), omp_get_num_threads());
-}
+using tac::parallel;
 
 // Element cut of thread t out of n, on a multiple of 8 (threads never share a byte of signs).
 int64_t cut(int64_t numel, int t, int n) { return t == n ? numel : (numel * t / n) & ~int64_t(7); }

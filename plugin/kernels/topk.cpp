@@ -18,6 +18,8 @@
 //
 // h is updated with the selection: KEEP: untouched; MARKOV: h += C(y) (y added at the kept
 // entries); ERROR: h = y - C(y) (y written over h by the first pass, the kept entries then 0).
+#include "common.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -41,34 +43,10 @@ constexpr int kCopies = 4;      // histograms counted round robin
 constexpr int kBlock = 8;       // entries tested at once when gathering the large ones
 constexpr int64_t kStride = 16; // one tile in kStride is sampled
 
-struct Piece {
-  int64_t index, start, end;
-};
+using tac::for_pieces;
+using tac::Piece;
 
-// f(piece) for every piece overlapping [lo, hi), in order.
-template <class F>
-void for_pieces(const int64_t* runs, int64_t nruns, int64_t lo, int64_t hi, F f) {
-  int64_t index = 0;
-  for (int64_t r = 0; r < nruns; ++r) {
-    const int64_t start = runs[3 * r], count = runs[3 * r + 1], len = runs[3 * r + 2];
-    const int64_t k0 = std::clamp<int64_t>(lo > start ? (lo - start) / len : 0, 0, count);
-    const int64_t k1 = std::clamp<int64_t>(hi > start ? (hi - start + len - 1) / len : 0, 0, count);
-    for (int64_t k = k0; k < k1; ++k) f(Piece{index + k, start + k * len, start + (k + 1) * len});
-    index += count;
-  }
-}
-
-// f(thread, threads) on `threads` OpenMP threads (torch's runtime); no OpenMP at all for one
-// thread, as in forked processes, which must not start a team.
-template <class F>
-void parallel(int threads, F f) {
-  if (threads <= 1) {
-    f(0, 1);
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  f(omp_get_thread_num(), omp_get_num_threads());
-}
+using tac::parallel;
 
 // f(s) for s in [0, count), shared by `count` threads (fewer if OpenMP gives fewer).
 template <class F>

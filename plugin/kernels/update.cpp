@@ -9,6 +9,8 @@
 // maximum propagates NaN; but the square root is correctly rounded, where torch's (MKL's vsSqrt
 // on x86 builds) may be 1 ulp off. The results do not depend on the thread count. The scalars
 // come rounded to fp32 from the caller, as torch rounds a Python float for an fp32 tensor.
+#include "common.h"
+
 #include <omp.h>
 #if defined(__SSE__)
 #include <immintrin.h>
@@ -23,17 +25,7 @@ namespace {
 constexpr int64_t kAlign = 16;   // elements per 64-byte line: threads never share a line
 constexpr int64_t kTile = 1024;  // elements per tile: its scratch stays in L1
 
-// f(thread, threads) on `threads` OpenMP threads (torch's runtime); no OpenMP at all for one
-// thread, as in forked processes, which must not start a team.
-template <class F>
-void parallel(int threads, F f) {
-  if (threads <= 1) {
-    f(0, 1);
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  f(omp_get_thread_num(), omp_get_num_threads());
-}
+using tac::parallel;
 
 // Element cut of thread t out of n, on a multiple of kAlign.
 int64_t cut(int64_t numel, int t, int n) { return t == n ? numel : (numel * t / n) & ~(kAlign - 1); }

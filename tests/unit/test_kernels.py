@@ -309,7 +309,7 @@ def test_builds_into_an_empty_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert kernels.library() is not None
     built = list((tmp_path / "taciturn").iterdir())  # the library, no temporary file left
-    assert len(built) == 1 and built[0].name.startswith("sign-") and built[0].suffix == ".so"
+    assert len(built) == 1 and built[0].name.startswith("kernels-") and built[0].suffix == ".so"
 
 
 def test_bad_arguments_name_the_problem():

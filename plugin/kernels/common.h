@@ -1,0 +1,43 @@
+// Helpers shared by the kernel files (sign.cpp, topk.cpp, update.cpp), each compiled with them
+// into the one library that taciturn/kernels/__init__.py builds.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace tac {
+
+// One piece of a segment: its index among the pieces and its element range [start, end).
+struct Piece {
+  int64_t index, start, end;
+};
+
+// f(piece) for every piece overlapping [lo, hi), in order; the pieces are given as runs
+// (start, count, length) of consecutive pieces of equal length.
+template <class F>
+void for_pieces(const int64_t* runs, int64_t nruns, int64_t lo, int64_t hi, F f) {
+  int64_t index = 0;
+  for (int64_t r = 0; r < nruns; ++r) {
+    const int64_t start = runs[3 * r], count = runs[3 * r + 1], len = runs[3 * r + 2];
+    const int64_t k0 = std::clamp<int64_t>(lo > start ? (lo - start) / len : 0, 0, count);
+    const int64_t k1 = std::clamp<int64_t>(hi > start ? (hi - start + len - 1) / len : 0, 0, count);
+    for (int64_t k = k0; k < k1; ++k) f(Piece{index + k, start + k * len, start + (k + 1) * len});
+    index += count;
+  }
+}
+
+// f(thread, threads) on `threads` OpenMP threads (torch's runtime); no OpenMP at all for one
+// thread, as in forked processes, which must not start a team.
+template <class F>
+void parallel(int threads, F f) {
+  if (threads <= 1) {
+    f(0, 1);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  f(omp_get_thread_num(), omp_get_num_threads());
+}
+
+}  // namespace tac
