@@ -6,21 +6,24 @@ either way; a failed build falls back to the torch path with one warning.
 """
 from __future__ import annotations
 
-import contextlib
+import os
 import platform
+import sys
 import warnings
 
 import pytest
 import torch
 
-from taciturn import kernels, make_compressor
-from taciturn.compressors import Compressor
-from taciturn.comm import LocalCommunicator
-from taciturn.comm.allreduce import compressed_allreduce
-from taciturn.feedback import Fused, make_feedback
-from taciturn.layout import BucketLayout
-from taciturn.segments import Segments
-from taciturn.wire import Pieces, packed_len
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernel_checks import check_pipeline_with_and_without_kernel, portable_build, torch_path  # noqa: E402
+
+from taciturn import kernels, make_compressor  # noqa: E402
+from taciturn.compressors import Compressor  # noqa: E402
+from taciturn.feedback import Fused, make_feedback  # noqa: E402
+from taciturn.layout import BucketLayout  # noqa: E402
+from taciturn.segments import Segments  # noqa: E402
+from taciturn.wire import Pieces, packed_len  # noqa: E402
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="fused kernels could not be built here")
 
@@ -44,15 +47,6 @@ CODECS = {
     "scaled_sign_l2": ("scaled_sign_l2", {}),
     "sign": ("sign", {}),
 }
-
-
-@contextlib.contextmanager
-def torch_path():
-    previous = kernels.set_enabled(False)
-    try:
-        yield
-    finally:
-        kernels.set_enabled(previous)
 
 
 def sample(d, seed):
@@ -141,10 +135,7 @@ def test_fused_feedback_matches_torch_path(cid, sid, rid):
 @pytest.mark.parametrize("arch", ["x86-64", "x86-64-v3"], ids=["sse2", "avx2"])
 def test_portable_builds_match_torch_path(arch, monkeypatch):
     """The AVX2 and plain C++ branches (machines without AVX-512 run them) give the same bytes."""
-    monkeypatch.setattr(kernels, "_lib", None)
-    monkeypatch.setattr(kernels, "_failed", None)
-    monkeypatch.setenv("TACITURN_KERNELS_ARCH", arch)
-    assert kernels.library() is not None, kernels._failed
+    portable_build(monkeypatch, arch)
     for cid in ("block_sign", "scaled_sign", "sign", "block_sign_100"):
         for sid in ("1023", "tensors"):
             check_codec(cid, sid)
@@ -241,32 +232,9 @@ def test_fused_server_phase_equals_its_steps(cid, sid, rule, n, monkeypatch):
 @pytest.mark.parametrize("rule", ["none", "ef", "markov"])
 @pytest.mark.parametrize("cid", ["block_sign", "scaled_sign"])
 def test_pipeline_same_with_and_without_kernels(cid, rule, two_way, monkeypatch):
-    sizes = [5, 1030, 7, 3000, 3, 1]
     name, opts = CODECS[cid]
-    codec = make_compressor(name, **opts)
-    layout = BucketLayout(tuple(sizes), 1, codec)
-    fb = make_feedback(rule)
-    calls, encode = [], kernels.sign_encode
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("update", "none"))
-        return encode(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "sign_encode", counted)
-
-    def run():
-        state = fb.init_state(layout.numel, layout.numel, two_way)
-        out = [compressed_allreduce(sample(layout.numel, 10 + t), layout, codec, fb, fb, state,
-                                    LocalCommunicator(), two_way=two_way, s=0.5 if t else 0.0).clone()
-               for t in range(3)]
-        return out, state
-
-    fast, fast_state = run()
-    assert calls and calls[0] == {"none": "none", "ef": "ef", "markov": "markov"}[rule], calls
-    with torch_path():
-        ref, ref_state = run()
-    for a, b in zip(fast + list(fast_state.values()), ref + list(ref_state.values())):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    check_pipeline_with_and_without_kernel(monkeypatch, kernels, "sign_encode", make_compressor(name, **opts), rule,
+                                           two_way, sample, seed=10, tol=1e-5)
 
 
 def test_fallbacks_keep_the_torch_path():

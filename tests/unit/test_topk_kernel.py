@@ -7,19 +7,21 @@ torch computation, and the bytes do not depend on the thread count.
 """
 from __future__ import annotations
 
-import contextlib
+import os
+import sys
 
 import pytest
 import torch
 
-from taciturn import kernels, make_compressor
-from taciturn.comm import LocalCommunicator
-from taciturn.comm.allreduce import compressed_allreduce
-from taciturn.compressors import topk as topk_module
-from taciturn.feedback import Fused, make_feedback
-from taciturn.kernels.topk import topk_encode
-from taciturn.layout import BucketLayout
-from taciturn.wire import Pieces
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernel_checks import check_pipeline_with_and_without_kernel, threads, torch_path  # noqa: E402
+
+from taciturn import kernels, make_compressor  # noqa: E402
+from taciturn.compressors import topk as topk_module  # noqa: E402
+from taciturn.feedback import Fused  # noqa: E402
+from taciturn.kernels.topk import topk_encode  # noqa: E402
+from taciturn.wire import Pieces  # noqa: E402
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="fused kernels could not be built here")
 
@@ -34,25 +36,6 @@ LAYOUTS = {
     "mixed": [1, 1, 5, 1030, 1030, 7, 70000, 3, 300000, 1],
 }
 RATIOS = [0.01, 0.1, 0.5]
-
-
-@contextlib.contextmanager
-def torch_path():
-    previous = kernels.set_enabled(False)
-    try:
-        yield
-    finally:
-        kernels.set_enabled(previous)
-
-
-@contextlib.contextmanager
-def threads(n):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def gaussian(d, seed):
@@ -115,12 +98,16 @@ def counts_of(pieces, ratio):
     return make_compressor("topk", ratio=ratio).counts(pieces)
 
 
+def layout_case(lid, ratio, values, seed):
+    """The pieces of layout ``lid``, ``values(numel, seed)`` on them, and the top-k counts at ``ratio``."""
+    pieces = Pieces.from_lengths(LAYOUTS[lid])
+    return pieces, values(pieces.numel, seed), counts_of(pieces, ratio)
+
+
 @pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("lid", LAYOUTS)
 def test_same_entries_as_torch_topk(lid, ratio):
-    pieces = Pieces.from_lengths(LAYOUTS[lid])
-    x = gaussian(pieces.numel, 1)
-    counts = counts_of(pieces, ratio)
+    pieces, x, counts = layout_case(lid, ratio, gaussian, 1)
     payload = encode(x, pieces, counts)
     for (idx, values), (start, n), k in zip(entries(payload, pieces, counts), bounds(pieces), counts):
         ref = x[start:start + n].abs().topk(k).indices + start
@@ -131,9 +118,7 @@ def test_same_entries_as_torch_topk(lid, ratio):
 @pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("lid", LAYOUTS)
 def test_ties_keep_the_lowest_indices(lid, ratio):
-    pieces = Pieces.from_lengths(LAYOUTS[lid])
-    x = tied(pieces.numel, 2)
-    counts = counts_of(pieces, ratio)
+    pieces, x, counts = layout_case(lid, ratio, tied, 2)
     check_entries(encode(x, pieces, counts), x, pieces, counts)
 
 
@@ -263,30 +248,9 @@ def test_decode_and_decode_add_in_place():
 @pytest.mark.parametrize("two_way", [True, False], ids=["two_way", "one_way"])
 @pytest.mark.parametrize("rule", ["none", "ef", "markov"])
 def test_pipeline_same_with_and_without_the_kernel(rule, two_way, monkeypatch):
-    codec = make_compressor("topk", ratio=0.05)
-    layout = BucketLayout((5, 1030, 7, 3000, 3, 1), 1, codec)
-    fb = make_feedback(rule)
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("update", "none"))
-        return topk_encode(*args, **kwargs)
-
-    monkeypatch.setattr(topk_module, "topk_encode", counted)
-
-    def run():
-        state = fb.init_state(layout.numel, layout.numel, two_way)
-        out = [compressed_allreduce(gaussian(layout.numel, 20 + t), layout, codec, fb, fb, state,
-                                    LocalCommunicator(), two_way=two_way, s=0.5 if t else 0.0).clone()
-               for t in range(3)]
-        return out, state
-
-    fast, fast_state = run()
-    assert calls and calls[0] == rule, calls  # the worker's rule, in the kernel
-    with torch_path():
-        ref, ref_state = run()
-    for a, b in zip(fast + list(fast_state.values()), ref + list(ref_state.values())):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    check_pipeline_with_and_without_kernel(monkeypatch, topk_module, "topk_encode",
+                                           make_compressor("topk", ratio=0.05), rule, two_way, gaussian,
+                                           seed=20, tol=1e-6)
 
 
 def test_bad_arguments_name_the_problem():

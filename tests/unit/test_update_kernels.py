@@ -9,16 +9,21 @@ kernels do not take fall back to it, and the optimizers give the same results ei
 """
 from __future__ import annotations
 
-import contextlib
+import os
 import platform
+import sys
 
 import pytest
 import torch
 
-import taciturn
-from taciturn import kernels
-from taciturn.kernels import update
-from taciturn.optim import functional
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernel_checks import portable_build, threads, torch_path  # noqa: E402
+
+import taciturn  # noqa: E402
+from taciturn import kernels  # noqa: E402
+from taciturn.kernels import update  # noqa: E402
+from taciturn.optim import functional  # noqa: E402
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="fused kernels could not be built here")
 
@@ -26,25 +31,6 @@ SIZES = [0, 1, 7, 1000003]
 THREADS = [1, 2, 3]
 AMS = dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8)
 ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
-
-
-@contextlib.contextmanager
-def torch_path():
-    previous = kernels.set_enabled(False)
-    try:
-        yield
-    finally:
-        kernels.set_enabled(previous)
-
-
-@contextlib.contextmanager
-def threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def exact_sqrt(t):
@@ -238,10 +224,7 @@ def test_version_counters_move():
 @pytest.mark.parametrize("arch", ["x86-64", "x86-64-v3"], ids=["sse2", "avx2"])
 def test_portable_builds_match_the_formulas(arch, monkeypatch):
     """The SSE and AVX branches (machines without AVX-512 run them) give the same bits."""
-    monkeypatch.setattr(kernels, "_lib", None)
-    monkeypatch.setattr(kernels, "_failed", None)
-    monkeypatch.setenv("TACITURN_KERNELS_ARCH", arch)
-    assert kernels.library() is not None, kernels._failed
+    portable_build(monkeypatch, arch)
     for n in (7, 1000003):
         start, gs = state(n, 2), grads(n, 2)
         same(amsgrad_run(clone(start), gs), amsgrad_run(clone(start), gs, amsgrad_formula))
