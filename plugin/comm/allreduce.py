@@ -31,9 +31,9 @@ from .base import Communicator, Pending
 class Workspace:
     """fp32 scratch tensors reused from call to call (not state: never checkpointed).
 
-    ``scratch`` tensors live for one call and come from a pool that sibling workspaces
-    (the buckets of one pipeline) share; ``keep`` tensors are this workspace's own, for a
-    result that must outlive the calls on other buckets. A result is valid until the next
+    ``scratch`` tensors live for one stage of one bucket's exchange (``BucketExchange``) and
+    come from a pool that sibling workspaces (the buckets of one pipeline) share; ``keep``
+    tensors are this workspace's own, for a result that must outlive the other buckets' stages. A result is valid until the next
     call with the same workspace. Contents are undefined on return.
     """
 
