@@ -105,7 +105,7 @@ def train(name: str, cfg: dict, data: tuple) -> dict:
 
     import taciturn
 
-    rank, n = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     x_train, y_train, x_test, y_test = data
     label, registry_name, kwargs = METHODS[name]
     kwargs = dict(kwargs)

@@ -4,8 +4,6 @@ from __future__ import annotations
 import logging
 import warnings
 
-import torch
-
 from .base import TACITURN_KEY, CompressedOptimizer, PipelineSpec, check_range, codec
 from .functional import amsgrad_, frozen_adam_
 
