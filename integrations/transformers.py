@@ -133,23 +133,22 @@ def training_arguments(output_dir: Optional[str] = None, **kwargs) -> TrainingAr
     return TrainingArguments(output_dir, **kwargs)
 
 
+def _unwrap(obj, cls: type, attr: str):
+    """The first ``cls`` in the chain obj, obj.<attr>, obj.<attr>.<attr>... (at most 8 deep), or None."""
+    for _ in range(8):
+        if obj is None or isinstance(obj, cls):
+            return obj
+        obj = getattr(obj, attr, None)
+    return None
+
+
 def find_taciturn_optimizer(optimizer) -> Optional[CompressedOptimizer]:
     """The taciturn optimizer inside the wrappers of accelerate and DeepSpeed, or None."""
-    seen = 0
-    while optimizer is not None and seen < 8:
-        if isinstance(optimizer, CompressedOptimizer):
-            return optimizer
-        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
-    return None
+    return _unwrap(optimizer, CompressedOptimizer, "optimizer")
 
 
 def _find_ddp(model) -> Optional[DistributedDataParallel]:
-    seen = 0
-    while model is not None and seen < 8:
-        if isinstance(model, DistributedDataParallel):
-            return model
-        model, seen = getattr(model, "module", None), seen + 1
-    return None
+    return _unwrap(model, DistributedDataParallel, "module")
 
 
 class TaciturnTrainer(Trainer):
