@@ -27,6 +27,20 @@ IMG_DIR = os.path.join(ROOT, "docs", "img")
 _TITLE = "# taciturn benchmarks\n\nEach section is written by the script it names; rerun the script to refresh it.\n"
 
 
+def add_cluster_options(ap, name: str, quick: str) -> None:
+    """The options of a benchmark that runs its ranks in a shaped cluster (scripts/netcluster.py)
+    and writes results/<name>.json, its section of BENCHMARKS.md and its plots."""
+    import argparse
+
+    ap.add_argument("--loopback", action="store_true", help="skip the namespaces: unshaped loopback")
+    ap.add_argument("--quick", action="store_true", help=f"smoke run: {quick}, writes nothing but --out")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", f"{name}.json"), help="results (JSON)")
+    ap.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md and docs/img/ alone")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per cluster before every rank is stopped")
+    ap.add_argument("--render", metavar="JSON", help="rewrite the section and plots from a saved --out, no runs")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A Markdown table (also readable as printed text)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]

@@ -73,7 +73,7 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-from _bench import ROOT, img_path, machine_note, rel, table, write_section  # noqa: E402
+from _bench import add_cluster_options, img_path, machine_note, rel, table, write_section  # noqa: E402
 from netcluster import Cluster, parse_rate  # noqa: E402
 
 SECTION = "bench_step"
@@ -589,15 +589,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help=f"comma-separated, from: {', '.join(m for m in METHODS if m != 'local')} (local always runs)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per method (default 3)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1; PowerSGD adds 2)")
-    ap.add_argument("--loopback", action="store_true", help="skip the namespaces: unshaped loopback")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: a 300k-parameter model, 2 ranks, loopback, 2 timed steps, writes nothing "
-                         "but --out")
-    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_step.json"), help="results (JSON)")
-    ap.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md and docs/img/ alone")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds per cluster before every rank is stopped")
-    ap.add_argument("--render", metavar="JSON", help="rewrite the section and plots from a saved --out, no runs")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    add_cluster_options(ap, "bench_step", "a 300k-parameter model, 2 ranks, loopback, 2 timed steps")
     args = ap.parse_args(argv)
     if args.worker:
         worker(args.worker)

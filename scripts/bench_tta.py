@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _bench import ROOT, img_path, machine_note, mlp, rel, table, write_section  # noqa: E402
+from _bench import add_cluster_options, img_path, machine_note, mlp, rel, table, write_section  # noqa: E402
 from bench_step import POWERSGD_START, LoopbackCluster, link_counters  # noqa: E402
 from netcluster import Cluster  # noqa: E402
 
@@ -268,14 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--evals", type=int, default=16, help="test evaluations per method (default 16)")
     ap.add_argument("--target", type=float, default=0.80, help="accuracy of the time-to-accuracy columns")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--loopback", action="store_true", help="skip the namespaces: unshaped loopback")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 784-64-64-10, 60 steps, 2 evaluations, loopback, writes nothing but --out")
-    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_tta.json"), help="results (JSON)")
-    ap.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md and docs/img/ alone")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds before every rank is stopped")
-    ap.add_argument("--render", metavar="JSON", help="rewrite the section and plot from a saved --out, no runs")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    add_cluster_options(ap, "bench_tta", "784-64-64-10, 60 steps, 2 evaluations, loopback")
     args = ap.parse_args(argv)
     if args.worker:
         worker(args.worker)
