@@ -41,6 +41,21 @@ def add_cluster_options(ap, name: str, quick: str) -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
 
 
+def write_reproduction(section: str, title: str, paper: str, ours: str, blocks: Sequence[str], image: tuple,
+                       checks: Sequence[str], closing: Sequence[str]) -> None:
+    """A paper reproduction's section of BENCHMARKS.md: the paper's own words, what we ran, our
+    tables (``blocks``, paragraphs in order), the plot (``image``: alt text, path), the
+    agreement checks and the closing paragraphs (the machine note last)."""
+    alt, path = image
+    lines = [f"## Reproduction: {title}", "", paper, "", ours]
+    for block in [*blocks, f"![{alt}]({rel(path)})", "Agreement with the paper:"]:
+        lines += ["", block]
+    lines += ["", *checks]
+    for block in closing:
+        lines += ["", block]
+    write_section(section, "\n".join(lines))
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A Markdown table (also readable as printed text)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]

@@ -35,8 +35,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import (accuracy_table, img_path, machine_note, mean, plot_accuracy, rel,  # noqa: E402
-                    table, train_seeds, write_section)
+from _bench import (accuracy_table, img_path, machine_note, mean, plot_accuracy,  # noqa: E402
+                    table, train_seeds, write_reproduction)
 
 from taciturn import make_compressor  # noqa: E402
 from taciturn.wire import Pieces  # noqa: E402
@@ -183,34 +183,18 @@ def main(argv=None) -> int:
         png = img_path("repro_blocksign.png")
         plot_accuracy(runs, png, f"dist-EF-blockSGDM: blockwise vs whole-vector sign (Fashion-MNIST, "
                       f"{args.world_size} ranks)", delta_panel(probes))
-        write_section("bench_repro_blocksign", "\n".join([
-            "## Reproduction: dist-EF-blockSGDM, blockwise vs whole-vector scaled sign",
-            "",
-            PAPER,
-            "",
-            f"Ours (`python scripts/bench_repro_blocksign.py`): MLP 784-256-128-10 on Fashion-MNIST, "
-            f"{args.world_size} real gloo ranks, batch {args.batch} per rank, {args.steps} steps, {args.seeds} seeds "
-            "(initial model and batches; the paper averages 5 repetitions), Nesterov momentum "
-            f"0.9, step size {LR} for SGDM and every dist-EF variant (the paper reuses SGDM's), signum {SIGNUM_LR} "
-            "(not tuned). Every method starts from the same model and sees the same batches; test accuracy on the "
-            f"10,000 test images every {args.eval_every} steps. Bytes are those handed to the collectives.",
-            "",
-            text,
-            "",
-            "Figure 1(b) analogue, on rank 0's local gradient at every step of the per-tensor run (first seed):",
-            "",
-            deltas,
-            "",
-            f"![accuracy and delta]({rel(png)})",
-            "",
-            "Agreement with the paper:",
-            "",
-            *checks,
-            "",
-            NOTE,
-            "",
-            machine_note(started, load),
-        ]))
+        ours = (f"Ours (`python scripts/bench_repro_blocksign.py`): MLP 784-256-128-10 on Fashion-MNIST, "
+                f"{args.world_size} real gloo ranks, batch {args.batch} per rank, {args.steps} steps, "
+                f"{args.seeds} seeds "
+                "(initial model and batches; the paper averages 5 repetitions), Nesterov momentum "
+                f"0.9, step size {LR} for SGDM and every dist-EF variant (the paper reuses SGDM's), signum {SIGNUM_LR} "
+                "(not tuned). Every method starts from the same model and sees the same batches; test accuracy on the "
+                f"10,000 test images every {args.eval_every} steps. Bytes are those handed to the collectives.")
+        write_reproduction("bench_repro_blocksign",
+                           "dist-EF-blockSGDM, blockwise vs whole-vector scaled sign", PAPER, ours,
+                           [text, "Figure 1(b) analogue, on rank 0's local gradient at every step of the per-tensor "
+                                  "run (first seed):", deltas],
+                           ("accuracy and delta", png), checks, [NOTE, machine_note(started, load)])
     return 0
 
 

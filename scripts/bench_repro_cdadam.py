@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import img_path, machine_note, rel, table, write_section  # noqa: E402
+from _bench import img_path, machine_note, table, write_reproduction  # noqa: E402
 
 from taciturn import make_compressor, make_feedback  # noqa: E402
 from taciturn.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
@@ -276,31 +276,19 @@ def main(argv=None) -> int:
     if not args.quick:
         png = img_path("repro_cdadam_logreg.png")
         plot(results, png)
-        write_section("bench_repro_cdadam", "\n".join([
-            "## Reproduction: CD-Adam §7.1, nonconvex logistic regression (20 simulated workers)",
-            "",
-            PAPER,
-            "",
-            f"Ours (`python scripts/bench_repro_cdadam.py`): the same objective with lambda = {LAMBDA}, "
-            f"{WORKERS} workers with equal parts and full-batch gradients, scaled sign, each method's step size "
-            f"picked from {{{', '.join(map(str, STEP_SIZES))}}} by the smallest final gradient norm (the median "
-            "over the last 10% of the iterations: the sign-compressed methods oscillate), "
-            f"{args.iters} iterations from x = 0. LibSVM's phishing/mushrooms/a9a/w8a are not available offline: "
-            "two binary Fashion-MNIST tasks stand in (2x2-pooled images, 196 features in [0, 1]). Bits are "
-            "per worker and iteration, up + down, from the compressors' payload sizes (`nbytes`, padded to 8 "
-            "bytes: (32 + d) rounded up); Markov one-way sends the average back in fp32 (32d). Everything runs "
-            "in float32, so the uncompressed norm bottoms out near 1e-8 (rounding at the optimum).",
-            "",
-            text,
-            "",
-            f"![gradient norm vs bits and iterations]({rel(png)})",
-            "",
-            "Agreement with the paper:",
-            "",
-            *checks,
-            "",
-            machine_note(started, load),
-        ]))
+        ours = (f"Ours (`python scripts/bench_repro_cdadam.py`): the same objective with lambda = {LAMBDA}, "
+                f"{WORKERS} workers with equal parts and full-batch gradients, scaled sign, each method's step size "
+                f"picked from {{{', '.join(map(str, STEP_SIZES))}}} by the smallest final gradient norm (the median "
+                "over the last 10% of the iterations: the sign-compressed methods oscillate), "
+                f"{args.iters} iterations from x = 0. LibSVM's phishing/mushrooms/a9a/w8a are not available offline: "
+                "two binary Fashion-MNIST tasks stand in (2x2-pooled images, 196 features in [0, 1]). Bits are "
+                "per worker and iteration, up + down, from the compressors' payload sizes (`nbytes`, padded to 8 "
+                "bytes: (32 + d) rounded up); Markov one-way sends the average back in fp32 (32d). Everything runs "
+                "in float32, so the uncompressed norm bottoms out near 1e-8 (rounding at the optimum).")
+        write_reproduction("bench_repro_cdadam",
+                           "CD-Adam §7.1, nonconvex logistic regression (20 simulated workers)", PAPER, ours,
+                           [text],
+                           ("gradient norm vs bits and iterations", png), checks, [machine_note(started, load)])
     return 0
 
 

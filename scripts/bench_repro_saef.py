@@ -21,8 +21,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import (accuracy_table, img_path, machine_note, mean, mean_std, plot_accuracy, rel,  # noqa: E402
-                    table, train_seeds, write_section)
+from _bench import (accuracy_table, img_path, machine_note, mean, mean_std, plot_accuracy,  # noqa: E402
+                    table, train_seeds, write_reproduction)
 
 LR = 0.05
 PERIODS = (None, 40, 20, 10, 5, 1)
@@ -120,32 +120,18 @@ def main(argv=None) -> int:
         png = img_path("repro_saef.png")
         plot_accuracy(runs, png, f"SAEF: Top-{100 * args.ratio:g}% DC, error averaging every p steps (Fashion-MNIST, "
                       f"{args.world_size} ranks)")
-        write_section("bench_repro_saef", "\n".join([
-            "## Reproduction: SAEF, top-k accuracy as the error-averaging period p grows (Table 1)",
-            "",
-            PAPER,
-            "",
-            f"Ours (`python scripts/bench_repro_saef.py`): MLP 784-256-128-10 on Fashion-MNIST, {args.world_size} real "
-            f"gloo ranks, batch {args.batch} per rank, {args.steps} steps, {args.seeds} seeds (initial model and "
-            f"batches; the paper: 5 runs), momentum 0.9, step size {LR}, "
-            f"Top-{100 * args.ratio:g}% double-way; best test accuracy of the synced model (every {args.eval_every} "
-            "steps) stands in for the paper's best accuracy at epoch 100. Error averaging is a full-precision "
-            "allreduce of the workers' errors, so its bytes show in the bits column.",
-            "",
-            text,
-            "",
-            "Side by side with Table 1 (Top-1% row):",
-            "",
-            side,
-            "",
-            f"![accuracy vs steps and bytes]({rel(png)})",
-            "",
-            "Agreement with the paper:",
-            "",
-            *checks,
-            "",
-            machine_note(started, load),
-        ]))
+        ours = (f"Ours (`python scripts/bench_repro_saef.py`): MLP 784-256-128-10 on Fashion-MNIST, "
+                f"{args.world_size} real "
+                f"gloo ranks, batch {args.batch} per rank, {args.steps} steps, {args.seeds} seeds (initial model and "
+                f"batches; the paper: 5 runs), momentum 0.9, step size {LR}, "
+                f"Top-{100 * args.ratio:g}% double-way; best test accuracy of the synced model "
+                f"(every {args.eval_every} "
+                "steps) stands in for the paper's best accuracy at epoch 100. Error averaging is a full-precision "
+                "allreduce of the workers' errors, so its bytes show in the bits column.")
+        write_reproduction("bench_repro_saef",
+                           "SAEF, top-k accuracy as the error-averaging period p grows (Table 1)", PAPER, ours,
+                           [text, "Side by side with Table 1 (Top-1% row):", side],
+                           ("accuracy vs steps and bytes", png), checks, [machine_note(started, load)])
     return 0
 
 

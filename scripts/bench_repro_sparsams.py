@@ -20,8 +20,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import (accuracy_table, img_path, machine_note, mean, plot_accuracy, rel,  # noqa: E402
-                    train_seeds, write_section)
+from _bench import (accuracy_table, img_path, machine_note, mean, plot_accuracy,  # noqa: E402
+                    train_seeds, write_reproduction)
 
 LR = 1e-3
 RATIOS = (0.1, 0.01, 0.001)
@@ -89,27 +89,17 @@ def main(argv=None) -> int:
     if not args.quick:
         png = img_path("repro_sparsams.png")
         plot_accuracy(runs, png, f"SPARS-AMS vs AMSGrad (Fashion-MNIST, {args.world_size} ranks)")
-        write_section("bench_repro_sparsams", "\n".join([
-            "## Reproduction: SPARS-AMS vs AMSGrad at several k",
-            "",
-            PAPER,
-            "",
-            f"Ours (`python scripts/bench_repro_sparsams.py`): MLP 784-256-128-10 on Fashion-MNIST, {args.world_size} "
-            f"real gloo ranks (the paper has 20 workers), batch {args.batch} per rank, {args.steps} steps, "
-            f"{args.seeds} seeds (initial model and batches), step size "
-            f"{LR}, b1 = 0.9, b2 = 0.99; k is a fraction of every tensor; test accuracy every {args.eval_every} steps. "
-            "SPARS-AMS is one-way: each rank receives every rank's (values, indices), so its down bytes grow with n.",
-            "",
-            text,
-            "",
-            f"![accuracy vs steps and bytes]({rel(png)})",
-            "",
-            "Agreement with the paper:",
-            "",
-            *checks,
-            "",
-            machine_note(started, load),
-        ]))
+        ours = (f"Ours (`python scripts/bench_repro_sparsams.py`): MLP 784-256-128-10 on Fashion-MNIST, "
+                f"{args.world_size} "
+                f"real gloo ranks (the paper has 20 workers), batch {args.batch} per rank, {args.steps} steps, "
+                f"{args.seeds} seeds (initial model and batches), step size "
+                f"{LR}, b1 = 0.9, b2 = 0.99; k is a fraction of every tensor; test accuracy every "
+                f"{args.eval_every} steps. SPARS-AMS is one-way: each rank receives every rank's (values, indices), "
+                "so its down bytes grow with n.")
+        write_reproduction("bench_repro_sparsams",
+                           "SPARS-AMS vs AMSGrad at several k", PAPER, ours,
+                           [text],
+                           ("accuracy vs steps and bytes", png), checks, [machine_note(started, load)])
     return 0
 
 
