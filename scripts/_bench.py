@@ -56,6 +56,20 @@ def write_reproduction(section: str, title: str, paper: str, ours: str, blocks: 
     write_section(section, "\n".join(lines))
 
 
+def save_and_publish(result: dict, out: str, publish: Callable[[dict], None], write: bool) -> int:
+    """Save a benchmark's ``result`` as JSON at ``out`` and, when ``write``, ``publish`` it (its
+    section of BENCHMARKS.md and its plots); the script's exit status."""
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"results: {out}")
+    if write:
+        publish(result)
+    return 0
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A Markdown table (also readable as printed text)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]

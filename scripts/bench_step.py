@@ -73,7 +73,8 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-from _bench import add_cluster_options, img_path, machine_note, rel, table, write_section  # noqa: E402
+from _bench import (add_cluster_options, img_path, machine_note, rel, save_and_publish, table,  # noqa: E402
+                    write_section)
 from netcluster import Cluster, parse_rate  # noqa: E402
 
 SECTION = "bench_step"
@@ -644,13 +645,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(line)
     result = {"argv": argv, "steps": args.steps, "warmup": args.warmup, "rows": rows,
               "note": machine_note(started, load_before)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"results: {args.out}")
-    if not args.no_write:
-        publish(result)
-    return 0
+    return save_and_publish(result, args.out, publish, not args.no_write)
 
 
 def publish(result: dict) -> None:

@@ -39,7 +39,8 @@ from typing import Dict, List, Optional, Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _bench import add_cluster_options, img_path, machine_note, mlp, rel, table, write_section  # noqa: E402
+from _bench import (add_cluster_options, img_path, machine_note, mlp, rel, save_and_publish, table,  # noqa: E402
+                    write_section)
 from bench_step import POWERSGD_START, LoopbackCluster, link_counters  # noqa: E402
 from netcluster import Cluster  # noqa: E402
 
@@ -311,13 +312,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "freeze": max(1, round(FREEZE_FRACTION * args.steps)), "results": results,
               "note": machine_note(started, load_before)}
     print(f"\n{what}\n{summary_table(results, args.target, shaped)}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"results: {args.out}")
-    if not args.no_write:
-        publish(result)
-    return 0
+    return save_and_publish(result, args.out, publish, not args.no_write)
 
 
 def publish(result: dict) -> None:
