@@ -36,9 +36,15 @@ group and model (like PowerSGD's); a state loaded from a pickle is re-attached w
 ``register_compression_hook(model, state)`` or ``state.bind(model)``. The state is per rank
 (each worker's feedback, each rank's server chunk): every rank saves and restores its own.
 
+The state covers what DDP's reducer averages: parameters DDP ignores
+(``DDP._set_params_and_buffers_to_ignore_for_model``) or that were frozen when it was built are
+left out, one frozen later is kept (DDP reduces its zeros), a complex one is compressed as the
+real view DDP buckets. ``with ddp.join():`` (uneven inputs) works: DDP's shadow backward passes
+on a rank that ran out of data call the hook on zero gradients, so every rank issues the same
+collectives and its feedback state advances as if it had computed zeros.
+
 Limits: hooks run their collectives synchronously, bucket after bucket, in DDP's bucket order
-(the same on every rank); DDP's ``join()`` for uneven inputs is not supported (its shadow
-allreduce bypasses comm hooks); sparse gradients are refused.
+(the same on every rank); sparse gradients are refused.
 """
 import hashlib
 from dataclasses import dataclass
@@ -98,19 +104,32 @@ class _Slot:
     offsets: Dict[str, int]
 
 
-def _inner(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
+def _reduced_parameters(model: DistributedDataParallel) -> List[Tuple[str, torch.Tensor]]:
+    """(name, parameter) of each parameter DDP's reducer averages, in the module's order.
+
+    The reducer's buckets are the truth: they leave out what DDP ignores and what was frozen
+    when DDP was built, and keep a parameter frozen later (DDP reduces its zeros). DDP's
+    ``join()`` reads them the same way (``_get_zeros_like_grad_buckets``: zero copies, dropped
+    here at once)."""
+    if not isinstance(model, DistributedDataParallel):
+        raise TypeError(f"taciturn's DDP hook needs a DistributedDataParallel model, got {type(model).__name__}: "
+                        "wrap it first, DistributedDataParallel(model), and pass the wrapper (its reducer decides "
+                        "which parameters are averaged)")
+    reduced = {id(p) for bucket in model.reducer._get_zeros_like_grad_buckets() for p in bucket.parameters()}
+    return [(n, p) for n, p in model.module.named_parameters() if id(p) in reduced]
 
 
 class CompressionHookState:
     """The state of ``compressed_hook``: codec, feedback rules, communicator and per-parameter
     feedback state for one DDP model.
 
-    ``model``: the DDP model (or the module it wraps; parameter names are the inner module's).
+    ``model``: the DDP model; the state covers the parameters its reducer averages (not those
+    DDP ignores or that were frozen when it was built; complex ones as their real views), named
+    as in the module it wraps.
     ``preset``: a name in ``PRESETS``; ``compressor``, ``worker_feedback``, ``server_feedback``
     and ``two_way`` override its parts; ``block_size`` (block_sign), ``ratio``/``k`` (topk,
     randk) and ``compressor_options`` configure the codec. ``process_group``: None = the DDP
-    model's group (or the default group), a ProcessGroup, or a taciturn Communicator.
+    model's group, a ProcessGroup, or a taciturn Communicator.
     ``check_consistency``: compare the configuration and parameters across ranks once, now.
     """
 
@@ -157,21 +176,17 @@ class CompressionHookState:
         self._owner: Dict[str, _Slot] = {}
         self._pending: Optional[dict] = None
 
-    def bind(self, model, process_group=None, check_consistency: bool = True) -> "CompressionHookState":
+    def bind(self, model: DistributedDataParallel, process_group=None,
+             check_consistency: bool = True) -> "CompressionHookState":
         """Attach the state to ``model``'s parameters and a communicator (done by the constructor;
         call it again after unpickling a state, or use ``register_compression_hook``)."""
-        module = _inner(model)
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        named = _reduced_parameters(model)
         if not named:
-            raise ValueError("CompressionHookState: the model has no parameter that requires grad")
-        if process_group is None and isinstance(model, DistributedDataParallel):
-            process_group = model.process_group
-        if process_group is None and not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("CompressionHookState needs torch.distributed: call "
-                               "torch.distributed.init_process_group(...) and wrap the model in "
-                               "DistributedDataParallel first")
-        self.comm = make_communicator(process_group)
-        self._params = dict(named)
+            raise ValueError("CompressionHookState: DDP averages no parameter of this model (all are ignored or "
+                             "frozen), so there is nothing for the hook to compress")
+        self.comm = make_communicator(model.process_group if process_group is None else process_group)
+        # DDP buckets a complex parameter as its real view: so does the state
+        self._params = {n: torch.view_as_real(p) if p.is_complex() else p for n, p in named}
         self._names = {id(p): n for n, p in named}
         codec_ = make_compressor(self.config["compressor"], **dict(self.config["compressor_options"]))
         self.codec = codec_.bind(sum(p.numel() for _, p in named)) if hasattr(codec_, "bind") else codec_
@@ -222,9 +237,8 @@ class CompressionHookState:
             return tuple(self._names[id(p)] for p in bucket.parameters())
         except KeyError:
             raise RuntimeError(f"DDP bucket {bucket.index()} holds a parameter that this hook state was not built "
-                               "for: the state belongs to another model, or parameters were added or unfrozen after "
-                               "it was made. Build the state from the DDP model you train "
-                               "(register_compression_hook(ddp_model, ...)).") from None
+                               "for: the state belongs to another DDP model. Build or bind the state from the DDP "
+                               "model you train (register_compression_hook(ddp_model, ...)).") from None
 
     def slot_for(self, bucket) -> _Slot:
         """The state of ``bucket``'s composition, assembled from where its parameters' state lives."""
@@ -375,9 +389,6 @@ def compressed_hook(state: "CompressionHookState", bucket: dist.GradBucket) -> t
 def register_compression_hook(model: DistributedDataParallel, preset="markov_sign", **kwargs) -> CompressionHookState:
     """One line: build a ``CompressionHookState`` for ``model`` (or bind a given/unpickled one),
     register ``compressed_hook`` on it and return the state."""
-    if not isinstance(model, DistributedDataParallel):
-        raise TypeError(f"register_compression_hook needs a DistributedDataParallel model, got "
-                        f"{type(model).__name__}: wrap it first, DistributedDataParallel(model)")
     if isinstance(preset, CompressionHookState):
         if kwargs.keys() - {"process_group"}:
             raise ValueError(f"options {sorted(kwargs)} given with a ready hook state; only process_group= applies")

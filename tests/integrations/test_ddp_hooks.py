@@ -206,3 +206,153 @@ def test_bad_arguments_fail_before_any_collective():
         CompressionHookState(Shuffled(), "topk", ratio=2.0)
     with pytest.raises(TypeError, match="DistributedDataParallel"):
         register_compression_hook(Shuffled(), "markov_sign")
+
+
+# ----------------------------------------------------------------------------- what DDP reduces
+
+class Parts(nn.Module):
+    """Two layers, a rank-local gain whose shape differs per rank (for DDP to ignore) and, with
+    ``complex_gain``, a complex parameter (DDP buckets it as its real view)."""
+
+    def __init__(self, rank: int = 0, complex_gain: bool = False):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 3)
+        self.local = nn.Linear(1, rank + 1, bias=False)
+        self.z = nn.Parameter(torch.randn(8, dtype=torch.complex64)) if complex_gain else None
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.z is not None:
+            h = (h * self.z).abs()
+        return self.b(h) * self.local.weight.mean()
+
+
+def grads_per_step(ddp, steps=3):
+    """{name: gradient or None} after each of ``steps`` backward passes on this rank's batches."""
+    rank = dist.get_rank()
+    out = []
+    for t in range(steps):
+        ddp.zero_grad(set_to_none=True)
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 * t + rank))
+        ddp(x).square().sum().backward()
+        out.append({n: None if p.grad is None else p.grad.clone() for n, p in ddp.module.named_parameters()})
+    return out
+
+
+def _parts_pair(rank, case, **ddp_kw):
+    """The same ``Parts`` twice, wrapped in DDP as ``case`` says: (plain DDP, DDP for a hook)."""
+    torch.manual_seed(0)
+    net = Parts(rank if case == "ignored" else 0, complex_gain=case == "complex")
+    pair = []
+    for _ in range(2):
+        m = copy.deepcopy(net)
+        if case == "ignored":
+            DDP._set_params_and_buffers_to_ignore_for_model(m, ["local.weight"])
+        else:
+            m.local.requires_grad_(False)
+        d = DDP(m, find_unused_parameters=case == "frozen_after_wrap", **ddp_kw)
+        if case == "frozen_after_wrap":
+            m.a.bias.requires_grad_(False)  # DDP still reduces it (zeros): the hook must follow DDP
+        pair.append(d)
+    return pair
+
+
+def _reduced_set(rank, world, case):
+    plain, hooked = _parts_pair(rank, case)
+    register_compression_hook(hooked, "identity")
+    out = {"plain": grads_per_step(plain), "hook": grads_per_step(hooked)}
+    if case == "complex":
+        _, compressed = _parts_pair(rank, case)
+        register_compression_hook(compressed, "markov_sign", block_size=4)
+        out["markov_sign"] = grads_per_step(compressed)
+    return out
+
+
+@pytest.mark.parametrize("case", ["ignored", "frozen_after_wrap", "complex"])
+def test_hook_reduces_what_ddp_reduces(run_ranks, case):
+    """Ignored parameters (here of a different shape on each rank), parameters frozen after
+    DDP wrapped the model, complex parameters: the hook averages exactly DDP's set, as DDP does."""
+    results = run_ranks(_reduced_set, 2, case)
+    for r in results:
+        for t, (plain, hook) in enumerate(zip(r["plain"], r["hook"])):
+            assert plain.keys() == hook.keys()
+            for n in plain:
+                assert (plain[n] is None) == (hook[n] is None), (case, t, n)
+                if plain[n] is not None:
+                    assert torch.equal(hook[n], plain[n]), (case, t, n)
+    if case == "ignored":  # DDP leaves the ignored gain's gradient local
+        assert [r["hook"][0]["local.weight"].shape for r in results] == [(1, 1), (2, 1)]
+    if case == "frozen_after_wrap":
+        assert results[0]["hook"][0]["a.bias"] is None
+    if case == "complex":
+        for step0, step1 in zip(results[0]["markov_sign"], results[1]["markov_sign"]):
+            assert step0["z"].is_complex() and torch.equal(step0["z"], step1["z"])
+            assert torch.equal(step0["a.weight"], step1["a.weight"])
+
+
+# ----------------------------------------------------------------------------- uneven inputs
+
+def _join(rank, world):
+    # identity: a linear model whose gradient does not depend on the weights; a rank that has
+    # joined contributes zeros, so DDP at lr * world equals a local model run for every rank's
+    # iterations in turn (the same check as torch's DDP join equivalence test)
+    iters = {r: 2 * (r + 1) for r in range(world)}
+    inp = torch.rand(3, 10, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    base = nn.Linear(10, 10, bias=False)
+    local = copy.deepcopy(base)
+    local_opt = torch.optim.SGD(local.parameters(), lr=0.03)
+    for _ in range(sum(iters.values())):
+        local_opt.zero_grad()
+        local(inp).sum().backward()
+        local_opt.step()
+    out = {"local": local.weight.detach().clone()}
+    for how in ("plain", "identity"):
+        ddp = DDP(copy.deepcopy(base))
+        if how == "identity":
+            register_compression_hook(ddp, "identity")
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.03 * world)
+        with ddp.join():
+            for _ in range(iters[rank]):
+                opt.zero_grad()
+                ddp(inp).sum().backward()
+                opt.step()
+        out[how] = ddp.module.weight.detach().clone()
+
+    # markov_sign, each rank its own batches, rank 0 two steps longer: equal to CD-Adam's
+    # optimizer path in which the exhausted rank keeps stepping on zero gradients
+    steps = STEPS + 2 if rank == 0 else STEPS
+    torch.manual_seed(0)
+    ref = Shuffled()
+    hooked = copy.deepcopy(ref)
+    opt_ref = taciturn.CDAdam(ref.parameters(), lr=LR, block_size=256)
+    for t in range(STEPS + 2):
+        opt_ref.zero_grad()
+        if t < steps:
+            x, y = batch(rank, t)
+            F.cross_entropy(ref(x), y).backward()
+        else:
+            for p in ref.parameters():
+                p.grad = torch.zeros_like(p)
+        opt_ref.step()
+    ddp = DDP(hooked, bucket_cap_mb=0.01)
+    state = register_compression_hook(ddp, "markov_sign", block_size=256)
+    opt = taciturn.AMSGrad(ddp.parameters(), lr=LR, process_group="local")
+    with ddp.join():
+        train(ddp, opt, steps)
+    out["markov_sign"] = torch.cat([p.detach().reshape(-1) for p in hooked.parameters()])
+    out["markov_sign_ref"] = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
+    out["hook_steps"] = state.step
+    return out
+
+
+def test_uneven_inputs_under_join(run_ranks):
+    """``DDP.join()`` runs the registered hook in its shadow backward passes: uneven inputs work."""
+    results = run_ranks(_join, 2)
+    for r in results:
+        assert torch.equal(r["identity"], r["plain"])
+        assert torch.allclose(r["identity"], r["local"], rtol=1e-5, atol=1e-6)
+        assert r["hook_steps"] == STEPS + 2  # the joined rank's hook ran in the shadow passes
+    assert torch.equal(results[0]["markov_sign"], results[0]["markov_sign_ref"])
+    assert torch.equal(results[1]["markov_sign"], results[0]["markov_sign"])  # join broadcast the last joiner's model
