@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-import warnings
+
+import torch
 
 from .base import TACITURN_KEY, CompressedOptimizer, PipelineSpec, check_range, codec
 from .functional import amsgrad_, frozen_adam_
@@ -27,6 +28,13 @@ class OneBitAdam(CompressedOptimizer):
     ``exp_avg_mask`` when present; x = x - lr (m / (sqrt(v) + eps) + weight_decay x).
     No bias correction, as in DeepSpeed's OneBitAdam.
 
+    ``exp_avg_mask`` (a param group key, multiplied into the averaged momentum) takes either
+    shape: the shape of the group's parameters (every parameter of the group has it; the mask
+    applies to each), or one element per element of the group's parameters concatenated in
+    group order, in any shape with that many elements (DeepSpeed's ``torch.flatten(mask)``,
+    made for its flattened fp16 groups). Any other size is refused when the group is added,
+    naming both accepted sizes.
+
     ``mask_zero_variance`` (default True): at the freeze, the elements whose frozen variance is
     exactly 0 (gradient always 0 during the warm-up: input features that are always 0, ReLU
     units that never fired, unused embedding rows) get their averaged momentum masked to 0 for
@@ -40,12 +48,16 @@ class OneBitAdam(CompressedOptimizer):
 
     At the freeze, ``warmup="cdadam"`` frees the warm-up's Markov sequences and running max.
     ``freeze_step`` may be changed on a live optimizer (``opt.freeze_step = n`` or in a param
-    group); raised past the current step after the freeze, the warm-up resumes with its
-    compression state restarted from zero, and the variance is frozen (and masked) again at the
-    new ``freeze_step``.
+    group) or by the script that loads a checkpoint (the running value wins, as in DeepSpeed):
+    the variance is frozen exactly while the step count is >= ``freeze_step``. Raised past the
+    current step after the freeze, the warm-up resumes from the frozen variance (CD-Adam's
+    running max restarts from it) with its compression state, and the momentum's error
+    feedback, restarted from zero; the variance is frozen (and masked) again at the new
+    ``freeze_step``. Every rank decides from the same step and ``freeze_step``.
 
-    ``cuda_aware`` and ``comm_backend_name`` are accepted for DeepSpeed configs: "nccl" and
-    "gloo" use torch.distributed, "mpi" the mpi4py communicator.
+    ``cuda_aware`` and ``comm_backend_name`` are accepted for DeepSpeed configs: "nccl",
+    "compressed" and "gloo" use torch.distributed (its process group's backend, whatever it
+    is: "nccl" on a gloo job logs a warning on rank 0), "mpi" the mpi4py communicator.
     """
 
     def __init__(self, params, lr=1e-3, freeze_step=100000, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -85,37 +97,50 @@ class OneBitAdam(CompressedOptimizer):
         for group in self.param_groups:
             group["freeze_step"] = int(value)
 
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _exp_avg_mask_views(self.param_groups[-1], len(self.param_groups) - 1)
+
     def load_state_dict(self, state_dict, reset_compression_state: bool = False):
-        """As DeepSpeed's OneBitAdam: the ``exp_avg_mask`` of the running script wins over the
-        checkpoint's (masks change between training phases, e.g. BERT's 128 -> 512 tokens), and
-        so does ``mask_zero_variance``: past the freeze, the zero-variance masks are re-derived
-        from the loaded frozen variance (torch's loader casts the bool masks to the parameter's
-        dtype). A checkpoint saved after the freeze holds no warm-up compression state."""
+        """As DeepSpeed's OneBitAdam: the running script's ``freeze_step`` and ``exp_avg_mask``
+        win over the checkpoint's (a phase resumes with a new ``freeze_step``, masks change
+        between phases, e.g. BERT's 128 -> 512 tokens), and so does ``mask_zero_variance``. The
+        other hyper-parameters come from the checkpoint, as in torch. The variance is then
+        frozen or thawed to match the loaded step count and the running ``freeze_step``; past
+        the freeze, the zero-variance masks are re-derived from the loaded frozen variance
+        (torch's loader casts the bool masks to the parameter's dtype). A checkpoint saved
+        after the freeze holds no warm-up compression state."""
         groups = [dict(g) for g in state_dict["param_groups"]]
         for mine, saved in zip(self.param_groups, groups):
-            saved["mask_zero_variance"] = mine["mask_zero_variance"]
-            if "exp_avg_mask" in mine:
-                saved["exp_avg_mask"] = mine["exp_avg_mask"]
-            else:
-                saved.pop("exp_avg_mask", None)
+            for key in _RUNNING_CONFIG:
+                if key in mine:
+                    saved[key] = mine[key]
+                else:
+                    saved.pop(key, None)
         super().load_state_dict({**state_dict, "param_groups": groups}, reset_compression_state)
-        if self._frozen:
+        if self._frozen and self.global_step >= self.freeze_step:
             self._mask_zero_variance()
+        self._follow_freeze_step()
 
     @property
     def _frozen(self) -> bool:
         """Whether the variance is frozen (set at the freeze, carried by checkpoints)."""
         return bool(self.state[TACITURN_KEY].get("frozen", False))
 
+    def _follow_freeze_step(self) -> None:
+        """Freeze or thaw so that the variance is frozen exactly when step >= ``freeze_step``."""
+        frozen = self.global_step >= self.freeze_step
+        if frozen and not self._frozen:
+            self._freeze()
+        elif not frozen and self._frozen:
+            self._thaw()
+
     def _step(self):
-        if self.global_step < self.freeze_step:
-            if self._frozen:
-                self._thaw()
-            self._warmup_step()
-        else:
-            if not self._frozen:
-                self._freeze()
+        self._follow_freeze_step()
+        if self._frozen:
             self._compressed_step()
+        else:
+            self._warmup_step()
 
     def _freeze(self):
         """Before the first compressed step: freeze the variance (CD-Adam's running max with
@@ -136,12 +161,16 @@ class OneBitAdam(CompressedOptimizer):
 
     def _thaw(self):
         """Back to the warm-up after the freeze (``freeze_step`` raised): the warm-up's
-        compression state restarts from zero; the masks are dropped until the next freeze."""
-        flat = self.state[TACITURN_KEY]
-        flat.update(self.zero_compression_state("warmup"))
-        flat["frozen"] = False
+        compression state and the momentum's error feedback (made for the momenta of the
+        phase that ends) restart from zero; ``warmup="cdadam"`` restarts its running max from
+        the frozen variance (which was that max); the masks are dropped until the next freeze."""
+        self.state[TACITURN_KEY] = {**self.state[TACITURN_KEY], **self.zero_compression_state("warmup"),
+                                    **self.zero_compression_state("momentum"), "frozen": False}
         for _, p in self._trainable:
-            self.state[p].pop(ZERO_VARIANCE_MASK, None)
+            st = self.state[p]
+            st.pop(ZERO_VARIANCE_MASK, None)
+            if self.warmup == "cdadam" and "exp_avg_sq" in st:
+                st["max_exp_avg_sq"] = st["exp_avg_sq"].clone()
 
     def _mask_zero_variance(self) -> int:
         """Set ``state[p]["zero_variance_mask"]`` where the frozen variance is exactly 0, in the
@@ -183,17 +212,21 @@ class OneBitAdam(CompressedOptimizer):
             b1 = self.param_groups[gi]["betas"][0]
             m = self.param_state(p, "exp_avg")[0]
             local.append(m.mul_(b1).add_(g, alpha=1 - b1))
+        masks = {}
+        for gi, group in enumerate(self.param_groups):
+            views = _exp_avg_mask_views(group, gi)
+            if views is not None:
+                masks.update(zip(group["params"], views))
         for (gi, p), m_avg in zip(self._trainable, self.communicate("momentum", local)):
             group = self.param_groups[gi]
             m, v = self.param_state(p, "exp_avg", "exp_avg_sq")
             m.copy_(m_avg)
-            self._mask(p, m, group)
+            self._mask(p, m, masks.get(p), group)
             self._apply(p, m, v, group)
 
-    def _mask(self, p, m, group):
-        """Zero the masked elements of the averaged momentum: the group's ``exp_avg_mask`` and
-        the zero-variance mask made at the freeze."""
-        mask = group.get("exp_avg_mask")
+    def _mask(self, p, m, mask, group):
+        """Zero the masked elements of the averaged momentum: ``mask`` (p's part of the group's
+        ``exp_avg_mask``, or None) and the zero-variance mask made at the freeze."""
         if mask is not None:
             m.mul_(mask.to(device=m.device, dtype=m.dtype))
         zero = self.state[p].get(ZERO_VARIANCE_MASK)
@@ -206,16 +239,48 @@ class OneBitAdam(CompressedOptimizer):
         self.write_back(p, x)
 
 
+#: param group keys taken from the running script, not the checkpoint, by load_state_dict
+_RUNNING_CONFIG = ("freeze_step", "exp_avg_mask", "mask_zero_variance")
+
+
+def _exp_avg_mask_views(group: dict, index: int):
+    """The group's ``exp_avg_mask`` as one tensor per parameter of the group (None without a
+    mask): the mask itself when it has the shape of every parameter, else the parameters'
+    slices of the flat mask. Any other size is a ValueError naming the two accepted ones."""
+    mask = group.get("exp_avg_mask")
+    if mask is None:
+        return None
+    params = group["params"]
+    if not torch.is_tensor(mask):
+        raise ValueError(f"OneBitAdam: param group {index}'s exp_avg_mask is a {type(mask).__name__}; give a tensor "
+                         "of 0s and 1s")
+    if all(mask.shape == p.shape for p in params):
+        return [mask] * len(params)
+    sizes = [p.numel() for p in params]
+    if mask.numel() == sum(sizes):
+        return [piece.view(p.shape) for piece, p in zip(mask.reshape(-1).split(sizes), params)]
+    shapes = dict.fromkeys(tuple(p.shape) for p in params)  # in group order, once each
+    raise ValueError(f"OneBitAdam: param group {index}'s exp_avg_mask has shape {tuple(mask.shape)} "
+                     f"({mask.numel()} elements), which fits neither the shape of the group's parameters "
+                     f"({', '.join(map(str, shapes))}) nor the group's {len(params)} parameter(s) flattened and "
+                     f"concatenated in order ({sum(sizes)} elements, e.g. torch.flatten(mask) of a one-parameter "
+                     "group); give one of those")
+
+
 def _backend(name: str):
     """Map DeepSpeed's ``comm_backend_name`` to a communicator spec available on this machine."""
     key = str(name).lower()
     if key == "mpi":
         return "mpi"
-    if key in ("nccl", "gloo", "torch"):
+    if key in ("nccl", "compressed", "gloo", "torch"):
         import torch.distributed as dist
 
-        if key == "nccl" and dist.is_initialized() and dist.get_backend() != "nccl":
-            warnings.warn(f"OneBitAdam: comm_backend_name='nccl' is not available here (the process group runs "
-                          f"{dist.get_backend()}); using it instead", stacklevel=3)
+        running = dist.get_backend() if dist.is_initialized() else None
+        if key == "nccl" and running not in (None, "nccl") and dist.get_rank() == 0:
+            _log.warning("OneBitAdam: comm_backend_name='nccl' (optimizer.params.comm_backend_name in a DeepSpeed "
+                         "config) names NCCL, but this job's torch.distributed process group runs %s: OneBitAdam "
+                         "communicates through that %s group. Set comm_backend_name to %r to silence this.",
+                         running, running, running)
         return None
-    raise ValueError(f"OneBitAdam: comm_backend_name={name!r} must be 'nccl', 'gloo' or 'mpi'")
+    raise ValueError(f"OneBitAdam: comm_backend_name={name!r} must be 'nccl', 'compressed', 'gloo' (torch.distributed) "
+                     "or 'mpi' (mpi4py)")

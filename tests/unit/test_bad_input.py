@@ -55,7 +55,7 @@ CASES = [
     ("onebit-mask-zero-variance", lambda: taciturn.OneBitAdam(params((4,)), mask_zero_variance="yes"), ValueError,
      "mask_zero_variance='yes' must be True or False"),
     ("onebit-comm-backend", lambda: taciturn.OneBitAdam(params((4,)), comm_backend_name="ucx"), ValueError,
-     "comm_backend_name='ucx' must be 'nccl', 'gloo' or 'mpi'"),
+     "comm_backend_name='ucx' must be 'nccl', 'compressed', 'gloo' (torch.distributed) or 'mpi'"),
     ("zero-one-adam", lambda: taciturn.create_optimizer("ZeroOneAdam", params((4,))), ValueError,
      "use \"OneBitAdam\""),
     ("one-bit-lamb", lambda: taciturn.create_optimizer("OneBitLamb", params((4,))), ValueError, "use \"CDAdam\""),

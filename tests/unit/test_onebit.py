@@ -201,3 +201,137 @@ def test_cdadam_resume_after_the_freeze_on_two_ranks(run_ranks, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(xs, again))
         assert keys == again_keys and not any(k.startswith("warmup.") for k in keys)
     assert all(torch.equal(a, b) for a, b in zip(full[0][0], full[1][0])), "ranks diverged"
+
+
+# ---------------------------------------------------------------------------- exp_avg_mask shapes
+def masked_run(groups_of):
+    """Train a dead-input net past the freeze with the param groups ``groups_of(net)``; its
+    parameters after each step."""
+    net = dead_input_net()
+    opt = taciturn.OneBitAdam(groups_of(net), lr=1e-2, freeze_step=FREEZE)
+    return train(net, opt, 0, 12), opt
+
+
+def keep_rows(weight, rows):
+    mask = torch.zeros_like(weight)
+    mask[rows] = 1.0
+    return mask
+
+
+def test_flat_exp_avg_mask_is_the_per_parameter_mask_flattened():
+    """Mirrors DeepSpeed's TestOneBitAdamExpAvgMask: ``torch.flatten(mask)`` of a one-parameter
+    group, and one flat mask over a group of two parameters (DeepSpeed's flattened groups)."""
+    def per_parameter(net):
+        w, b, *rest = net.parameters()
+        return [{"params": [w], "exp_avg_mask": keep_rows(w, [0, 1])},
+                {"params": [b], "exp_avg_mask": keep_rows(b, [2])}, {"params": rest}]
+
+    def flat(net):
+        w, b, *rest = net.parameters()
+        return [{"params": [w], "exp_avg_mask": torch.flatten(keep_rows(w, [0, 1]))},
+                {"params": [b], "exp_avg_mask": torch.flatten(keep_rows(b, [2]))}, {"params": rest}]
+
+    def concatenated(net):
+        w, b, *rest = net.parameters()
+        mask = torch.cat([keep_rows(w, [0, 1]).flatten(), keep_rows(b, [2])])
+        return [{"params": [w, b], "exp_avg_mask": mask}, {"params": rest}]
+
+    reference, opt = masked_run(per_parameter)
+    for groups_of in (flat, concatenated):
+        xs, other = masked_run(groups_of)
+        assert all(torch.equal(a, b) for a, b in zip(reference, xs))
+        for p, q in zip(opt.param_groups[0]["params"] + opt.param_groups[1]["params"],
+                        other.param_groups[0]["params"] + (other.param_groups[1]["params"] if groups_of is flat
+                                                           else [])):
+            assert torch.equal(opt.state[p]["exp_avg"], other.state[q]["exp_avg"])
+    w, b = opt.param_groups[0]["params"][0], opt.param_groups[1]["params"][0]
+    # the averaged momentum is 0 wherever the mask is, as DeepSpeed's test checks after its steps
+    assert torch.equal(opt.state[w]["exp_avg"][2:], torch.zeros_like(w[2:]))
+    assert opt.state[w]["exp_avg"][:2, 1:].abs().min() > 0
+    assert torch.equal(opt.state[b]["exp_avg"] != 0, keep_rows(b, [2]).bool())
+
+
+@pytest.mark.parametrize("mask_shape", [(16,), (16, 5), (97,)], ids=["rows", "wrong-shape", "wrong-size"])
+def test_exp_avg_mask_of_another_size_is_refused(mask_shape):
+    net = dead_input_net()
+    w, b, *rest = net.parameters()
+    with pytest.raises(ValueError, match=r"param group 0's exp_avg_mask has shape .* fits neither the shape of the "
+                                         r"group's parameters \(\(16, 6\)\) nor .* \(96 elements"):
+        taciturn.OneBitAdam([{"params": [w], "exp_avg_mask": torch.ones(mask_shape)}, {"params": [b, *rest]}])
+    opt = taciturn.OneBitAdam([{"params": [w]}])
+    with pytest.raises(ValueError, match=r"param group 1's exp_avg_mask .* \(\(16,\), \(3, 16\)\) .* \(64 elements"):
+        opt.add_param_group({"params": [b, rest[0]], "exp_avg_mask": torch.ones(66)})
+    with pytest.raises(ValueError, match="exp_avg_mask is a list; give a tensor"):
+        taciturn.OneBitAdam([{"params": [w], "exp_avg_mask": [1.0] * 96}])
+
+
+# ---------------------------------------------------------------------------- freeze_step on resume
+@pytest.mark.parametrize("warmup", ["adam", "cdadam"])
+@pytest.mark.parametrize("saved_freeze, running_freeze", [(5, 20), (20, 5)], ids=["thaw", "freeze"])
+def test_running_freeze_step_wins_over_the_checkpoint(warmup, saved_freeze, running_freeze, tmp_path):
+    """Mirrors the freeze_step part of DeepSpeed's TestOneBitAdamCheckpointing: a checkpoint of
+    step 10 resumed with another freeze_step follows the running one, exactly as the same
+    change made live at step 10."""
+    def build(seed, freeze_step):
+        net = dead_input_net(seed)
+        return net, taciturn.OneBitAdam(net.parameters(), lr=1e-2, freeze_step=freeze_step, warmup=warmup,
+                                        block_size=64)
+
+    net, opt = build(0, saved_freeze)
+    train(net, opt, 0, 10)
+    assert opt.state["taciturn"].get("frozen", False) == (saved_freeze <= 10)
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    opt.freeze_step = running_freeze
+    live = train(net, opt, 10, 25)
+
+    fresh_net, fresh = build(1, running_freeze)
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    fresh_net.load_state_dict(saved["model"])
+    fresh.load_state_dict(saved["optimizer"])
+    flat = fresh.state["taciturn"]
+    assert fresh.freeze_step == running_freeze and flat.get("frozen", False) == (running_freeze <= 10)
+    assert any(k.startswith("warmup.") for k in flat) == (running_freeze > 10 and warmup == "cdadam")
+    resumed = train(fresh_net, fresh, 10, 25)
+    assert all(torch.equal(a, b) for a, b in zip(live, resumed))
+    assert fresh.state["taciturn"]["frozen"] and sorted(fresh.state["taciturn"]) == sorted(opt.state["taciturn"])
+
+
+def test_thawing_restarts_the_cdadam_running_max_from_the_frozen_variance():
+    net = dead_input_net()
+    opt = taciturn.OneBitAdam(net.parameters(), lr=1e-2, freeze_step=3, warmup="cdadam", block_size=64)
+    train(net, opt, 0, 5)
+    frozen = [opt.state[p]["exp_avg_sq"].clone() for p in net.parameters()]
+    opt.freeze_step = 8
+    train(net, opt, 5, 6)
+    for p, v in zip(net.parameters(), frozen):
+        assert (opt.state[p]["max_exp_avg_sq"] >= v).all(), "the running max lost the frozen variance"
+    assert all(not torch.is_tensor(t) or t.abs().sum() == 0 for k, t in opt.state["taciturn"].items()
+               if k.startswith("momentum.")), "the error feedback of the earlier compressed phase is left over"
+
+
+# ---------------------------------------------------------------------------- comm_backend_name
+def _ranks_backend(rank, n, name):
+    import logging
+    import warnings
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("taciturn").addHandler(handler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = taciturn.OneBitAdam(torch.nn.Linear(3, 2).parameters(), comm_backend_name=name)
+    return [r.getMessage() for r in records], [str(w.message) for w in caught], opt.comm.world_size
+
+
+@pytest.mark.parametrize("name", ["nccl", "compressed", "gloo"])
+def test_comm_backend_name_maps_to_torch_distributed_and_warns_once(run_ranks, name):
+    """DeepSpeed's 1-bit Adam tutorial names three backends: all run over the job's process
+    group; naming NCCL on a gloo job is logged by rank 0 only, with the backend and config key."""
+    (logs0, warned0, world0), (logs1, warned1, world1) = run_ranks(_ranks_backend, 2, name)
+    assert world0 == world1 == 2 and warned0 == warned1 == [] and logs1 == []
+    if name == "nccl":
+        assert len(logs0) == 1 and "runs gloo" in logs0[0] and "optimizer.params.comm_backend_name" in logs0[0]
+        assert "Set comm_backend_name to 'gloo'" in logs0[0]
+    else:
+        assert logs0 == []
