@@ -44,7 +44,7 @@ on a rank that ran out of data call the hook on zero gradients, so every rank is
 collectives and its feedback state advances as if it had computed zeros.
 
 Limits: hooks run their collectives synchronously, bucket after bucket, in DDP's bucket order
-(the same on every rank); sparse gradients are refused.
+(the same on every rank); sparse gradients (``nn.Embedding(sparse=True)``) are refused.
 """
 import hashlib
 from dataclasses import dataclass
@@ -115,6 +115,11 @@ def _reduced_parameters(model: DistributedDataParallel) -> List[Tuple[str, torch
         raise TypeError(f"taciturn's DDP hook needs a DistributedDataParallel model, got {type(model).__name__}: "
                         "wrap it first, DistributedDataParallel(model), and pass the wrapper (its reducer decides "
                         "which parameters are averaged)")
+    sparse = [n for n, m in model.module.named_modules()
+              if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse]
+    if sparse:  # DDP buckets their gradients sparse (and cannot show those buckets before a backward)
+        raise ValueError(f"taciturn's DDP hooks need dense gradients, and {sparse[0]!r} makes sparse ones: build it "
+                         "with sparse=False (nn.Embedding / nn.EmbeddingBag)")
     reduced = {id(p) for bucket in model.reducer._get_zeros_like_grad_buckets() for p in bucket.parameters()}
     return [(n, p) for n, p in model.module.named_parameters() if id(p) in reduced]
 
@@ -366,8 +371,6 @@ def compressed_hook(state: "CompressionHookState", bucket: dist.GradBucket) -> t
     Runs synchronously and returns a completed future holding the bucket buffer, overwritten
     with the (decompressed) average, in the buffer's dtype."""
     buf = bucket.buffer()
-    if buf.is_sparse:
-        raise RuntimeError("taciturn's DDP hooks need dense gradients; use nn.Embedding(sparse=False)")
     slot = state.slot_for(bucket)
     if buf.numel() != slot.layout.numel:
         raise RuntimeError(f"DDP bucket {bucket.index()} holds {buf.numel()} elements but its parameters have "

@@ -63,6 +63,8 @@ CASES = {
     "markov_sign": ("markov_sign", {"block_size": 256}, "CDAdam", {"block_size": 256}, {"bucket_cap_mb": 0.01}),
     "markov_sign-static_graph": ("markov_sign", {"block_size": 256}, "CDAdam", {"block_size": 256},
                                  {"bucket_cap_mb": 0.01, "static_graph": True}),
+    "markov_sign-bucket_view": ("markov_sign", {"block_size": 256}, "CDAdam", {"block_size": 256},
+                                {"bucket_cap_mb": 0.01, "gradient_as_bucket_view": True}),
     "block_sign": ("block_sign", {"block_size": 256}, "EFAMSGrad", {"block_size": 256}, {"bucket_cap_mb": 0.01}),
     "topk": ("topk", {"ratio": 0.05}, "SparsAMS", {"ratio": 0.05}, {"bucket_cap_mb": 0.01}),
     "ef_sign": ("ef_sign", {}, "EFAMSGrad", {"compressor": "scaled_sign", "bucket_cap_mb": 1e-6},
