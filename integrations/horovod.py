@@ -33,6 +33,20 @@ Compression:
   is Horovod's path: per-parameter ``allreduce_async_`` of the compressed tensor, named by the
   parameter, fused by Horovod.
 
+Sparse gradients (``nn.Embedding(sparse=True)``): with a Horovod ``Compressor`` they take
+Horovod's paths, the sparse allreduce (allgather of indices and values) or, with
+``sparse_as_dense=True``, a dense allreduce; the presets always exchange them dense (the codecs
+are dense). Either way ``p.grad`` is sparse again after ``synchronize()``, for SparseAdam.
+
+Uneven inputs (``hvd.join()``): a rank that runs out of data calls ``hvd.join()``, as with
+Horovod's optimizer. A Horovod ``Compressor`` runs Horovod's allreduce, which joined ranks feed
+with zeros. A preset first counts the ranks present each step (a one-float allreduce, which a
+joined rank answers with 0); while some rank is joined, the step's gradients go through an
+uncompressed fp32 allreduce instead (Horovod's join semantics: joined ranks add zeros, the
+average divides by all ranks) and the compression state stays as it is on every rank, so
+compressed steps resume in step once every rank has joined. ``hvd.join()`` returns the last rank
+to join: broadcast the model from it, as with Horovod.
+
 Compression state (errors, Markov sequences, step) lives in the wrapped optimizer's state under
 ``optimizer.state["taciturn.horovod"]``, so ``optimizer.state_dict()`` carries it. It is per rank
 (each worker's feedback, each rank's server chunk): every rank saves and loads its own state
@@ -54,6 +68,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import time
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -231,14 +246,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         _refuse_communicating(optimizer)
         if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step={backward_passes_per_step!r} must be an int >= 1")
-        if not hvd.is_initialized():
-            raise RuntimeError("DistributedOptimizer needs Horovod: call hvd.init() first (and launch with horovodrun)")
         self._optimizer = optimizer
         self.compression = _resolve_compression(compression)
         self.op = hvd.Average if op is None else op
         self.gradient_predivide_factor = float(gradient_predivide_factor)
         self.sparse_as_dense = sparse_as_dense
-        self.process_set = process_set if process_set is not None else hvd.global_process_set
         self.backward_passes_per_step = backward_passes_per_step
         self._check_op()
         if num_groups:
@@ -258,8 +270,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         ranked = sorted(range(len(order)), key=lambda i: first[group_ids[i]])
         self._params: List[torch.Tensor] = [order[i] for i in ranked]
         self._group_ids = [group_ids[i] for i in ranked]
-        self._name_of = names
+        self._parameter_names = names
         self._names = [names[p] for p in self._params]
+        # Every argument is checked above, without Horovod (as in Horovod); from here on it must run.
+        if not hvd.is_initialized():
+            raise RuntimeError("DistributedOptimizer needs Horovod: call hvd.init() first (and launch with horovodrun)")
+        self.process_set = process_set if process_set is not None else hvd.global_process_set
         digest = hashlib.sha1("\0".join(self._names).encode()).hexdigest()[:10]
         self._prefix = f"taciturn.hvd.{self.process_set.process_set_id}.{digest}"
         self.bucket_cap_mb = bucket_cap_mb
@@ -377,6 +393,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._touched = False
         self._handles = {}
         self._futures: Dict[int, object] = {}
+        self._sparse = set()
+        self._everyone_here = True
         if self.pipeline is not None:
             self._missing = [len(idx) for idx in self.pipeline.buckets]
             self._next_bucket = 0
@@ -396,31 +414,64 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._handles[p] = self._allreduce_async(p)
 
     def _wire_grad(self, p: torch.Tensor) -> torch.Tensor:
+        """``p.grad`` as the dense tensor that goes on the wire (zeros if missing). A sparse
+        gradient is densified in place and made sparse again once averaged (``_resparsify``),
+        as Horovod's ``sparse_as_dense`` does, so sparse optimizers (SparseAdam) still get one."""
         if p.grad is None:
             # Not computed here (e.g. a branch unused on this rank), maybe computed elsewhere:
             # every rank must take part, with zeros (as Horovod does).
             p.grad = torch.zeros_like(p)
         if p.grad.is_sparse:
-            if not self.sparse_as_dense:
-                raise ValueError(f"parameter {self._name_of[p]!r} has a sparse gradient: pass "
-                                 "sparse_as_dense=True (or use nn.Embedding(sparse=False))")
+            self._sparse.add(p)
             p.grad = p.grad.to_dense()
         return p.grad
 
+    def _resparsify(self) -> None:
+        for p in self._sparse:
+            p.grad = p.grad.to_sparse()
+
     def _launch_bucket(self, b: int) -> None:
         grads = [self._wire_grad(self._params[i]) for i in self.pipeline.buckets[b]]
-        step = self.compression_state["step"]
-        self._futures[b] = self._executor.submit(self.pipeline.allreduce_bucket, b, grads, self._bucket_state(b),
-                                                 seed=step, stats=self.stats)
+        self._futures[b] = self._executor.submit(self._exchange_bucket, b, grads, self._bucket_state(b),
+                                                 self.compression_state["step"])
         self._next_bucket = b + 1
 
+    def _exchange_bucket(self, b: int, grads: List[torch.Tensor], state: Dict[str, torch.Tensor],
+                         step: int) -> List[torch.Tensor]:
+        """(communication thread) Bucket ``b``'s average. Before the first bucket of a step the
+        ranks count who is here (an allreduce, which Horovod's join supports: a rank inside
+        ``hvd.join()`` adds 0). With everyone here the bucket goes through the compressed
+        pipeline; while some rank is joined, through ``_joined_average``."""
+        if b == 0:
+            here = hvd.allreduce(torch.ones(1), name=f"{self._prefix}.here", op=hvd.Sum, process_set=self.process_set)
+            self._everyone_here = int(here.item()) == self.comm.world_size
+        if self._everyone_here:
+            return self.pipeline.allreduce_bucket(b, grads, state, seed=step, stats=self.stats)
+        return self._joined_average(b, grads)
+
+    def _joined_average(self, b: int, grads: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Horovod's join semantics for a step that some rank spends inside ``hvd.join()``: an
+        fp32 allreduce, the joined ranks contributing zeros, averaged over all ranks. The joined
+        ranks cannot run the compressed pipeline (it needs every rank's alltoall and its server
+        chunk), so the compression state is left as it is on every rank."""
+        start = time.perf_counter()
+        handles = [hvd.allreduce_async(g.float(), name=f"{self._prefix}.joined.{self._names[i]}", op=hvd.Average,
+                                       process_set=self.process_set) for i, g in zip(self.pipeline.buckets[b], grads)]
+        averaged = [hvd.synchronize(h) for h in handles]
+        fp32 = 4 * sum(g.numel() for g in grads)
+        self.stats.record(fp32, fp32, fp32, 0.0, time.perf_counter() - start)
+        return averaged
+
     def _allreduce_async(self, p: torch.Tensor):
+        name = f"{self._prefix}.{self._parameter_names[p]}"
+        if p.grad is not None and p.grad.is_sparse and not self.sparse_as_dense:
+            # Horovod's sparse allreduce: allgather of indices and values (uncompressed).
+            return hvd.sparse_allreduce_async(p.grad, name=name, op=self.op, process_set=self.process_set), None
         compressed, ctx = self.compression.compress(self._wire_grad(p))
         if self.op == hvd.Average:
             pre, post = 1.0 / self.gradient_predivide_factor, self.gradient_predivide_factor
         else:
             pre, post = 1.0, 1.0
-        name = f"{self._prefix}.{self._name_of[p]}"
         handle = hvd.allreduce_async_(compressed, name=name, op=self.op, prescale_factor=pre,
                                       postscale_factor=post, process_set=self.process_set)
         return handle, ctx
@@ -454,17 +505,23 @@ class DistributedOptimizer(torch.optim.Optimizer):
         for b, averaged in sorted(outcomes.items()):
             for i, g in zip(self.pipeline.buckets[b], averaged):
                 self._params[i].grad.copy_(g if factor == 1.0 else g * factor)
+        self._resparsify()
         self.stats.end_step()
-        self.compression_state["step"] += 1
+        if self._everyone_here:
+            self.compression_state["step"] += 1
 
     def _finish_allreduces(self) -> None:
         for p in self._params:
             if p not in self._handles:
                 self._handles[p] = self._allreduce_async(p)
         for p, (handle, ctx) in self._handles.items():
+            if callable(handle):  # a sparse allreduce: its result is the averaged sparse gradient
+                p.grad = handle()
+                continue
             out = self.compression.decompress(hvd.synchronize(handle), ctx)
             if out is not p.grad:
                 p.grad.copy_(out)
+        self._resparsify()
 
     @contextmanager
     def skip_synchronize(self):
@@ -724,6 +781,8 @@ def broadcast_optimizer_state(optimizer, root_rank: int = 0, model=None) -> None
 
     The wrapped optimizer's whole state dict (per-parameter state, hyper-parameters) is
     broadcast from ``root_rank`` (a Horovod rank, as in Horovod) and loaded on the others.
+    A wrapped optimizer without state is first given it as Horovod does (``_initialize_state``:
+    zero gradients, one local step), so that every rank holds the state after the call.
     Compression state is per rank and is never broadcast: each rank keeps its own when every
     rank holds its own for the same step (fresh optimizers; each rank loaded its own
     checkpoint or elastic commit); otherwise every rank restarts it from zero, with a warning.
@@ -738,6 +797,7 @@ def broadcast_optimizer_state(optimizer, root_rank: int = 0, model=None) -> None
     if not optimizer._active:
         return
     inner = optimizer.optimizer
+    _initialize_state(inner, model)
     sd = inner.state_dict()
     own = sd["state"].get(STATE_KEY)
     shared = {**sd, "state": {k: v for k, v in sd["state"].items() if k != STATE_KEY}}
@@ -749,6 +809,37 @@ def broadcast_optimizer_state(optimizer, root_rank: int = 0, model=None) -> None
             inner.state[STATE_KEY] = own
     if optimizer.is_taciturn:
         optimizer._agree_on_compression_state(root_rank)
+
+
+def _initialize_state(optimizer: torch.optim.Optimizer, model=None) -> None:
+    """Horovod's first broadcast: an optimizer without per-parameter state gets zero gradients
+    (sparse ones for SparseAdam, and for SGD on the sparse embeddings of ``model``) and one step
+    of its own update rule, so its state exists; the zero gradients stay in ``p.grad``.
+
+    Unlike Horovod, the step runs with ``weight_decay`` 0 (restored after): on zero gradients
+    the update of taciturn's and torch's optimizers (but ASGD, whose ``lambd`` decays too) is
+    then zero and no parameter moves. Horovod's step lets weight decay move them, on the ranks
+    without state only, which desynchronises the model when only the root loaded a checkpoint.
+    It is the wrapped optimizer's local step: no collective, no compression state."""
+    if any(key != STATE_KEY for key in optimizer.state):
+        return
+    sparse = set() if model is None else {id(p) for m in model.modules()
+                                          if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+                if isinstance(optimizer, torch.optim.SparseAdam) or (isinstance(optimizer, torch.optim.SGD)
+                                                                     and id(p) in sparse):
+                    p.grad = p.grad.to_sparse()
+    decays = {i: group["weight_decay"] for i, group in enumerate(optimizer.param_groups) if "weight_decay" in group}
+    for i in decays:
+        optimizer.param_groups[i]["weight_decay"] = 0.0
+    try:
+        optimizer.step()
+    finally:
+        for i, decay in decays.items():
+            optimizer.param_groups[i]["weight_decay"] = decay
 
 
 class OptimizerStateHandler(_elastic_state.StateHandler):

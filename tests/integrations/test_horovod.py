@@ -6,6 +6,7 @@ job); the ranks save their measurements and these tests assert on them.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -218,3 +219,120 @@ def test_elastic_job_restores_the_commit_and_matches_uninterrupted_training(tmp_
         assert res["events"][0] == "failed" and f"reset:{RANKS}" in res["events"]
         assert res["step"] == res["ref_step"] == 6
         assert res["diff"] == 0.0
+
+
+# ----------------------------------------------------------------------------- Horovod's own test_torch.py
+# tests/integrations/hvd_upstream.py runs what Horovod 0.28.1's test/parallel/test_torch.py asserts
+# of hvd.DistributedOptimizer on taciturn's, with Compression.none (Horovod's path) and
+# Compression.cdadam; each test below names the upstream case(s) it mirrors.
+
+@pytest.fixture(scope="module", params=sorted(CONTROLLERS))
+def upstream(request, tmp_path_factory):
+    args, env = CONTROLLERS[request.param]
+    return _horovodrun(args, "hvd_upstream.py", tmp_path_factory.mktemp(f"hvd-upstream-{request.param}"), env)
+
+
+def test_broadcast_state_of_a_fresh_optimizer_creates_it_everywhere(upstream):
+    """test_broadcast_state_no_grad"""
+    for res in scenario(upstream, "broadcast_state_no_grad"):
+        for name in ("none", "cdadam"):
+            got = res[name]
+            assert got["a_grad_none"] and got["b_grad"] is not None and got["b_grad_spread"] == 0.0, name
+            assert got["has_momentum"], name                   # the state exists after the call
+            assert got["b_moved"] == 0.0 and got["weight_decay"] == 0.5, name   # no parameter moved
+            assert got["spread_after_step"] == 0.0, name
+        assert res["cdadam"]["compression_step"] == 0 and res["cdadam"]["compression_zero"]
+
+
+def test_broadcast_state_gives_every_rank_the_roots_options_and_state(upstream):
+    """test_broadcast_state, test_broadcast_state_options"""
+    root, other = scenario(upstream, "broadcast_state_options")
+    assert len(root) >= 2 * 10
+    for key, mine in root.items():
+        theirs = other[key]
+        assert theirs["group"] == mine["group"] and theirs["types"] == mine["types"], key
+        assert mine["group"]["lr"] == 0.1, key
+        assert theirs["state_spread"] == 0.0 and theirs["state_len"] == mine["state_len"], key
+
+
+def test_sparse_gradients_are_averaged_and_stay_sparse(upstream):
+    """test_sparse_embeddings, test_async_sparse_allreduce"""
+    for res in scenario(upstream, "sparse_embeddings"):
+        for key, got in res.items():
+            assert got["init_sparse"] and got["init_state"] > 0, key
+            assert got["sparse"] and got["spread"] == 0.0, key
+            # none: torch.distributed's average; cdadam: what the same dense gradient gets
+            assert got["error"] < 1e-6 if key.startswith("none/") else got["error"] == 0.0, key
+
+
+def test_join_with_uneven_steps(upstream):
+    """test_horovod_join_allreduce (with the optimizer: uneven numbers of steps)"""
+    for res in scenario(upstream, "join"):
+        for name in ("none", "cdadam"):
+            got = res[name]
+            assert got["lasts"] == [got["last"]] * RANKS and got["last"] == 0, name
+            assert got["spread_after"] == 0.0, name
+        assert res["none"]["errors"] == res["cdadam"]["errors"]
+    rank0 = scenario(upstream, "join")[0]
+    for name in ("none", "cdadam"):
+        assert rank0[name]["errors"] == [0.0, 0.0]         # own gradient / 2: the joined rank adds zeros
+    cd = rank0["cdadam"]
+    assert cd["bytes_up"][0] < cd["fp32_bytes"] / 4        # compressed while both ranks train
+    assert cd["bytes_up"][1:] == [cd["fp32_bytes"]] * 2    # fp32 while rank 1 is joined
+    assert cd["steps"] == [3, 3]                            # compressed steps in step on both ranks
+
+
+def test_a_gradient_missing_on_one_rank_is_sent_as_zeros_for_every_torch_optimizer(upstream):
+    """test_force_allreduce"""
+    for res in scenario(upstream, "force_allreduce"):
+        assert len(res) >= 2 * 10 and all(v == 0.0 for v in res.values()), res
+
+
+def test_default_names_are_unique_and_equal_on_every_rank(upstream):
+    """test_no_named_parameters, test_optimizer_no_named_parameters"""
+    for res in scenario(upstream, "no_named_parameters"):
+        for name in ("none", "cdadam"):
+            assert res[name] == {"unique": True, "same_everywhere": True, "spread": 0.0}, name
+
+
+def test_requires_grad_switched_between_two_optimizers(upstream):
+    """test_dynamic_requires_grad"""
+    for res in scenario(upstream, "dynamic_requires_grad"):
+        for name in ("none", "cdadam"):
+            assert res[name] == {"wrong_steps": [], "spread": 0.0}, name
+
+
+def test_clipping_between_synchronize_and_step_and_the_double_sync_warning(upstream):
+    """test_gradient_clipping, test_synchronize_step_warning"""
+    for res in scenario(upstream, "clipping_and_warning"):
+        for name in ("none", "cdadam"):
+            got = res[name]
+            assert abs(got["prior"]) > abs(got["clipped"]) and got["update_error"] < 1e-7, name
+            assert got["skip_warnings"] == [], name
+            assert len(got["step_warnings"]) == 1, name
+            assert "optimizer.step() called without optimizer.skip_synchronize()" in got["step_warnings"][0], name
+
+
+def test_backward_passes_per_step_on_horovods_path(upstream):
+    """backward_passes_per_step (Horovod's _allreduce_delay) with Compression.none"""
+    for res in scenario(upstream, "accumulation_none"):
+        assert res["average_error"] < 1e-6
+        assert "Increase backward_passes_per_step" in res["third_pass_error"]
+
+
+def test_arguments_are_checked_before_horovod_is_needed():
+    """test_duplicate_names, test_missing_named_parameters (before hvd.init, in this process)"""
+    from taciturn.integrations import horovod as thvd
+
+    net1, net2 = torch.nn.Conv2d(1, 1, 1), torch.nn.Conv2d(1, 1, 1)
+    opt = torch.optim.SGD(list(net1.parameters()) + list(net2.parameters()), lr=0.1)
+    duplicates = itertools.chain(net1.named_parameters(), net2.named_parameters())
+    with pytest.raises(ValueError, match="Parameter names in named_parameters must be unique. Found duplicates: "
+                                         "bias, weight"):
+        thvd.DistributedOptimizer(opt, named_parameters=duplicates)
+    with pytest.raises(ValueError, match="were not named"):
+        thvd.DistributedOptimizer(opt, named_parameters=list(net1.named_parameters()))
+    with pytest.raises(ValueError, match="unknown compression"):
+        thvd.DistributedOptimizer(torch.optim.SGD(net1.parameters(), lr=0.1), compression="onebit")
+    with pytest.raises(RuntimeError, match=r"call hvd.init\(\) first"):
+        thvd.DistributedOptimizer(torch.optim.SGD(net1.parameters(), lr=0.1))
