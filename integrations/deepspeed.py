@@ -25,8 +25,9 @@ Semantics inside the engine:
   An overflow (agreed over the data-parallel ranks by DeepSpeed's check) skips the step on
   every rank before the optimizer runs, so the compression state is untouched;
 - ZeRO stage >= 1 is refused (it partitions the gradients taciturn compresses); so are MoE
-  layers, sequence parallelism and wrappers that partition the optimizer (bf16 with
-  PipelineModule builds DeepSpeed's partitioned BF16_Optimizer);
+  layers, sequence parallelism and DeepSpeed's BF16_Optimizer, which partitions the optimizer
+  like ZeRO-1: DeepSpeed builds it for bf16 pipeline engines and, in 0.16, for every bf16
+  engine (0.19 runs bf16 through the whole-weight wrapper, so bf16 needs 0.19 without pipelines);
 - checkpoints: the compression state is per rank (worker errors, the chunk each rank serves,
   worker-local momenta), while DeepSpeed stage 0 saves rank 0's optimizer only, so
   ``save_checkpoint`` also writes ``taciturn_rank<r>.pt`` per rank into the tag directory and
@@ -37,7 +38,7 @@ Semantics inside the engine:
 DeepSpeed has no optimizer registry, so ``register()`` wraps a few methods of
 ``DeepSpeedEngine`` (all listed in ``_PATCHES``; each delegates to DeepSpeed's own unless
 the optimizer is taciturn's) after checking the installed version is in
-``SUPPORTED_VERSIONS``.
+``SUPPORTED_VERSIONS`` and has them and the ones taciturn calls (``_CALLED``).
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("taciturn.integrations.deepspeed needs DeepSpeed: pip install 'taciturn[deepspeed]' "
                       "(DeepSpeed 0.16.x to 0.19.x)") from err
+from deepspeed.runtime.constants import BFLOAT16
 
 #: (min, max) major.minor of DeepSpeed, inclusive; tested on 0.16.9 and 0.19.8.
 SUPPORTED_VERSIONS = ((0, 16), (0, 19))
@@ -63,6 +65,9 @@ SUPPORTED_VERSIONS = ((0, 16), (0, 19))
 _ENGINE_OWNED = ("process_group",)
 #: events written to DeepSpeed's monitor after each compressed step
 _MONITOR_KEYS = ("bytes_up", "bytes_down", "compress_time", "collective_time", "compression_ratio")
+
+#: DeepSpeedEngine methods taciturn calls without wrapping them (which wrapper the engine builds)
+_CALLED = ("_do_optimizer_sanity_check",)
 
 _ORIGINAL = {}
 
@@ -154,6 +159,17 @@ def _refuse_unsupported(engine, name: str) -> None:
     if getattr(engine, "sequence_parallel_size", 1) > 1:
         raise ValueError(f"taciturn's {name} does not support sequence parallelism (sequence_parallel_size="
                          f"{engine.sequence_parallel_size}); use data parallelism, optionally with pipeline stages")
+    if engine.bfloat16_enabled() and engine._do_optimizer_sanity_check(None) == BFLOAT16:
+        if engine.pipeline_parallelism:
+            which, fix = "bf16 pipeline engines", "use fp16 or fp32 for pipeline engines"
+        else:
+            which = f"every bf16 engine without ZeRO in DeepSpeed {deepspeed.__version__}"
+            fix = ("use DeepSpeed 0.19 (pip install 'deepspeed>=0.19,<0.20'), whose bf16 engine keeps the whole "
+                   "fp32 master weights on every rank, or fp16 / fp32 on this release")
+        raise ValueError(f"taciturn's {name} cannot run under DeepSpeed's BF16_Optimizer, which DeepSpeed builds for "
+                         f"{which}: it partitions the fp32 master weights and optimizer state across the "
+                         "data-parallel ranks (as ZeRO stage 1 does), while taciturn compresses every rank's whole "
+                         f"gradient. Fix: {fix}.")
 
 
 def _kwargs(engine, name: str):
@@ -168,7 +184,7 @@ def _kwargs(engine, name: str):
     backend = params.get("comm_backend_name")
     if backend is not None:
         if torch.distributed.get_world_size(group) == torch.distributed.get_world_size():
-            return rec, params  # OneBitAdam maps it: nccl -> the running torch.distributed backend, mpi -> mpi4py
+            return rec, params  # OneBitAdam maps it: nccl, compressed -> torch.distributed; mpi -> mpi4py
         if str(backend).lower() == "mpi":
             raise ValueError(f"{name}: comm_backend_name='mpi' communicates over MPI COMM_WORLD, but this engine's "
                              "data-parallel group is smaller than the world (pipeline or model parallelism); use "
@@ -196,8 +212,8 @@ def _configure_optimizer(self, client_optimizer, model_parameters):
     if held != numel or not (wrapper is pending or getattr(wrapper, "optimizer", None) is pending):
         raise ValueError(f"taciturn's {rec.name} cannot run under DeepSpeed's {type(wrapper).__name__}: it hands the "
                          f"optimizer {held} of the {numel} parameter elements (it partitions them across "
-                         "data-parallel ranks); taciturn needs every rank's whole gradient. bf16 with PipelineModule "
-                         "builds this wrapper: use fp32 or fp16 for pipeline engines.")
+                         "data-parallel ranks); taciturn needs every rank's whole gradient: use fp32, fp16 or bf16 "
+                         "without ZeRO.")
     opt = rec.cls(pending.param_groups, **kwargs)
     _check_group(self, opt, "mpirun to launch a comm_backend_name='mpi' job, or comm_backend_name 'nccl' / 'gloo'")
     self.basic_optimizer = opt
@@ -325,6 +341,7 @@ def register() -> None:
 
     classes = {"DeepSpeedEngine": DeepSpeedEngine, "PipelineEngine": PipelineEngine}
     missing = [f"{c}.{m}" for c, m, _ in _PATCHES if m not in vars(classes[c])]
+    missing += [f"DeepSpeedEngine.{m}" for m in _CALLED if m not in vars(DeepSpeedEngine)]
     if missing:
         raise RuntimeError(f"DeepSpeed {deepspeed.__version__} lacks {', '.join(missing)}, which "
                            "taciturn.integrations.deepspeed adapts; use a release in "

@@ -9,8 +9,10 @@ random teacher; each rank draws its own batches from a generator seeded by (step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import logging
 import os
 import traceback
 import warnings
@@ -147,6 +149,69 @@ class CollectiveLog:
         return recorded
 
 
+@contextlib.contextmanager
+def fp16_allowed():
+    """DeepSpeed refuses fp16 on a CPU without mkldnn fp16 kernels; torch runs fp16 Linear
+    layers on CPU, so override that capability check only, to exercise the same wrapper a GPU
+    takes."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = accelerator.is_fp16_supported
+    accelerator.is_fp16_supported = lambda: True
+    try:
+        yield
+    finally:
+        accelerator.is_fp16_supported = supported
+
+
+@contextlib.contextmanager
+def taciturn_logs():
+    """The messages of the ``taciturn`` logger while active."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("taciturn")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+#: the config of DeepSpeed's own 1-bit Adam tests (tests/unit/runtime/half_precision/onebit/test_onebit.py)
+def upstream_onebit_config(precision: str, **params) -> dict:
+    from deepspeed.accelerator import get_accelerator
+
+    return {"train_batch_size": 2, "steps_per_print": 1000, "gradient_clipping": 1.0,
+            "optimizer": {"type": "OneBitAdam", "params": {
+                "lr": 0.00015, "weight_decay": 0.01, "freeze_step": 2, "cuda_aware": False,
+                "comm_backend_name": get_accelerator().communication_backend_name(), **params}},
+            "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+            "bf16": {"enabled": precision == "bf16"}}
+
+
+def build_precision(cfg: dict, model=None, params=None):
+    with fp16_allowed() if cfg.get("fp16", {}).get("enabled") else contextlib.nullcontext():
+        return build(cfg, model, params)
+
+
+def first_row_mask(weight):
+    """DeepSpeed's test mask: the first row of the weight kept, flattened."""
+    mask = torch.zeros_like(weight)
+    mask[0] = 1.0
+    return torch.flatten(mask)
+
+
+def masked_groups(model, mask):
+    """DeepSpeed's test groups: the first weight (with ``mask`` unless None), the rest."""
+    first = model[0].weight
+    head = {"params": [first], "weight_decay": 0.01}
+    if mask is not None:
+        head["exp_avg_mask"] = mask
+    return [head, {"params": [p for p in model.parameters() if p is not first], "weight_decay": 0.01}]
+
+
 # ---------------------------------------------------------------------------- scenarios
 def scenario_train(name: str, steps: int = 60) -> dict:
     cfg = load_config(name)
@@ -234,20 +299,10 @@ def scenario_bf16() -> dict:
 
 
 def scenario_fp16() -> dict:
-    """fp16 with dynamic loss scaling: DeepSpeed refuses fp16 on a CPU without mkldnn fp16
-    kernels, so this overrides its capability check (torch runs fp16 Linear layers on CPU)
-    to exercise the same FP16_UnfusedOptimizer path a GPU takes."""
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
+    """fp16 with dynamic loss scaling (the FP16_UnfusedOptimizer path a GPU takes)."""
     cfg = load_config("cdadam.json")
     cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8}
-    supported = accelerator.is_fp16_supported
-    accelerator.is_fp16_supported = lambda: True
-    try:
-        engine = build(cfg)
-    finally:
-        accelerator.is_fp16_supported = supported
+    engine = build_precision(cfg)
     opt = tds.taciturn_optimizer(engine)
     first = eval_loss(engine)
     losses = [train_step(engine) for _ in range(3)]
@@ -271,7 +326,7 @@ def scenario_onebit_stranded() -> dict:
     mask = torch.ones_like(first)
     mask[:4] = 0.0
     groups = [{"params": [first], "exp_avg_mask": mask}, {"params": [p for p in model.parameters() if p is not first]}]
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, taciturn_logs() as logs:
         warnings.simplefilter("always")
         engine = build(cfg, model, groups)
     opt = tds.taciturn_optimizer(engine)
@@ -287,9 +342,111 @@ def scenario_onebit_stranded() -> dict:
     return {"losses": losses, "first": before, "last": eval_loss(engine), "bytes_up": bytes_up,
             "freeze_step": opt.freeze_step,
             "nccl_warnings": [str(w.message) for w in caught if "nccl" in str(w.message)],
+            "nccl_logs": [r.getMessage() for r in logs if "nccl" in r.getMessage()],
             "masked_rows_unchanged": torch.equal(masked_rows, first.detach()[:4]),
             "other_rows_changed": not torch.equal(first.detach()[4:], mlp()[0].weight.detach()[4:]),
             "numel": sum(p.numel() for p in model.parameters())}
+
+
+def sent_bytes(engine, steps: int) -> list:
+    """Train ``steps`` steps; [taciturn step, bytes up] of each the optimizer ran (fp16 loss
+    scaling skips the first ones that overflow)."""
+    opt = tds.taciturn_optimizer(engine)
+    sent = []
+    for _ in range(steps):
+        before = opt.global_step
+        train_step(engine)
+        if opt.global_step > before:
+            sent.append([before, opt.metrics()["taciturn/bytes_up"]])
+    return sent
+
+
+def finite(engine) -> bool:
+    return all(torch.isfinite(p).all().item() for p in params_of(engine))
+
+
+def scenario_onebit_basic(precision: str, steps: int = 25) -> dict:
+    """DeepSpeed's TestOneBitAdamBasic (fp32, fp16; bf16 too): its config, 25 steps."""
+    engine = build_precision(upstream_onebit_config(precision))
+    opt = tds.taciturn_optimizer(engine)
+    before = eval_loss(engine)
+    sent = sent_bytes(engine, steps)
+    return {"first": before, "last": eval_loss(engine), "sent": sent, "frozen": opt.state["taciturn"]["frozen"],
+            "finite": finite(engine), "skipped_steps": engine.skipped_steps,
+            "global_steps": engine.global_steps, "taciturn_steps": opt.global_step,
+            "wrapper": type(engine.optimizer).__name__, "param_dtype": str(model_dtype(engine)),
+            "fp32_bytes": 4 * sum(p.numel() for p in engine.module.parameters())}
+
+
+def scenario_onebit_mask(precision: str = "fp16", steps: int = 25) -> dict:
+    """DeepSpeed's TestOneBitAdamExpAvgMask: a flat mask for the first weight's group."""
+    model = mlp()
+    mask = first_row_mask(model[0].weight)
+    engine = build_precision(upstream_onebit_config(precision), model, masked_groups(model, mask))
+    opt = tds.taciturn_optimizer(engine)
+    for _ in range(steps):
+        train_step(engine)
+    master = opt.param_groups[0]["params"][0]  # the wrapper's fp32 copy of the first weight
+    exp_avg = opt.state[master]["exp_avg"]
+    flat = exp_avg.flatten()  # DeepSpeed 0.16's fused fp16 wrapper hands the optimizer flat groups
+    return {"masked_exp_avg_zero": torch.equal(flat * mask, flat), "kept_row_moves": bool(flat[mask.bool()].all()),
+            "frozen": opt.state["taciturn"]["frozen"], "finite": finite(engine)}
+
+
+def scenario_onebit_checkpoint(precision: str = "fp16") -> dict:
+    """DeepSpeed's TestOneBitAdamCheckpointing: the mask and freeze_step of the running script
+    win over the checkpoint's; a job resumed before its (new) freeze_step goes back to warm-up."""
+    directory = os.path.join(ARGS.out, f"ckpt_onebit_{precision}")
+    model = mlp()
+    mask1, mask2 = first_row_mask(model[0].weight), first_row_mask(model[0].weight).roll(DIM_IN)
+    first = build_precision(upstream_onebit_config(precision), model, masked_groups(model, mask1))
+    for _ in range(5):
+        train_step(first)
+    saved = tds.taciturn_optimizer(first)
+    out = {"saved_frozen": saved.state["taciturn"]["frozen"], "saved_step": saved.global_step}
+    first.save_checkpoint(directory, tag="five")
+    out["mask_kept_after_save"] = torch.equal(first.optimizer.param_groups[0]["exp_avg_mask"], mask1)
+
+    second = build_precision(upstream_onebit_config(precision), model, masked_groups(model, mask2))
+    second.load_checkpoint(directory, tag="five")
+    opt = tds.taciturn_optimizer(second)
+    out.update(mask_running_after_load=torch.equal(opt.param_groups[0]["exp_avg_mask"], mask2),
+               resumed_frozen=opt.state["taciturn"]["frozen"], resumed_step=opt.global_step)
+
+    # the issue's case: a later phase resumes the step-5 checkpoint with freeze_step 20
+    third = build_precision(upstream_onebit_config(precision, freeze_step=20), model, masked_groups(model, None))
+    for _ in range(25):
+        train_step(third)
+    opt = tds.taciturn_optimizer(third)
+    out["third_frozen_before_load"] = opt.state["taciturn"]["frozen"]
+    third.load_checkpoint(directory, tag="five")
+    out.update(third_freeze_step=opt.freeze_step, third_frozen_after_load=opt.state["taciturn"]["frozen"],
+               third_mask=any("exp_avg_mask" in g for g in opt.param_groups))
+    out.update(sent_after_load=sent_bytes(third, 21 - opt.global_step), fp32_bytes=4 * sum(p.numel() for p in model.parameters()),
+               finite=finite(third))
+    return out
+
+
+def scenario_onebit_overflow(precision: str = "fp16") -> dict:
+    """DeepSpeed's TestOneBitAdam...test_overflow: overflowing steps on rank 0 only after the
+    freeze, a checkpoint after every step; the skipped steps touch no state on any rank."""
+    directory = os.path.join(ARGS.out, f"ckpt_overflow_{precision}")
+    engine = build_precision(upstream_onebit_config(precision))
+    opt = tds.taciturn_optimizer(engine)
+    injected = []
+    for step in range(12):
+        overflow = 4 <= step < 7
+        before, params, skipped = compression_state(opt), params_of(engine), engine.skipped_steps
+        train_step(engine, inject_inf=overflow and dist.get_rank() == 0)
+        if overflow:
+            injected.append(engine.skipped_steps == skipped + 1 and same_state(before, compression_state(opt)) and
+                            all(torch.equal(a, b) for a, b in zip(params, params_of(engine))))
+        engine.save_checkpoint(directory, tag="every_step")
+    resumed = build_precision(upstream_onebit_config(precision), mlp(seed=5))
+    resumed.load_checkpoint(directory, tag="every_step")
+    return {"skipped_steps": engine.skipped_steps, "injected_skipped_untouched": injected,
+            "taciturn_steps": opt.global_step, "frozen": opt.state["taciturn"]["frozen"], "finite": finite(engine),
+            "resumed_state_equal": same_state(compression_state(opt), compression_state(tds.taciturn_optimizer(resumed)))}
 
 
 def scenario_checkpoint(name: str, steps: int = 6) -> dict:
@@ -337,6 +494,8 @@ def scenario_refusals() -> dict:
     }
     if not hasattr(deepspeed.runtime.config, "ZERO_ONE_ADAM_OPTIMIZER"):  # removed in 0.19.7; 0.16 builds its own
         cases["zero_one_adam"] = {**load_config("cdadam.json"), "optimizer": {"type": "ZeroOneAdam", "params": {}}}
+    if tds._version() < (0, 19):  # 0.16 wraps every bf16 optimizer in its partitioning BF16_Optimizer
+        cases["bf16"] = {**load_config("cdadam.json"), "bf16": {"enabled": True}}
     for label, cfg in cases.items():
         try:
             build(cfg)
@@ -454,13 +613,21 @@ SCENARIOS = {
     "pipeline_2x1": lambda: scenario_pipeline(2),
     "pipeline_bf16": scenario_pipeline_bf16,
 }
+#: scenarios named ``kind:argument`` (a config file or a precision)
+PARAMETRISED = {
+    "train": scenario_train,
+    "checkpoint": scenario_checkpoint,
+    "onebit_basic": scenario_onebit_basic,
+    "onebit_mask": scenario_onebit_mask,
+    "onebit_checkpoint": scenario_onebit_checkpoint,
+    "onebit_overflow": scenario_onebit_overflow,
+}
 
 
 def run(name: str):
-    if name.startswith("train:"):
-        return scenario_train(name.split(":", 1)[1])
-    if name.startswith("checkpoint:"):
-        return scenario_checkpoint(name.split(":", 1)[1])
+    kind, _, arg = name.partition(":")
+    if kind in PARAMETRISED:
+        return PARAMETRISED[kind](arg)
     return SCENARIOS[name]()
 
 
