@@ -24,12 +24,16 @@ CONFIGS = sorted(f for f in os.listdir(os.path.join(HERE, "..", "..", "configs")
 CHECKPOINTED = ["cdadam.json", "onebit_adam_cdadam_warmup.json", "onebit_adam.json", "dist_ef_blocksgdm.json",
                 "saef.json"]
 # pipeline engines last (they leave their topology in DeepSpeed's global groups); MPI just before
+PRECISIONS = ["fp32", "fp16", "bf16"]
+# DeepSpeed's own 1-bit Adam tests (v0.19.5), run with taciturn's OneBitAdam
+UPSTREAM_ONEBIT = ([f"onebit_basic:{p}" for p in PRECISIONS] + ["onebit_mask:fp16", "onebit_checkpoint:fp16",
+                                                                 "onebit_overflow:fp16"])
 SCENARIOS = (["version", "bytes", "bytes_sparsams", "grad_accum", "clipping", "bf16", "fp16", "onebit_stranded",
               "monitor", "refusals", "zero0", "client"] + [f"train:{c}" for c in CONFIGS]
-             + [f"checkpoint:{c}" for c in CHECKPOINTED]
+             + [f"checkpoint:{c}" for c in CHECKPOINTED] + UPSTREAM_ONEBIT
              + ["mpi_backend", "pipeline_1x2", "pipeline_bf16", "pipeline_2x1"])
 LEGACY_SCENARIOS = ["version", "train:cdadam.json", "train:onebit_adam.json", "bytes", "refusals",
-                    "checkpoint:cdadam.json"]
+                    "checkpoint:cdadam.json", "onebit_basic:fp16", "onebit_mask:fp16", "onebit_checkpoint:fp16"]
 LEGACY_VENV = os.environ.get("TACITURN_DS_LEGACY_VENV",
                              os.path.expanduser("~/.cache/taciturn/venv-deepspeed-0.16.9"))
 GRADIENT_FLOOR = 16  # bytes of the smallest gradient (a 4-element bias); every scalar sync is smaller
@@ -192,8 +196,10 @@ def test_fp16_dynamic_loss_scaling_skips_an_overflow_on_every_rank(runs):
 
 
 def test_stranded_onebit_adam_config(runs):
-    for r in result(runs, "onebit_stranded"):
-        assert len(r["nccl_warnings"]) == 1  # "nccl" on a gloo job: mapped, warned once
+    for rank, r in enumerate(result(runs, "onebit_stranded")):
+        # "nccl" on a gloo job: mapped, logged once by rank 0, naming the backend and the config key
+        assert r["nccl_warnings"] == [] and len(r["nccl_logs"]) == (rank == 0)
+        assert all("runs gloo" in m and "optimizer.params.comm_backend_name" in m for m in r["nccl_logs"])
         fp32 = 4 * r["numel"]
         assert min(r["bytes_up"][:10]) >= fp32  # uncompressed warm-up ("adam")
         assert max(r["bytes_up"][10:]) < fp32 / 8  # freeze_step lowered live from 1000 to 10
@@ -260,8 +266,65 @@ def test_pipeline_engine_uses_the_data_parallel_group(runs, layout):
 
 def test_bf16_pipeline_engine_is_refused(runs):
     for r in result(runs, "pipeline_bf16"):
-        assert "BF16_Optimizer" in r["refused"] and "338 of the 676" in r["refused"]
-        assert "use fp32 or fp16 for pipeline engines" in r["refused"]
+        assert "BF16_Optimizer, which DeepSpeed builds for bf16 pipeline engines" in r["refused"]
+        assert "partitions the fp32 master weights" in r["refused"]
+        assert "use fp16 or fp32 for pipeline engines" in r["refused"]
+
+
+# ---------------------------------------------------------------------------- DeepSpeed's 1-bit Adam tests
+def check_onebit_basic(r, precision):
+    assert r["finite"] and r["frozen"] and r["global_steps"] == 25
+    assert r["taciturn_steps"] == len(r["sent"]) == 25 - r["skipped_steps"]  # fp16 skips its first overflows
+    assert r["param_dtype"] == {"fp32": "torch.float32", "fp16": "torch.float16", "bf16": "torch.bfloat16"}[precision]
+    warmup, compressed = [b for t, b in r["sent"] if t < 2], [b for t, b in r["sent"] if t >= 2]  # freeze_step 2
+    assert len(warmup) == 2 and min(warmup) >= r["fp32_bytes"]
+    assert max(compressed) < r["fp32_bytes"] / 8
+    assert r["last"] < r["first"]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_upstream_onebit_adam_basic(runs, precision):
+    """DeepSpeed's TestOneBitAdamBasic (fp32, fp16), plus bf16."""
+    for r in result(runs, f"onebit_basic:{precision}"):
+        check_onebit_basic(r, precision)
+
+
+def check_onebit_mask(r):
+    assert r["finite"] and r["frozen"]
+    assert r["masked_exp_avg_zero"] and r["kept_row_moves"]
+
+
+def test_upstream_onebit_adam_flat_exp_avg_mask(runs):
+    """DeepSpeed's TestOneBitAdamExpAvgMask: torch.flatten(mask) for a one-weight group, fp16."""
+    for r in result(runs, "onebit_mask:fp16"):
+        check_onebit_mask(r)
+
+
+def check_onebit_checkpoint(r):
+    assert r["saved_frozen"] and r["mask_kept_after_save"]
+    assert r["mask_running_after_load"] and r["resumed_frozen"] and r["resumed_step"] == r["saved_step"]
+    assert r["third_frozen_before_load"]
+    # the running freeze_step (20) wins over the checkpoint's (2): the saved step is back in warm-up
+    assert r["third_freeze_step"] == 20 and not r["third_frozen_after_load"] and not r["third_mask"]
+    warmup = [b for t, b in r["sent_after_load"] if t < 20]
+    compressed = [b for t, b in r["sent_after_load"] if t >= 20]
+    assert warmup and min(warmup) >= r["fp32_bytes"]  # uncompressed again until step 20
+    assert compressed and max(compressed) < r["fp32_bytes"] / 8  # frozen again at step 20
+    assert r["finite"]
+
+
+def test_upstream_onebit_adam_checkpointing(runs):
+    """DeepSpeed's TestOneBitAdamCheckpointing: the running script's mask and freeze_step win."""
+    for r in result(runs, "onebit_checkpoint:fp16"):
+        check_onebit_checkpoint(r)
+
+
+def test_upstream_onebit_adam_overflow(runs):
+    """DeepSpeed's TestOneBitAdamCheckpointing.test_overflow: overflows on rank 0 after the
+    freeze skip the step on every rank, untouched; a checkpoint after every step loads back."""
+    for r in result(runs, "onebit_overflow:fp16"):
+        assert r["injected_skipped_untouched"] == [True] * 3 and r["taciturn_steps"] == 12 - r["skipped_steps"]
+        assert r["frozen"] and r["resumed_state_equal"] and r["finite"]
 
 
 @pytest.mark.parametrize("config", CHECKPOINTED)
@@ -296,5 +359,13 @@ def test_deepspeed_016(legacy_runs):
         assert all(b < GRADIENT_FLOOR for b in reduces)
     for r in result(legacy_runs, "refusals"):
         assert "ZeRO stage 1" in r["zero1"] and "Did you mean 'CDAdam'" in r["unknown_type"]
+        # 0.16 has no whole-weight bf16 wrapper: refused naming the cause and the release that has one
+        assert "BF16_Optimizer, which DeepSpeed builds for every bf16 engine without ZeRO in DeepSpeed 0.16.9" \
+            in r["bf16"]
+        assert "pip install 'deepspeed>=0.19,<0.20'" in r["bf16"] and "PipelineModule" not in r["bf16"]
+    # DeepSpeed 0.16 wraps fp16 OneBitAdam in its fused FP16_Optimizer (flat fp32 groups)
+    check_onebit_basic(result(legacy_runs, "onebit_basic:fp16")[0], "fp16")
+    check_onebit_mask(result(legacy_runs, "onebit_mask:fp16")[0])
+    check_onebit_checkpoint(result(legacy_runs, "onebit_checkpoint:fp16")[0])
     for r in result(legacy_runs, "checkpoint:cdadam.json"):
         assert r["resumed"] == r["full"] and r["params_equal"] and r["state_equal"]
