@@ -180,41 +180,44 @@ def sparse_embeddings(rank):
 
 
 def join(rank):
-    """test_horovod_join_allreduce: rank 1 runs out of data after one step and calls hvd.join();
-    rank 0 runs two more steps, whose averages are its gradient / 2 (the joined rank adds
-    zeros), then joins; hvd.join() returns the same last rank everywhere. After the join both
-    ranks train on in step: compression state, and model broadcast from the last rank."""
+    """test_horovod_join_allreduce: the first-joining rank runs out of data after one step and
+    calls hvd.join(); the other runs two more steps, whose averages are its gradient / 2 (the
+    joined rank adds zeros), then joins; hvd.join() returns the same last rank everywhere, not
+    the first. After the join both ranks train on in step: compression state, and the model
+    broadcast from the last rank. Each rank joins first once."""
     out = {}
     for name, compression in COMPRESSIONS.items():
-        torch.manual_seed(0)
-        m = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-        opt = thvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(),
-                                        compression=compression)
-        errors, up = [], []
-        for step in range(3 if rank == 0 else 1):
-            x = torch.randn(4, 10, generator=torch.Generator().manual_seed(10 * step + rank))
-            mine = own_grads(m, m(x).sum())
-            opt.zero_grad()
-            m(x).sum().backward()
-            opt.synchronize()
-            if step > 0:
-                errors.append(max((p.grad - g / hvd.size()).abs().max().item() for p, g in zip(m.parameters(), mine)))
-            up.append(opt.metrics().get("taciturn/bytes_up"))
-            with opt.skip_synchronize():
+        for first in range(hvd.size()):
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+            opt = thvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1),
+                                            named_parameters=m.named_parameters(), compression=compression)
+            errors, up = [], []
+            for step in range(1 if rank == first else 3):
+                x = torch.randn(4, 10, generator=torch.Generator().manual_seed(10 * step + rank))
+                mine = own_grads(m, m(x).sum())
+                opt.zero_grad()
+                m(x).sum().backward()
+                opt.synchronize()
+                if step > 0:
+                    errors.append(max((p.grad - g / hvd.size()).abs().max().item()
+                                      for p, g in zip(m.parameters(), mine)))
+                up.append(opt.metrics().get("taciturn/bytes_up"))
+                with opt.skip_synchronize():
+                    opt.step()
+            last = hvd.join()
+            res = {"errors": errors, "bytes_up": up, "last": last, "lasts": hvd.allgather_object(last)}
+            thvd.broadcast_parameters(m.state_dict(), root_rank=last)
+            for step in range(2):
+                x = torch.randn(4, 10, generator=torch.Generator().manual_seed(100 + rank))
+                opt.zero_grad()
+                m(x).sum().backward()
                 opt.step()
-        last = hvd.join()
-        res = {"errors": errors, "bytes_up": up, "last": last, "lasts": hvd.allgather_object(last)}
-        thvd.broadcast_parameters(m.state_dict(), root_rank=last)
-        for step in range(2):
-            x = torch.randn(4, 10, generator=torch.Generator().manual_seed(100 + rank))
-            opt.zero_grad()
-            m(x).sum().backward()
-            opt.step()
-        res["spread_after"] = rank_spread(m)
-        if opt.is_taciturn:
-            res["steps"] = hvd.allgather_object(opt.compression_state["step"])
-            res["fp32_bytes"] = 4 * sum(p.numel() for p in m.parameters())
-        out[name] = res
+            res["spread_after"] = rank_spread(m)
+            if opt.is_taciturn:
+                res["steps"] = hvd.allgather_object(opt.compression_state["step"])
+                res["fp32_bytes"] = 4 * sum(p.numel() for p in m.parameters())
+            out[f"{name}/{first}"] = res
     return out
 
 
