@@ -549,27 +549,33 @@ def scenario_zero0() -> dict:
             "optimizer": type(tds.taciturn_optimizer(engine)).__name__}
 
 
-def scenario_pipeline(stages: int) -> dict:
+def scenario_pipeline(stages: int, cfg: dict = None, pipeline: str = "grad") -> dict:
+    """A PipelineModule engine (CDAdam by default); the collectives of its third step, which
+    must be pipeline ``pipeline``'s payloads."""
     from deepspeed.pipe import PipelineModule
 
-    cfg = load_config("cdadam.json")
+    cfg = copy.deepcopy(cfg or load_config("cdadam.json"))
+    cfg.pop("train_batch_size", None)
     cfg.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
     torch.manual_seed(0)
     pipe = PipelineModule(layers=[nn.Linear(DIM_IN, DIM_HIDDEN), nn.Tanh(), nn.Linear(DIM_HIDDEN, DIM_OUT)],
                           num_stages=stages, loss_fn=lambda out, y: nn.functional.mse_loss(out.float(), y))
-    engine, _, _, _ = deepspeed.initialize(model=pipe, config=cfg, model_parameters=pipe.parameters())
+    with fp16_allowed() if cfg.get("fp16", {}).get("enabled") else contextlib.nullcontext():
+        engine, _, _, _ = deepspeed.initialize(model=pipe, config=cfg, model_parameters=pipe.parameters())
     opt = tds.taciturn_optimizer(engine)
     dp_rank = engine.grid.get_data_parallel_rank()
+    dtype = next(engine.module.parameters()).dtype
 
     def data(step):
         for micro in range(engine.gradient_accumulation_steps()):
-            yield batch(step, micro, engine.train_micro_batch_size_per_gpu(), rank=dp_rank)
+            x, y = batch(step, micro, engine.train_micro_batch_size_per_gpu(), rank=dp_rank)
+            yield x.to(dtype), y
 
     losses = [engine.train_batch(data(s)).item() for s in range(2)]
     with CollectiveLog() as log:
         losses.append(engine.train_batch(data(2)).item())
     losses += [engine.train_batch(data(s)).item() for s in range(3, 30)]
-    return {**falls(losses), "calls": log.calls, "wire": wire(opt, "grad"),
+    return {**falls(losses), "calls": log.calls, "wire": wire(opt, pipeline), "optimizer": type(opt).__name__,
             "dp_size": engine.grid.get_data_parallel_world_size(), "comm_size": opt.comm.world_size,
             "pipeline_allreduce": engine.pipeline_enable_backward_allreduce,
             "numel": sum(p.numel() for p in engine.module.parameters())}
@@ -612,6 +618,8 @@ SCENARIOS = {
     "pipeline_1x2": lambda: scenario_pipeline(1),
     "pipeline_2x1": lambda: scenario_pipeline(2),
     "pipeline_bf16": scenario_pipeline_bf16,
+    # DeepSpeed's TestOneBitAdamFP16Pipeline (there 2 stages x 2 data-parallel ranks, freeze_step 200 of 100 steps)
+    "pipeline_onebit_fp16": lambda: scenario_pipeline(1, upstream_onebit_config("fp16"), "momentum"),
 }
 #: scenarios named ``kind:argument`` (a config file or a precision)
 PARAMETRISED = {

@@ -31,7 +31,7 @@ UPSTREAM_ONEBIT = ([f"onebit_basic:{p}" for p in PRECISIONS] + ["onebit_mask:fp1
 SCENARIOS = (["version", "bytes", "bytes_sparsams", "grad_accum", "clipping", "bf16", "fp16", "onebit_stranded",
               "monitor", "refusals", "zero0", "client"] + [f"train:{c}" for c in CONFIGS]
              + [f"checkpoint:{c}" for c in CHECKPOINTED] + UPSTREAM_ONEBIT
-             + ["mpi_backend", "pipeline_1x2", "pipeline_bf16", "pipeline_2x1"])
+             + ["mpi_backend", "pipeline_1x2", "pipeline_onebit_fp16", "pipeline_bf16", "pipeline_2x1"])
 LEGACY_SCENARIOS = ["version", "train:cdadam.json", "train:onebit_adam.json", "bytes", "refusals",
                     "checkpoint:cdadam.json", "onebit_basic:fp16", "onebit_mask:fp16", "onebit_checkpoint:fp16"]
 LEGACY_VENV = os.environ.get("TACITURN_DS_LEGACY_VENV",
@@ -253,11 +253,12 @@ def test_optimizer_object_gets_the_same_handshake(runs):
         assert "name it in the JSON config" in r["bf16"]
 
 
-@pytest.mark.parametrize("layout", ["pipeline_1x2", "pipeline_2x1"])
+@pytest.mark.parametrize("layout", ["pipeline_1x2", "pipeline_2x1", "pipeline_onebit_fp16"])
 def test_pipeline_engine_uses_the_data_parallel_group(runs, layout):
+    """pipeline_onebit_fp16 mirrors DeepSpeed's TestOneBitAdamFP16Pipeline (compressed from step 2)."""
     for r in result(runs, layout):
         assert r["pipeline_allreduce"] is False
-        assert r["comm_size"] == r["dp_size"] == (2 if layout == "pipeline_1x2" else 1)
+        assert r["comm_size"] == r["dp_size"] == (1 if layout == "pipeline_2x1" else 2)
         a2a, _, ag_out, reduces = collective_bytes(r["calls"])
         assert (a2a, ag_out) == (r["wire"]["up"], r["wire"]["down"])
         assert all(b < GRADIENT_FLOOR for b in reduces)
