@@ -537,6 +537,12 @@ def main(out_dir: str) -> None:
                  "unused_parameter": unused_parameter, "refusal": refusal, "core_on_horovod": core_on_horovod,
                  "process_set": lambda r: process_set(r, solo), "broadcast_state": broadcast_state,
                  "elastic_state": elastic_state, "errors": errors}
+    run_scenarios(scenarios, rank, out_dir)
+
+
+def run_scenarios(scenarios: dict, rank: int, out_dir: str) -> None:
+    """Run each scenario on this rank (an exception becomes its result), with a barrier after
+    each, save the results to ``out_dir/rank<r>.pt`` and leave torch.distributed."""
     results = {"world_size": hvd.size()}
     for name, fn in scenarios.items():
         try:

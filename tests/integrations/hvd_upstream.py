@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-import traceback
 import warnings
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 import horovod.torch as hvd
 from taciturn.integrations import horovod as thvd
 
-from hvd_train import _join_torch_distributed, rank_spread, spread
+from hvd_train import _join_torch_distributed, rank_spread, run_scenarios, spread
 
 COMPRESSIONS = {"none": thvd.Compression.none, "cdadam": thvd.Compression.cdadam}
 
@@ -375,15 +374,7 @@ def main(out_dir: str) -> None:
                  "sparse_embeddings": sparse_embeddings, "join": join, "force_allreduce": force_allreduce,
                  "no_named_parameters": no_named_parameters, "dynamic_requires_grad": dynamic_requires_grad,
                  "clipping_and_warning": clipping_and_warning, "accumulation_none": accumulation_none}
-    results = {"world_size": hvd.size()}
-    for name, fn in scenarios.items():
-        try:
-            results[name] = fn(rank)
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-        hvd.barrier()
-    torch.save(results, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    run_scenarios(scenarios, rank, out_dir)
 
 
 if __name__ == "__main__":
