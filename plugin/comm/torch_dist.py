@@ -1,9 +1,11 @@
 """Communicator over a torch.distributed process group (gloo, nccl, or a sub-group)."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -15,6 +17,22 @@ _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp
 # a collective is split into column pieces issued together, so both directions stay busy
 # (measured at 1 Gbit: a 100 MB all_to_all takes 0.84-1.0 s whole, 0.53 s in pieces).
 GLOO_PIECE_BYTES = 4 << 20
+#: The tensors handed to completed collectives until the backend lets go of them. A gloo worker
+#: thread drops its work (and with it these tensors' Python objects, under the GIL) only after
+#: ``wait()`` has returned; if the interpreter is finalizing by then, that thread exits inside a
+#: noexcept destructor and the process aborts ("terminate called without an active exception")
+#: after a job that ran to its end. ``_drain`` holds the exit until every one is freed.
+_RELEASING = weakref.WeakSet()
+#: at most this long: only a work that a live Python object still holds (an exception's
+#: traceback) keeps its tensors past the backend's release
+EXIT_DRAIN_S = 5.0
+
+
+@atexit.register
+def _drain() -> None:
+    deadline = time.monotonic() + EXIT_DRAIN_S
+    while _RELEASING and time.monotonic() < deadline:
+        time.sleep(1e-3)  # lets the worker threads take the GIL
 
 
 class TorchDistCommunicator(Communicator):
@@ -60,15 +78,17 @@ class TorchDistCommunicator(Communicator):
         step = max(8, GLOO_PIECE_BYTES // self.world_size // 8 * 8)
         return [(a, min(a + step, row_bytes)) for a in range(0, row_bytes, step)]
 
-    def _start(self, what: str, issue, assemble) -> Pending:
-        """Issue ``issue()`` (async works) now; ``wait()`` waits for them, then ``assemble()``."""
+    def _start(self, what: str, calls, assemble) -> Pending:
+        """Issue ``calls`` ((collective, output, input), each async) now; ``wait()`` waits for
+        them, then ``assemble()``. Pass views made for the call: ``_drain`` waits for them at exit."""
         with self._guard(what):
-            works = issue()
+            works = [fn(out, inp, group=self.group, async_op=True) for fn, out, inp in calls]
 
         def finish():
             with self._guard(what):
                 for w in works:
                     w.wait()
+            _RELEASING.update(t for _, out, inp in calls for t in (out, inp))
             return assemble()
         return Pending(finish)
 
@@ -77,8 +97,7 @@ class TorchDistCommunicator(Communicator):
         recv = torch.empty_like(send)
         pieces = self._pieces(send.shape[1]) if send.dtype == torch.uint8 else [(0, send.shape[1])]
         if len(pieces) == 1:
-            return self._start("all_to_all", lambda: [dist.all_to_all_single(
-                recv.view(-1), send.view(-1), group=self.group, async_op=True)], lambda: recv)
+            return self._start("all_to_all", [(dist.all_to_all_single, recv.view(-1), send.view(-1))], lambda: recv)
         parts = [(send[:, a:b].contiguous(), torch.empty(self.world_size, b - a, dtype=send.dtype), a, b)
                  for a, b in pieces]
 
@@ -86,8 +105,8 @@ class TorchDistCommunicator(Communicator):
             for _, r, a, b in parts:
                 recv[:, a:b] = r
             return recv
-        return self._start("all_to_all", lambda: [dist.all_to_all_single(
-            r.view(-1), s.view(-1), group=self.group, async_op=True) for s, r, _, _ in parts], assemble)
+        return self._start("all_to_all", [(dist.all_to_all_single, r.view(-1), s.view(-1)) for s, r, _, _ in parts],
+                           assemble)
 
     def all_gather_async(self, t):
         # torch >= 2.13 renamed all_gather_into_tensor (which now warns) to all_gather_single.
@@ -97,27 +116,29 @@ class TorchDistCommunicator(Communicator):
         flat_in, flat_out = t.view(-1), out.view(self.world_size, -1)
         pieces = self._pieces(flat_in.numel()) if t.dtype == torch.uint8 else [(0, flat_in.numel())]
         if len(pieces) == 1:
-            return self._start("all_gather", lambda: [_all_gather(out.view(-1), flat_in, group=self.group,
-                                                                  async_op=True)], lambda: out)
+            return self._start("all_gather", [(_all_gather, out.view(-1), flat_in.view(-1))], lambda: out)
         parts = [(torch.empty(self.world_size, b - a, dtype=t.dtype), a, b) for a, b in pieces]
 
         def assemble():
             for r, a, b in parts:
                 flat_out[:, a:b] = r
             return out
-        return self._start("all_gather", lambda: [_all_gather(r.view(-1), flat_in[a:b], group=self.group,
-                                                              async_op=True) for r, a, b in parts], assemble)
+        return self._start("all_gather", [(_all_gather, r.view(-1), flat_in[a:b]) for r, a, b in parts], assemble)
+
+    def _sync(self, what: str, fn, t, **kwargs):
+        """``fn`` on a view of ``t`` made for the call (``_drain`` waits for it at exit)."""
+        view = t.view_as(t)
+        with self._guard(what):
+            fn(view, group=self.group, **kwargs)
+        _RELEASING.add(view)
+        return t
 
     def broadcast(self, t, src=0):
-        with self._guard("broadcast"):
-            dist.broadcast(t, src=dist.get_global_rank(self.group, src) if self.group is not None else src,
-                           group=self.group)
-        return t
+        return self._sync("broadcast", dist.broadcast, t,
+                          src=dist.get_global_rank(self.group, src) if self.group is not None else src)
 
     def all_reduce(self, t, op="sum"):
-        with self._guard("all_reduce"):
-            dist.all_reduce(t, op=_OPS[op], group=self.group)
-        return t
+        return self._sync("all_reduce", dist.all_reduce, t, op=_OPS[op])
 
     def __getstate__(self):
         raise TypeError("a communicator holds a live process group and cannot be pickled")
