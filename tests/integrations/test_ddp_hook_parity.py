@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from taciturn.integrations.ddp import PRESETS, compressed_hook, register_compression_hook
+from test_ddp_hooks import Shuffled
 
 SIGN_PRESETS = [name for name, p in PRESETS.items() if p.compressor != "topk"]
 
@@ -38,18 +39,10 @@ class Branchy(nn.Module):
         return self.b(h) + self.side(h) if use_side else self.b(h)
 
 
-class Chain(nn.Module):
+def Chain():
     """Registered c, a, b, run a -> b -> c: DDP's rebuilt buckets (gradient order) differ from
     its first ones (registration order)."""
-
-    def __init__(self):
-        super().__init__()
-        self.c = nn.Linear(16, 3)
-        self.a = nn.Linear(6, 16)
-        self.b = nn.Linear(16, 16)
-
-    def forward(self, x):
-        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+    return Shuffled(d_in=6, width=16, d_out=3)
 
 
 def batch(rank, step, n=4):

@@ -30,11 +30,11 @@ class Shuffled(nn.Module):
     """Registered c, a, b but run a -> b -> c: DDP's initial bucket (registration order) and the
     rebuilt ones (gradient-ready order: c, b, a) hold the parameters in different compositions."""
 
-    def __init__(self):
+    def __init__(self, d_in: int = 20, width: int = 48, d_out: int = 5):
         super().__init__()
-        self.c = nn.Linear(48, 5)
-        self.a = nn.Linear(20, 48)
-        self.b = nn.Linear(48, 48)
+        self.c = nn.Linear(width, d_out)
+        self.a = nn.Linear(d_in, width)
+        self.b = nn.Linear(width, width)
 
     def forward(self, x):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
