@@ -7,8 +7,8 @@
 #     the integration on an old release: a plain venv holding only deepspeed 0.16.9, plus a .pth
 #     file that adds the site directories of the interpreter this script runs for ($PYTHON: the
 #     system Python, an active venv or a conda env alike) after its own, so it sees that
-#     environment's torch, taciturn and DeepSpeed's dependencies. (`venv --system-site-packages`
-#     would see the BASE interpreter's packages, not an active venv's.) The .pth file is rewritten
+#     environment's torch, taciturn and DeepSpeed's dependencies. (A venv that sees the system site
+#     packages would see the BASE interpreter's packages, not an active venv's.) The .pth file is rewritten
 #     at every run, so the venv follows whichever environment ran this script last. Its op is
 #     built into its own TORCH_EXTENSIONS_DIR (both releases name the op alike; one cache would
 #     rebuild at every switch).
@@ -27,7 +27,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 # The parent environment's site directories, in its own order (a venv's own, then the ones it
-# sees itself: --system-site-packages, user site), each processed with its .pth files (editable
+# sees itself: the system site packages, user site), each processed with its .pth files (editable
 # installs such as taciturn's are .pth files).
 parent_sites="$("$PY" -c "import os, sys; print(repr([p for p in sys.path if os.path.basename(p) in ('site-packages', 'dist-packages') and os.path.isdir(p)]))")"
 own_site="$("$VENV/bin/python" -c "import sys, sysconfig; assert sys.prefix != sys.base_prefix, 'not a venv'; print(sysconfig.get_paths()['purelib'])")"
