@@ -127,6 +127,12 @@ class OneBitAdam(CompressedOptimizer):
         """Whether the variance is frozen (set at the freeze, carried by checkpoints)."""
         return bool(self.state[TACITURN_KEY].get("frozen", False))
 
+    @property
+    def adam_freeze_key(self) -> bool:
+        """DeepSpeed's OneBitAdam name for whether the variance is frozen (read-only here: the
+        freeze follows step vs ``freeze_step``), for the scripts and tests that read it."""
+        return self._frozen
+
     def _follow_freeze_step(self) -> None:
         """Freeze or thaw so that the variance is frozen exactly when step >= ``freeze_step``."""
         frozen = self.global_step >= self.freeze_step

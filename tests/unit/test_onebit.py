@@ -164,10 +164,12 @@ def test_raising_freeze_step_after_the_freeze_restarts_the_warmup():
     net = dead_input_net()
     opt = taciturn.OneBitAdam(net.parameters(), lr=1e-2, freeze_step=3, warmup="cdadam", block_size=64)
     train(net, opt, 0, 5)
+    assert opt.adam_freeze_key is True  # DeepSpeed's name, read by its tests
     opt.freeze_step = 8
     train(net, opt, 5, 6)
     flat = opt.state["taciturn"]
     assert not flat["frozen"] and any(k.startswith("warmup.") for k in flat)
+    assert opt.adam_freeze_key is False
     assert all(ZERO_VARIANCE_MASK not in opt.state[p] for p in net.parameters())
     xs = train(net, opt, 6, 12)
     assert opt.state["taciturn"]["frozen"] and not any(k.startswith("warmup.") for k in opt.state["taciturn"])
