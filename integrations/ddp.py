@@ -2,19 +2,21 @@
 
 ``model.register_comm_hook(state, hook)`` is DDP's extension point: DDP hands each ready bucket
 (a flat buffer of local gradients) to ``hook(state, bucket)`` and waits for the returned future
-to hold the averaged buffer. Here the hook runs the core's ``compressed_allreduce`` on the bucket
-(same layouts, codecs and feedback rules as the optimizers), so no algorithm lives in this file::
+to hold the averaged buffer. Here the hook runs the core's exchange on the bucket (the entry the
+optimizers use, with the same presets, layouts and feedback rules), so no algorithm lives in
+this file::
 
     from taciturn.integrations.ddp import register_compression_hook
     model = DistributedDataParallel(net)
     hook_state = register_compression_hook(model, "markov_sign")   # CD-Adam's communication
     opt = taciturn.AMSGrad(model.parameters(), lr=1e-4, process_group="local")
 
-Presets (``PRESETS``): ``markov_sign`` (Markov both ways, blockwise scaled sign: CD-Adam's),
-``ef_sign`` (error feedback both ways, per-tensor scaled sign: dist-EF-SGD's), ``block_sign``
-(error feedback both ways, blockwise: dist-EF-blockSGD's), ``topk`` (top-k with worker error
-feedback, one-way: SPARS-AMS's) and ``identity`` (fp32 over the same path, a byte-counted
-baseline). Every ingredient can be overridden (``compressor=``, ``block_size=``, ``ratio=``...).
+Presets (``PRESETS``, names of ``taciturn.presets``): ``markov_sign`` (Markov both ways,
+blockwise scaled sign: CD-Adam's), ``ef_sign`` (error feedback both ways, per-tensor scaled
+sign: dist-EF-SGD's), ``block_sign`` (error feedback both ways, blockwise: dist-EF-blockSGD's),
+``topk`` (top-k with worker error feedback, one-way: SPARS-AMS's) and ``identity`` (fp32 over
+the same path, a byte-counted baseline). Every ingredient can be overridden (``compressor=``,
+``block_size=``, ``ratio=``...).
 
 What runs on top: the hook gives every rank the same averaged gradient, so any optimizer
 works. ``markov_sign`` + ``taciturn.AMSGrad(params, process_group="local")`` (CD-Adam's update
@@ -46,7 +48,6 @@ collectives and its feedback state advances as if it had computed zeros.
 Limits: hooks run their collectives synchronously, bucket after bucket, in DDP's bucket order
 (the same on every rank); sparse gradients (``nn.Embedding(sparse=True)``) are refused.
 """
-import hashlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -56,52 +57,39 @@ from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hoo
 from torch.nn.parallel import DistributedDataParallel
 
 from taciturn.comm import make_communicator
-from taciturn.comm.allreduce import Workspace, compressed_allreduce
-from taciturn.comm.base import gather_objects
-from taciturn.compressors import make_compressor
+from taciturn.consistency import check_same
+from taciturn.exchange import Exchange, Workspace
 from taciturn.feedback import make_feedback
-from taciturn.layout import BucketLayout
 from taciturn.metrics import CommStats
-from taciturn.optim.base import codec
-from taciturn.pipeline import Pipeline
+from taciturn.names import Registry
+from taciturn.presets import Preset, preset as lookup_preset
+from taciturn.state import mismatch, refusal
 
-__all__ = ["PRESETS", "HookPreset", "CompressionHookState", "compressed_hook", "register_compression_hook",
+__all__ = ["PRESETS", "CompressionHookState", "compressed_hook", "register_compression_hook",
            "keep_gradients_local"]
 
 STATE_FORMAT = "taciturn-ddp-hook-1"
 
 
-@dataclass(frozen=True)
-class HookPreset:
-    compressor: str
-    worker_feedback: str
-    server_feedback: str
-    two_way: bool
-    description: str
-
-
-PRESETS: Dict[str, HookPreset] = {
-    "markov_sign": HookPreset("block_sign", "markov", "markov", True,
-                              "CD-Adam's communication: Markov compression both ways, blockwise scaled sign"),
-    "ef_sign": HookPreset("scaled_sign", "ef", "ef", True,
-                          "dist-EF-SGD's communication: error feedback both ways, per-tensor scaled sign"),
-    "block_sign": HookPreset("block_sign", "ef", "ef", True,
-                             "dist-EF-blockSGD's communication: error feedback both ways, blockwise scaled sign"),
-    "topk": HookPreset("topk", "ef", "none", False,
-                       "SPARS-AMS's communication: top-k with worker error feedback, one-way (all_gather)"),
-    "identity": HookPreset("identity", "none", "none", True,
-                           "fp32 both ways through the same path (an uncompressed, byte-counted baseline)"),
-}
+#: the hook's presets: records of ``taciturn.presets`` under the names DDP users know
+PRESETS: Dict[str, Preset] = {name: lookup_preset(name)
+                              for name in ("markov_sign", "ef_sign", "block_sign", "topk", "identity")}
+_HOOK_PRESETS = Registry("hook preset", PRESETS)
 
 
 @dataclass
 class _Slot:
-    """The feedback state of one bucket composition: flat tensors and each parameter's offset."""
+    """The feedback state of one bucket composition: its exchange (one bucket), flat tensors and
+    each parameter's offset."""
 
     names: Tuple[str, ...]
-    layout: BucketLayout
+    exchange: Exchange
     state: Dict[str, torch.Tensor]
     offsets: Dict[str, int]
+
+    @property
+    def layout(self):
+        return self.exchange.layouts[0]
 
 
 def _reduced_parameters(model: DistributedDataParallel) -> List[Tuple[str, torch.Tensor]]:
@@ -125,15 +113,15 @@ def _reduced_parameters(model: DistributedDataParallel) -> List[Tuple[str, torch
 
 
 class CompressionHookState:
-    """The state of ``compressed_hook``: codec, feedback rules, communicator and per-parameter
-    feedback state for one DDP model.
+    """The state of ``compressed_hook``: compressor, feedback rules, communicator and
+    per-parameter feedback state for one DDP model.
 
     ``model``: the DDP model; the state covers the parameters its reducer averages (not those
     DDP ignores or that were frozen when it was built; complex ones as their real views), named
     as in the module it wraps.
     ``preset``: a name in ``PRESETS``; ``compressor``, ``worker_feedback``, ``server_feedback``
     and ``two_way`` override its parts; ``block_size`` (block_sign), ``ratio``/``k`` (topk,
-    randk) and ``compressor_options`` configure the codec. ``process_group``: None = the DDP
+    randk) and ``compressor_options`` configure the compressor. ``process_group``: None = the DDP
     model's group, a ProcessGroup, or a taciturn Communicator.
     ``check_consistency``: compare the configuration and parameters across ranks once, now.
     """
@@ -143,19 +131,16 @@ class CompressionHookState:
                  compressor_options: Optional[dict] = None, worker_feedback: Optional[str] = None,
                  server_feedback: Optional[str] = None, two_way: Optional[bool] = None,
                  check_consistency: bool = True):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown hook preset {preset!r}; valid: {', '.join(PRESETS)} "
-                             "(or override compressor=/worker_feedback=/server_feedback=/two_way=)")
-        base = PRESETS[preset]
-        name, opts = codec(compressor if compressor is not None else base.compressor, block_size=block_size,
-                           ratio=ratio, k=k, options=compressor_options)
+        chosen = _HOOK_PRESETS.get(preset).configure(compressor, block_size=block_size, ratio=ratio, k=k,
+                                                     options=compressor_options, worker=worker_feedback,
+                                                     server=server_feedback, two_way=two_way)
         self.config = {
-            "preset": preset,
-            "compressor": name,
-            "compressor_options": opts,
-            "worker_feedback": make_feedback(worker_feedback or base.worker_feedback).name,
-            "server_feedback": make_feedback(server_feedback or base.server_feedback).name,
-            "two_way": bool(base.two_way if two_way is None else two_way),
+            "preset": _HOOK_PRESETS.canonical(preset),
+            "compressor": chosen.compressor,
+            "compressor_options": chosen.options,
+            "worker_feedback": chosen.worker,
+            "server_feedback": chosen.server,
+            "two_way": chosen.two_way,
         }
         self._reset_runtime()
         self.bind(model, process_group, check_consistency=check_consistency)
@@ -168,9 +153,9 @@ class CompressionHookState:
         #: state keys that hold one rank's chunk of a bucket (the rest are full-length, per element)
         self.chunk_keys = tuple(self.server.server_keys) if self.two_way else ()
         self.comm = None
-        self.codec = None
+        self.compressor = None
         self.stats = CommStats()
-        #: scratch of the hook's allreduce, shared by the buckets (each result is copied out at once)
+        #: scratch of the hook's exchanges, shared by the buckets (each result is copied out at once)
         self.work = Workspace()
         #: fp32 bytes this rank sent to reassemble server state after DDP changed its buckets
         self.rebucket_bytes = 0
@@ -193,30 +178,19 @@ class CompressionHookState:
         # DDP buckets a complex parameter as its real view: so does the state
         self._params = {n: torch.view_as_real(p) if p.is_complex() else p for n, p in named}
         self._names = {id(p): n for n, p in named}
-        codec_ = make_compressor(self.config["compressor"], **dict(self.config["compressor_options"]))
-        self.codec = codec_.bind(sum(p.numel() for _, p in named)) if hasattr(codec_, "bind") else codec_
+        chosen = Preset(self.config["compressor"], options=self.config["compressor_options"])
+        # bound to the whole model: an absolute top-k k counts all of its elements
+        self.compressor = chosen.make_compressor().bind(sum(p.numel() for _, p in named))
         if check_consistency and self.comm.world_size > 1:
-            self._check_consistency()
+            check_same(self.comm, "CompressionHookState", self._signature(), "model and hook")
         if self._pending is not None:
             saved, self._pending = self._pending, None
             self.load_state_dict(saved)
         return self
 
     def _signature(self) -> dict:
-        return {"config": self.config, "params": [(n, tuple(p.shape)) for n, p in self._params.items()]}
-
-    def _check_consistency(self) -> None:
-        mine = self._signature()
-        digest = hashlib.sha256(repr(mine).encode()).hexdigest()
-        for rank, (theirs, sig) in enumerate(gather_objects(self.comm, (digest, mine))):
-            if theirs == digest:
-                continue
-            if sig["config"] != mine["config"]:
-                detail = f"hook configuration {sig['config']} vs {mine['config']}"
-            else:
-                detail = f"model parameters ({len(sig['params'])} vs {len(mine['params'])} tensors, or their shapes)"
-            raise RuntimeError(f"CompressionHookState: rank {rank} and rank {self.comm.rank} disagree on the {detail}. "
-                               "Every rank must build the same model and hook.")
+        return {"hook configuration": self.config,
+                "parameters": [(n, tuple(p.shape)) for n, p in self._params.items()]}
 
     # ------------------------------------------------------------------ buckets
     @property
@@ -226,13 +200,13 @@ class CompressionHookState:
 
     def _new_slot(self, names: Tuple[str, ...], device) -> _Slot:
         sizes = [self._params[n].numel() for n in names]
-        one_bucket = 4 * sum(sizes) / 2 ** 20 + 1
-        pipe = Pipeline(sizes, self.codec, self.worker, self.server, self.comm, self.two_way, one_bucket)
+        exchange = Exchange(sizes, self.compressor, self.worker, self.server, self.comm, self.two_way,
+                            bucket_cap_mb=None, workspace=self.work)
         offsets, at = {}, 0
         for n, size in zip(names, sizes):
             offsets[n] = at
             at += size
-        return _Slot(names, pipe.layouts[0], pipe.init_state(device)[0], offsets)
+        return _Slot(names, exchange, exchange.init_state(device)[0], offsets)
 
     def _names_of(self, bucket) -> Tuple[str, ...]:
         if self.comm is None:
@@ -312,16 +286,9 @@ class CompressionHookState:
             raise ValueError(f"CompressionHookState.load_state_dict: the checkpoint was saved with hook "
                              f"configuration {state_dict['config']} and this state has {self.config}; build the state "
                              "with the same preset and options")
-        problem = None
-        if state_dict["world_size"] != self.comm.world_size:
-            problem = (f"it was saved with world size {state_dict['world_size']} and this job has "
-                       f"{self.comm.world_size} ranks")
-        elif state_dict["rank"] != self.comm.rank:
-            problem = f"it was saved by rank {state_dict['rank']} and is loaded on rank {self.comm.rank}"
+        problem = mismatch(state_dict, self.comm)
         if problem and not reset_compression_state:
-            raise ValueError(f"CompressionHookState.load_state_dict: refusing the checkpoint: {problem}. Each rank's "
-                             "errors, Markov sequences and server chunk cannot be carried over; load every rank's own "
-                             "file, or pass reset_compression_state=True to restart compression from zero")
+            raise refusal("CompressionHookState", problem)
         self._slots, self._owner = {}, {}
         self.step = int(state_dict["step"])
         if reset_compression_state:
@@ -362,7 +329,7 @@ class CompressionHookState:
 
     def __repr__(self):
         comm = self.comm if self.comm is not None else "unbound"
-        return f"CompressionHookState({self.config['preset']}, {self.codec!r}, {comm})"
+        return f"CompressionHookState({self.config['preset']}, {self.compressor!r}, {comm})"
 
 
 def compressed_hook(state: "CompressionHookState", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -376,10 +343,8 @@ def compressed_hook(state: "CompressionHookState", bucket: dist.GradBucket) -> t
         raise RuntimeError(f"DDP bucket {bucket.index()} holds {buf.numel()} elements but its parameters have "
                            f"{slot.layout.numel}: taciturn cannot follow this bucket layout (padded or "
                            "non-contiguous gradients); report it with your DDP settings")
-    x = buf if buf.dtype == torch.float32 else buf.float()
-    avg = compressed_allreduce(x, slot.layout, state.codec, state.worker, state.server, slot.state, state.comm,
-                               two_way=state.two_way, seed=state.step * 65537 + bucket.index(), stats=state.stats,
-                               work=state.work)
+    avg = slot.exchange.allreduce([buf], [slot.state], step=state.step, stats=state.stats,
+                                  seed_slot=(bucket.index(), len(state._params)))[0]
     buf.copy_(avg)
     if bucket.is_last():
         state.stats.end_step()

@@ -21,7 +21,7 @@ accumulates locally and communicates once.
 Compression:
 
 - a taciturn preset (``Compression.cdadam``, ``dist_ef_block_sign``, ``sparsams_topk``, ``ef_sign``,
-  ``markov_sign``, ``bf16``) runs the core ``Pipeline`` (``compressed_allreduce``: worker feedback,
+  ``markov_sign``, ``bf16``) runs the core ``Exchange`` (``taciturn.exchange``: worker feedback,
   all_to_all of chunks, server feedback and recompression, all_gather) over Horovod's alltoall
   and allgather. The wrapped optimizer receives the two-way-compressed average in ``p.grad``;
   with ``taciturn.AMSGrad(..., process_group="local")`` on top, ``Compression.cdadam`` is
@@ -73,7 +73,7 @@ import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
@@ -88,11 +88,13 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 
 from ..comm.base import gather_objects
 from ..comm.horovod import HorovodCommunicator
-from ..compressors import make_compressor
+from ..consistency import check_same
+from ..exchange import Exchange
 from ..feedback import make_feedback
 from ..metrics import CommStats
-from ..optim.base import PipelineSpec
-from ..pipeline import Pipeline
+from ..names import Registry
+from ..presets import Preset, preset
+from ..state import CompressionState, mismatch
 
 STATE_KEY = "taciturn.horovod"
 _FP16_MAX = 65504.0
@@ -111,19 +113,13 @@ class TaciturnCompression:
     """
 
     name: str
-    spec: PipelineSpec
+    preset: Preset
 
     def __call__(self, **compressor_options) -> "TaciturnCompression":
-        opts = dict(self.spec.compressor_options)
-        opts.update(compressor_options)
-        make_compressor(self.spec.compressor, **opts)  # the compressor's own message on a bad option
-        return TaciturnCompression(self.name, replace(self.spec, compressor_options=tuple(sorted(opts.items()))))
+        return TaciturnCompression(self.name, self.preset.configure(options=compressor_options))
 
     def describe(self) -> str:
-        s = self.spec
-        opts = ", ".join(f"{k}={v}" for k, v in s.compressor_options)
-        return (f"{self.name}: {s.compressor}({opts}) worker={s.worker} server={s.server} "
-                f"{'two-way' if s.two_way else 'one-way'}")
+        return f"{self.name}: {self.preset.describe()}"
 
     def compress(self, tensor):
         raise TypeError(self._refusal())
@@ -132,7 +128,7 @@ class TaciturnCompression:
         raise TypeError(self._refusal())
 
     def _refusal(self) -> str:
-        why = ("Horovod 0.28.1 has no bfloat16 collectives" if self.spec.compressor == "bf16" else
+        why = ("Horovod 0.28.1 has no bfloat16 collectives" if self.preset.compressor == "bf16" else
                "it keeps per-rank error/Markov state and its payload (sign bits, top-k indices) cannot be "
                "summed, while hvd.DistributedOptimizer allreduces (sums) what Compressor.compress returns")
         return (f"Compression.{self.name} cannot run inside hvd.DistributedOptimizer: {why}. Use "
@@ -141,8 +137,8 @@ class TaciturnCompression:
                 "(Compression.none, Compression.fp16, ScaledFP16Compressor) with hvd.DistributedOptimizer")
 
 
-def _preset(name, compressor, worker, server, two_way, **options) -> TaciturnCompression:
-    return TaciturnCompression(name, PipelineSpec(compressor, worker, server, two_way, tuple(sorted(options.items()))))
+def _taciturn(name: str) -> TaciturnCompression:
+    return TaciturnCompression(name, preset(name))
 
 
 class ScaledFP16Compressor(HorovodCompressor):
@@ -184,18 +180,18 @@ class Compression:
     #: fp16 cast, allreduce, cast back (Horovod's FP16Compressor)
     fp16 = hvd.Compression.fp16
     #: bf16 both ways through alltoall/allgather, averaged in fp32 (Horovod has no bf16 allreduce)
-    bf16 = _preset("bf16", "bf16", "none", "none", True)
+    bf16 = _taciturn("bf16")
     #: CD-Adam's: Markov both ways, 1-bit signs with one l1 scale per 1024-element block
-    cdadam = _preset("cdadam", "block_sign", "markov", "markov", True, block_size=1024)
+    cdadam = _taciturn("cdadam")
     #: dist-EF-blockSGD's: error feedback both ways (s = 1), blockwise scaled sign
-    dist_ef_block_sign = _preset("dist_ef_block_sign", "block_sign", "ef", "ef", True, block_size=1024)
+    dist_ef_block_sign = _taciturn("dist_ef_block_sign")
     #: SPARS-AMS's: top-k (1%) with worker error feedback, one-way (all_gather of indices + values)
-    sparsams_topk = _preset("sparsams_topk", "topk", "ef", "none", False, ratio=0.01)
+    sparsams_topk = _taciturn("sparsams_topk")
     #: error feedback both ways, one l1 scale per tensor
-    ef_sign = _preset("ef_sign", "scaled_sign", "ef", "ef", True)
-    #: Markov both ways, blockwise scaled sign: CD-Adam's communication, as the DDP hook of the
-    #: same name (``markov_sign(block_size=None)``: one scale per tensor, the paper's form)
-    markov_sign = _preset("markov_sign", "block_sign", "markov", "markov", True, block_size=1024)
+    ef_sign = _taciturn("ef_sign")
+    #: CD-Adam's preset under the DDP hook's name (``markov_sign(block_size=None)``: one scale
+    #: per tensor, the paper's form)
+    markov_sign = _taciturn("markov_sign")
 
     @staticmethod
     def names() -> List[str]:
@@ -204,10 +200,7 @@ class Compression:
 
 def _resolve_compression(compression):
     if isinstance(compression, str):
-        key = compression.lower().replace("-", "_")
-        if key not in Compression.names():
-            raise ValueError(f"unknown compression {compression!r}; valid: {', '.join(Compression.names())}")
-        return getattr(Compression, key)
+        return getattr(Compression, Registry("compression", dict.fromkeys(Compression.names())).canonical(compression))
     if isinstance(compression, TaciturnCompression):
         return compression
     if callable(getattr(compression, "compress", None)) and callable(getattr(compression, "decompress", None)):
@@ -283,7 +276,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
         self._active = bool(self.process_set.included())
         self.comm: Optional[HorovodCommunicator] = None
-        self.pipeline: Optional[Pipeline] = None
+        self.exchange: Optional[Exchange] = None
         self._executor: Optional[ThreadPoolExecutor] = None
         self._should_synchronize = True
         self._synchronized = False
@@ -293,7 +286,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             return
         self.comm = HorovodCommunicator(self.process_set, prefix=self._prefix)
         if self.is_taciturn:
-            self._build_pipeline()
+            self._build_exchange()
             self._init_compression_state(step=0)
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taciturn-hvd")
         self._check_consistency()
@@ -323,35 +316,24 @@ class DistributedOptimizer(torch.optim.Optimizer):
                                  f"Compression.{self.compression.name} averages decoded fp32 values, which "
                                  "cannot overflow; leave it at 1.0")
 
-    def _build_pipeline(self) -> None:
-        spec = self.compression.spec
-        sizes = [p.numel() for p in self._params]
-        codec = make_compressor(spec.compressor, **dict(spec.compressor_options))
-        self.pipeline = Pipeline(sizes, codec, make_feedback(spec.worker), make_feedback(spec.server), self.comm,
-                                 spec.two_way, self.bucket_cap_mb, self._group_ids)
+    def _build_exchange(self) -> None:
+        chosen = self.compression.preset
+        self.exchange = Exchange([p.numel() for p in self._params], chosen.make_compressor(),
+                                 make_feedback(chosen.worker), make_feedback(chosen.server), self.comm,
+                                 chosen.two_way, self.bucket_cap_mb, self._group_ids)
+        self._compression = CompressionState(self._optimizer, STATE_KEY, {"": self.exchange}, self.comm,
+                                             self._params[0].device, "DistributedOptimizer")
         self._bucket_of = {}
-        for b, idx in enumerate(self.pipeline.buckets):
+        for b, idx in enumerate(self.exchange.buckets):
             for i in idx:
                 self._bucket_of[self._params[i]] = b
 
-    def _signature(self) -> str:
-        pipe = self.pipeline
-        layout = None if pipe is None else (repr(pipe.compressor), pipe.worker.name, pipe.server.name, pipe.two_way,
-                                             [lay.numel for lay in pipe.layouts])
-        return repr(layout)
-
     def _check_consistency(self) -> None:
-        mine = {"parameters": [(n, tuple(p.shape), str(p.dtype)) for n, p in zip(self._names, self._params)],
-                "compression": _describe_compression(self.compression),
-                "op": _op_name(self.op), "backward_passes_per_step": self.backward_passes_per_step,
-                "bucket_cap_mb": self.bucket_cap_mb}
-        theirs = gather_objects(self.comm, mine)
-        for rank, other in enumerate(theirs):
-            for key, value in mine.items():
-                if other[key] != value:
-                    detail = _first_difference(other[key], value) if key == "parameters" else f"{other[key]!r} vs {value!r}"
-                    raise RuntimeError(f"DistributedOptimizer: rank {rank} and rank {self.comm.rank} of {self.process_set} "
-                                       f"disagree on {key}: {detail}. Every rank must build the same model and optimizer.")
+        check_same(self.comm, f"DistributedOptimizer on {self.process_set}", {
+            "parameters": [(n, tuple(p.shape), str(p.dtype)) for n, p in zip(self._names, self._params)],
+            "compression": _describe_compression(self.compression),
+            "op": _op_name(self.op), "backward_passes_per_step": self.backward_passes_per_step,
+            "bucket_cap_mb": self.bucket_cap_mb}, "model and optimizer")
 
     # ------------------------------------------------------------------ compression state
     @property
@@ -361,26 +343,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return self._optimizer.state[STATE_KEY]
 
     def _init_compression_state(self, step: int) -> None:
-        flat: Dict[str, object] = {"step": int(step), "rank": self.comm.rank, "world_size": self.comm.world_size,
-                                   "signature": self._signature()}
-        for b, st in enumerate(self.pipeline.init_state(self._params[0].device)):
-            for key, t in st.items():
-                flat[f"{b}.{key}"] = t
-        self._optimizer.state[STATE_KEY] = flat
-
-    def _bucket_state(self, b: int) -> Dict[str, torch.Tensor]:
-        prefix = f"{b}."
-        return {k[len(prefix):]: v for k, v in self.compression_state.items() if k.startswith(prefix)}
+        self._compression.reset(step)
 
     def _foreign_state(self, saved: dict) -> Optional[str]:
         """Why ``saved`` is not this rank's compression state for these settings (None if it is)."""
-        if saved.get("world_size") != self.comm.world_size:
-            return f"it was saved in a world of {saved.get('world_size')} ranks and this one has {self.comm.world_size}"
-        if saved.get("rank") != self.comm.rank:
-            return f"it was saved by rank {saved.get('rank')}, not by this rank ({self.comm.rank})"
-        if saved.get("signature") != self._signature():
-            return f"it was saved with other compression settings ({saved.get('signature')} vs {self._signature()})"
-        return None
+        return mismatch(saved, self.comm, self._compression.signature())
 
     def reset_compression_state(self) -> None:
         """Zero every error and Markov sequence on this rank (keeps the step). Call it on every rank."""
@@ -395,8 +362,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._futures: Dict[int, object] = {}
         self._sparse = set()
         self._everyone_here = True
-        if self.pipeline is not None:
-            self._missing = [len(idx) for idx in self.pipeline.buckets]
+        if self.exchange is not None:
+            self._missing = [len(idx) for idx in self.exchange.buckets]
             self._next_bucket = 0
 
     def _on_grad_ready(self, p: torch.Tensor) -> None:
@@ -431,8 +398,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             p.grad = p.grad.to_sparse()
 
     def _launch_bucket(self, b: int) -> None:
-        grads = [self._wire_grad(self._params[i]) for i in self.pipeline.buckets[b]]
-        self._futures[b] = self._executor.submit(self._exchange_bucket, b, grads, self._bucket_state(b),
+        grads = [self._wire_grad(self._params[i]) for i in self.exchange.buckets[b]]
+        self._futures[b] = self._executor.submit(self._exchange_bucket, b, grads, self._compression.bucket("", b),
                                                  self.compression_state["step"])
         self._next_bucket = b + 1
 
@@ -446,7 +413,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             here = hvd.allreduce(torch.ones(1), name=f"{self._prefix}.here", op=hvd.Sum, process_set=self.process_set)
             self._everyone_here = int(here.item()) == self.comm.world_size
         if self._everyone_here:
-            return self.pipeline.allreduce_bucket(b, grads, state, seed=step, stats=self.stats)
+            return self.exchange.allreduce(grads, [state], buckets=[b], step=step, stats=self.stats)
         return self._joined_average(b, grads)
 
     def _joined_average(self, b: int, grads: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -456,7 +423,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         chunk), so the compression state is left as it is on every rank."""
         start = time.perf_counter()
         handles = [hvd.allreduce_async(g.float(), name=f"{self._prefix}.joined.{self._names[i]}", op=hvd.Average,
-                                       process_set=self.process_set) for i, g in zip(self.pipeline.buckets[b], grads)]
+                                       process_set=self.process_set) for i, g in zip(self.exchange.buckets[b], grads)]
         averaged = [hvd.synchronize(h) for h in handles]
         fp32 = 4 * sum(g.numel() for g in grads)
         self.stats.record(fp32, fp32, fp32, 0.0, time.perf_counter() - start)
@@ -503,7 +470,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise error
         factor = float(self.comm.world_size) if self.op == hvd.Sum else 1.0
         for b, averaged in sorted(outcomes.items()):
-            for i, g in zip(self.pipeline.buckets[b], averaged):
+            for i, g in zip(self.exchange.buckets[b], averaged):
                 self._params[i].grad.copy_(g if factor == 1.0 else g * factor)
         self._resparsify()
         self.stats.end_step()
@@ -609,28 +576,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         restarts compression from zero, so pass it on every rank).
         """
         self._drain()
-        saved = state_dict.get("state", {}).get(STATE_KEY) if self.is_taciturn and self._active else None
-        if self.is_taciturn and self._active and not reset_compression_state:
-            if saved is None:
-                raise ValueError(f"DistributedOptimizer.load_state_dict: the state dict holds no '{STATE_KEY}' "
-                                 "compression state (saved without taciturn's DistributedOptimizer?); pass "
-                                 "reset_compression_state=True on every rank to start compression from zero")
-            problem = self._foreign_state(saved)
-            if problem:
-                raise ValueError(f"DistributedOptimizer.load_state_dict: refusing the compression state: {problem}. "
-                                 "Each rank must load the state dict it saved itself; pass "
-                                 "reset_compression_state=True on every rank to restart compression from zero, or "
-                                 "load on the root only and call taciturn.integrations.horovod."
-                                 "broadcast_optimizer_state")
+        taciturn = self.is_taciturn and self._active
+        saved = self._compression.saved(state_dict, reset_compression_state) if taciturn else None
         self._optimizer.load_state_dict(state_dict)
-        if not (self.is_taciturn and self._active):
-            return
-        if reset_compression_state or saved is None:
-            self._init_compression_state(step=int(saved.get("step", 0)) if saved else 0)
-        else:
-            device = self._params[0].device
-            self._optimizer.state[STATE_KEY] = {k: (v.to(device=device, dtype=torch.float32, copy=True)
-                                                    if torch.is_tensor(v) else v) for k, v in saved.items()}
+        if taciturn:
+            self._compression.restore(saved, reset_compression_state)
 
     def _drain(self) -> None:
         """Forget the current step's communication (as Horovod's load_state_dict does), after
@@ -653,7 +603,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.comm = HorovodCommunicator(self.process_set, prefix=self._prefix)
         if self.is_taciturn:
             step = self.compression_state["step"]
-            self._build_pipeline()
+            self._build_exchange()
             if (self.comm.rank, self.comm.world_size) != before:
                 self._init_compression_state(step)
             self._reset_pending()
@@ -759,15 +709,6 @@ def _group_ids(order: List[torch.Tensor], groups, names) -> List[int]:
                 raise ValueError(f"A parameter can only appear once in groups ({names.get(p, tuple(p.shape))}).")
             ids[id(p)] = gi
     return [ids.get(id(p), len(groups) + i) for i, p in enumerate(order)]
-
-
-def _first_difference(a, b) -> str:
-    if len(a) != len(b):
-        return f"{len(a)} vs {len(b)} trainable parameters"
-    for x, y in zip(a, b):
-        if x != y:
-            return f"{x} vs {y}"
-    return f"{a!r} vs {b!r}"
 
 
 # ----------------------------------------------------------------------------- state sync

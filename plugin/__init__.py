@@ -5,11 +5,11 @@ Markov compression in both directions, inside the allreduce.
 """
 from .compressors import Compressor, list_compressors, make_compressor
 from .comm import Communicator, LocalCommunicator, make_communicator
-from .comm.allreduce import compressed_allreduce
+from .exchange import Exchange
 from .feedback import make_feedback
 from .layout import BucketLayout
 from .metrics import CommStats
-from .pipeline import Pipeline
+from .presets import PRESETS, Preset, preset
 from .optim import (SAEFSGD, SGD, AMSGrad, Adam, CDAdam, CompressedAMSGrad, CompressedOptimizer, DistEFSGD,
                     EF21SGD, EFAMSGrad, NaiveAMSGrad, OneBitAdam, Signum, SparsAMS)
 from .registry import create_optimizer, list_optimizers
@@ -19,7 +19,7 @@ from .comm import CollectiveError
 __version__ = "0.1.0"
 
 __all__ = ["Compressor", "list_compressors", "make_compressor", "Communicator", "LocalCommunicator",
-           "make_communicator", "compressed_allreduce", "make_feedback", "BucketLayout", "CommStats",
-           "Pipeline", "CompressedOptimizer", "CDAdam", "SparsAMS", "DistEFSGD", "SAEFSGD", "OneBitAdam", "AMSGrad",
+           "make_communicator", "make_feedback", "BucketLayout", "CommStats",
+           "Exchange", "Preset", "PRESETS", "preset", "CompressedOptimizer", "CDAdam", "SparsAMS", "DistEFSGD", "SAEFSGD", "OneBitAdam", "AMSGrad",
            "Adam", "SGD", "EFAMSGrad", "NaiveAMSGrad", "CompressedAMSGrad", "EF21SGD", "Signum",
            "create_optimizer", "list_optimizers", "save_checkpoint", "load_checkpoint", "CollectiveError"]

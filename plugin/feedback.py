@@ -22,10 +22,12 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
+from .names import Registry
+
 State = Dict[str, torch.Tensor]
 
 
-class Fused(NamedTuple):
+class FeedbackStep(NamedTuple):
     """One side's rule in the form a codec runs it (``Compressor.encode_fused``): compress
     y = x + alpha*h, then update h from c = C(y): "markov" h += c, "ef" h = y - c, "none"
     (h may be None) nothing. A fused kernel does it in one pass; ``input``/``apply`` are the
@@ -35,7 +37,7 @@ class Fused(NamedTuple):
     alpha: float
     update: str
 
-    def at(self, sl: slice) -> "Fused":
+    def at(self, sl: slice) -> "FeedbackStep":
         return self if self.h is None else self._replace(h=self.h[sl])
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +52,7 @@ class Fused(NamedTuple):
             torch.sub(y, c, out=self.h)
 
 
-_NONE = Fused(None, 0.0, "none")
+_NONE = FeedbackStep(None, 0.0, "none")
 
 
 class Feedback:
@@ -59,27 +61,16 @@ class Feedback:
     worker_keys: Tuple[str, ...] = ()
     server_keys: Tuple[str, ...] = ()
     result_keys: Tuple[str, ...] = ()
+    #: state names of a one-way exchange (full-length on every rank, which averages itself)
+    one_way_keys: Tuple[str, ...] = ()
     #: whether the result is one of this rule's state tensors (Markov) rather than the decoded average
     keeps_result = False
 
-    def init_state(self, numel: int, chunk_numel: int, two_way: bool, device=None) -> State:
-        zeros = lambda n: torch.zeros(n, dtype=torch.float32, device=device)
-        state = {k: zeros(numel) for k in self.worker_keys}
-        if two_way:
-            state.update({k: zeros(chunk_numel) for k in self.server_keys})
-            state.update({k: zeros(numel) for k in self.result_keys})
-        else:
-            state.update({k: zeros(numel) for k in self.one_way_keys()})
-        return state
-
-    def one_way_keys(self) -> Tuple[str, ...]:
-        return ()
-
-    def worker_fused(self, st: State, s: float) -> Fused:
-        """The worker's rule on its local x (``s`` rescales a stored error)."""
+    def worker_step(self, st: State, error_scale: float) -> FeedbackStep:
+        """The worker's rule on its local x (``error_scale`` rescales a stored error)."""
         return _NONE
 
-    def server_form(self, st: State, s: float, chunk: slice) -> Tuple[Optional[torch.Tensor], Fused]:
+    def server_step(self, st: State, error_scale: float, chunk: slice) -> Tuple[Optional[torch.Tensor], FeedbackStep]:
         """The server's rule for its chunk ``chunk`` as (acc, rule): with a the mean of the
         workers' chunks, x = a, or when ``acc`` is a tensor acc += a and x = acc (Markov's H);
         then ``rule`` on x (``Compressor.serve_fused``)."""
@@ -95,17 +86,17 @@ class Feedback:
 
 
 class ErrorFeedback(Feedback):
-    """EF with the error rescaled by s (s = lr_{t-1}/lr_t in dist-EF-SGD, 1 otherwise)."""
+    """EF with the error rescaled by s = ``error_scale`` (lr_{t-1}/lr_t in dist-EF-SGD, 1 otherwise)."""
 
     name = "ef"
     worker_keys = ("worker_error",)
     server_keys = ("server_error",)
 
-    def worker_fused(self, st, s):
-        return Fused(st["worker_error"], s, "ef")
+    def worker_step(self, st, error_scale):
+        return FeedbackStep(st["worker_error"], error_scale, "ef")
 
-    def server_form(self, st, s, chunk):
-        return None, Fused(st["server_error"], s, "ef")
+    def server_step(self, st, error_scale, chunk):
+        return None, FeedbackStep(st["server_error"], error_scale, "ef")
 
 
 class MarkovFeedback(Feedback):
@@ -115,16 +106,14 @@ class MarkovFeedback(Feedback):
     worker_keys = ("worker_markov",)
     server_keys = ("server_markov",)
     result_keys = ("result_markov",)
+    one_way_keys = ("server_markov",)
     keeps_result = True
 
-    def one_way_keys(self):
-        return ("server_markov",)
+    def worker_step(self, st, error_scale):
+        return FeedbackStep(st["worker_markov"], -1.0, "markov")
 
-    def worker_fused(self, st, s):
-        return Fused(st["worker_markov"], -1.0, "markov")
-
-    def server_form(self, st, s, chunk):
-        return st["server_markov"], Fused(st["result_markov"][chunk], -1.0, "none")
+    def server_step(self, st, error_scale, chunk):
+        return st["server_markov"], FeedbackStep(st["result_markov"][chunk], -1.0, "none")
 
     def result_target(self, st):
         return st["result_markov"]
@@ -133,13 +122,8 @@ class MarkovFeedback(Feedback):
         return st["server_markov"].add_(a)
 
 
-_RULES = {"none": Feedback(), "ef": ErrorFeedback(), "markov": MarkovFeedback()}
+_RULES = Registry("feedback", {"ef": ErrorFeedback(), "markov": MarkovFeedback(), "none": Feedback()})
 
 
 def make_feedback(name) -> Feedback:
-    if isinstance(name, Feedback):
-        return name
-    key = str(name).lower()
-    if key not in _RULES:
-        raise ValueError(f"unknown feedback {name!r}; valid: {', '.join(sorted(_RULES))}")
-    return _RULES[key]
+    return name if isinstance(name, Feedback) else _RULES.get(name)

@@ -1,16 +1,17 @@
 """Optimizer registry: small records behind ``create_optimizer`` and ``list_optimizers``.
 
-Names are matched case-insensitively with ``_`` and ``-`` ignored, so the JSON ``type``
-strings (``"CDAdam"``, ``"OneBitAdam"``) and snake case (``"onebit_adam"``) both work.
+Names follow the one rule of ``taciturn.names`` (case, ``_`` and ``-`` do not count), so the
+JSON ``type`` strings (``"CDAdam"``, ``"OneBitAdam"``) and snake case (``"onebit_adam"``) both work.
 """
 from __future__ import annotations
 
 import difflib
 import inspect
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import List
 
 from . import optim
+from .names import Registry, name_key
 
 
 @dataclass(frozen=True)
@@ -54,34 +55,22 @@ BASE_KWARGS = tuple(n for n, p in inspect.signature(optim.CompressedOptimizer.__
                     if p.kind == p.KEYWORD_ONLY)
 
 
-def _key(name: str) -> str:
-    return str(name).lower().replace("_", "").replace("-", "")
-
-
-_INDEX: Dict[str, OptimizerRecord] = {}
-for _rec in _RECORDS:
-    for _alias in (_rec.name,) + _rec.aliases:
-        _INDEX[_key(_alias)] = _rec
+_OPTIMIZERS = Registry("taciturn optimizer", {r.name: r for r in _RECORDS},
+                       aliases={alias: r.name for r in _RECORDS for alias in r.aliases})
 
 
 def list_optimizers() -> List[str]:
-    return [r.name for r in _RECORDS]
+    return _OPTIMIZERS.names()
 
 
 def is_taciturn_optimizer(name) -> bool:
-    return isinstance(name, str) and (_key(name) in _INDEX or _key(name) in _REMOVED)
+    return name in _OPTIMIZERS or (isinstance(name, str) and name_key(name) in _REMOVED)
 
 
 def get_record(name: str) -> OptimizerRecord:
-    key = _key(name)
-    if key in _REMOVED:
-        raise ValueError(_REMOVED[key])
-    if key not in _INDEX:
-        close = difflib.get_close_matches(key, list(_INDEX), n=1)
-        hint = f" Did you mean {_INDEX[close[0]].name!r}?" if close else ""
-        raise ValueError(f"unknown taciturn optimizer {name!r}.{hint} Valid names (case-insensitive): "
-                         f"{', '.join(list_optimizers())}")
-    return _INDEX[key]
+    if name_key(name) in _REMOVED:
+        raise ValueError(_REMOVED[name_key(name)])
+    return _OPTIMIZERS.get(name)
 
 
 def valid_kwargs(cls) -> List[str]:

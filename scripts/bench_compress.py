@@ -65,7 +65,7 @@ def worker_round(codec, rule, pieces, x, state, out):
     """The worker phase of comm/allreduce.py on one chunk (encode with the feedback rule and
     its state update), then the decode a receiver does. Torch ops with the kernels off (the
     decode for the state update is then a separate pass), the fused kernel with them on."""
-    codec.decode(codec.encode_fused(x, pieces, rule.worker_fused(state, 1.0)), pieces, out=out)
+    codec.decode(codec.encode_fused(x, pieces, rule.worker_step(state, 1.0)), pieces, out=out)
 
 
 def measure(sizes, reps, device, threads):

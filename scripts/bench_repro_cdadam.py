@@ -39,7 +39,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench import img_path, machine_note, table, write_reproduction  # noqa: E402
 
-from taciturn import make_compressor, make_feedback  # noqa: E402
+from taciturn import BucketLayout, make_compressor, make_feedback  # noqa: E402
+from taciturn.exchange import init_state  # noqa: E402
 from taciturn.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
 from taciturn.optim.functional import amsgrad_  # noqa: E402
 from taciturn.wire import Pieces  # noqa: E402
@@ -104,7 +105,7 @@ def run(problem: Problem, method: str, lr: float, iters: int) -> dict:
     bits_up = 8 * codec.nbytes(single)
     bits_down = 8 * codec.nbytes(single) if two_way else 32 * d
     w_state = {k: torch.zeros(n * d) for k in worker.worker_keys}
-    s_state = server.init_state(d, d, two_way)
+    s_state = init_state(make_feedback("none"), server, BucketLayout((d,), 1, codec), two_way, rank=0)
     x = torch.zeros(d)
     m, v, vmax = torch.zeros(d), torch.zeros(d), torch.zeros(d)
     norms, bits = [], []
@@ -112,10 +113,10 @@ def run(problem: Problem, method: str, lr: float, iters: int) -> dict:
         g = problem.worker_grads(x)
         norms.append(g.mean(0).norm().item())
         bits.append(t * (bits_up + bits_down))
-        c = codec.decode(codec.encode_fused(g.reshape(-1), stacked, worker.worker_fused(w_state, 1.0)), stacked)
+        c = codec.decode(codec.encode_fused(g.reshape(-1), stacked, worker.worker_step(w_state, 1.0)), stacked)
         a = c.view(n, d).mean(0)
         if two_way:
-            acc, rule = server.server_form(s_state, 1.0, slice(0, d))
+            acc, rule = server.server_step(s_state, 1.0, slice(0, d))
             c_server = codec.decode(codec.encode_fused(acc.add_(a) if acc is not None else a, single, rule), single)
             target = server.result_target(s_state)
             direction = target.add_(c_server) if target is not None else c_server

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The main demo: 2 ranks over a simulated 1 Gbit link (scripts/netcluster.py).
 
-Part 1: the two ranks compress and exchange a 25M-element fp32 buffer with ``taciturn.Pipeline``
+Part 1: the two ranks compress and exchange a 25M-element fp32 buffer with ``taciturn.Exchange``
 (``block_sign`` with Markov feedback, two-way) and uncompressed (``identity``), and print the
 bytes and the time of each direction next to fp32.
 
@@ -100,7 +100,7 @@ def rank_exchange(numel: int, repeats: int, block_size: int) -> None:
                                    (f"taciturn block_sign({block_size}) + Markov",
                                     taciturn.make_compressor("block_sign", block_size=block_size), "markov")):
         fb = taciturn.make_feedback(feedback)
-        pipe = taciturn.Pipeline([numel], codec, fb, fb, comm, two_way=True)
+        pipe = taciturn.Exchange([numel], codec, fb, fb, comm, two_way=True)
         states = pipe.init_state()
         pipe.allreduce([x], states)
         stats = taciturn.CommStats()
@@ -108,7 +108,7 @@ def rank_exchange(numel: int, repeats: int, block_size: int) -> None:
         dist.barrier()
         t0 = time.perf_counter()
         for step in range(repeats):
-            pipe.allreduce([x], states, seed=step + 1, stats=stats)
+            pipe.allreduce([x], states, step=step + 1, stats=stats)
         total = (time.perf_counter() - t0) / repeats
         rows.append({"method": label, "bytes_up": _link(stats.bytes_up // repeats, n),
                      "bytes_down": _link(stats.bytes_down // repeats, n),

@@ -11,9 +11,8 @@ import torch
 
 from taciturn import kernels
 from taciturn.comm import LocalCommunicator
-from taciturn.comm.allreduce import compressed_allreduce
+from taciturn.exchange import Exchange
 from taciturn.feedback import make_feedback
-from taciturn.layout import BucketLayout
 
 
 @contextlib.contextmanager
@@ -48,11 +47,11 @@ def portable_build(monkeypatch, arch):
 
 def check_pipeline_with_and_without_kernel(monkeypatch, module, entry, codec, rule, two_way, sample, seed, tol,
                                            sizes=(5, 1030, 7, 3000, 3, 1)):
-    """Three compressed_allreduce steps on one rank with the kernel ``module.entry`` (counted:
+    """Three one-bucket exchange steps on one rank with the kernel ``module.entry`` (counted:
     it must run, first with the worker's ``rule``), then with the torch path: the same results
     and feedback state to ``tol``. Step t's gradient is ``sample(numel, seed + t)``."""
-    layout = BucketLayout(tuple(sizes), 1, codec)
     fb = make_feedback(rule)
+    exchange = Exchange(sizes, codec, fb, fb, LocalCommunicator(), two_way, bucket_cap_mb=None)
     calls, kernel = [], getattr(module, entry)
 
     def counted(*args, **kwargs):
@@ -62,9 +61,8 @@ def check_pipeline_with_and_without_kernel(monkeypatch, module, entry, codec, ru
     monkeypatch.setattr(module, entry, counted)
 
     def run():
-        state = fb.init_state(layout.numel, layout.numel, two_way)
-        out = [compressed_allreduce(sample(layout.numel, seed + t), layout, codec, fb, fb, state,
-                                    LocalCommunicator(), two_way=two_way, s=0.5 if t else 0.0).clone()
+        state = exchange.init_state()[0]
+        out = [exchange.allreduce([sample(exchange.numel, seed + t)], [state], error_scale=0.5 if t else 0.0)[0].clone()
                for t in range(3)]
         return out, state
 

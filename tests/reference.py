@@ -480,7 +480,7 @@ def flat(tensors):
 
 def pipeline_layout(opt):
     """(tensor sizes, [(tensor indices, chunk cuts)] per bucket) of ``opt``'s main (last) pipeline."""
-    pipe = list(opt.pipelines.values())[-1]
+    pipe = list(opt.exchanges.values())[-1]
     return list(pipe.sizes), [(list(idx), list(lay.cuts)) for idx, lay in zip(pipe.buckets, pipe.layouts)]
 
 

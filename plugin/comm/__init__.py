@@ -1,7 +1,27 @@
-"""Communicators and the compressed allreduce built on them."""
+"""The transport: communicators (the few collectives an exchange needs) and their async handles."""
 from __future__ import annotations
 
-from .base import CollectiveError, Communicator, LocalCommunicator
+from .base import CollectiveError, Communicator, Handle, LocalCommunicator
+from ..names import Registry
+
+
+def _torch(timeout):
+    from .torch_dist import TorchDistCommunicator
+    return TorchDistCommunicator(timeout=timeout)
+
+
+def _mpi(timeout):
+    from .mpi import MPICommunicator
+    return MPICommunicator()
+
+
+def _horovod(timeout):
+    from .horovod import HorovodCommunicator
+    return HorovodCommunicator()
+
+
+_NAMED = Registry("communicator", {"torch": _torch, "nccl": _torch, "gloo": _torch, "mpi": _mpi,
+                                   "horovod": _horovod, "local": lambda timeout: LocalCommunicator()})
 
 
 def make_communicator(spec=None, timeout: float = None) -> Communicator:
@@ -18,25 +38,9 @@ def make_communicator(spec=None, timeout: float = None) -> Communicator:
     import torch.distributed as dist
 
     if spec is None:
-        if dist.is_available() and dist.is_initialized():
-            from .torch_dist import TorchDistCommunicator
-            return TorchDistCommunicator(timeout=timeout)
-        return LocalCommunicator()
+        return _torch(timeout) if dist.is_available() and dist.is_initialized() else LocalCommunicator()
     if isinstance(spec, str):
-        key = spec.lower()
-        if key == "local":
-            return LocalCommunicator()
-        if key == "mpi":
-            from .mpi import MPICommunicator
-            return MPICommunicator()
-        if key == "horovod":
-            from .horovod import HorovodCommunicator
-            return HorovodCommunicator()
-        if key in ("torch", "nccl", "gloo"):
-            from .torch_dist import TorchDistCommunicator
-            return TorchDistCommunicator(timeout=timeout)
-        raise ValueError(f"unknown communicator {spec!r}; valid: 'torch', 'nccl', 'gloo', 'mpi', 'horovod', 'local', "
-                         "a torch.distributed ProcessGroup or a Communicator instance")
+        return _NAMED.get(spec)(timeout)
     if dist.is_available() and isinstance(spec, dist.ProcessGroup):
         from .torch_dist import TorchDistCommunicator
         return TorchDistCommunicator(spec, timeout=timeout)
@@ -47,4 +51,4 @@ def make_communicator(spec=None, timeout: float = None) -> Communicator:
                     "a hvd.ProcessSet, a name ('torch', 'mpi', 'horovod', 'local') or a Communicator")
 
 
-__all__ = ["CollectiveError", "Communicator", "LocalCommunicator", "make_communicator"]
+__all__ = ["CollectiveError", "Communicator", "Handle", "LocalCommunicator", "make_communicator"]

@@ -3,25 +3,26 @@
 Implementations take and return tensors; they keep no compression state. ``all_to_all``
 and ``all_gather`` move equal-sized uint8 payloads, ``broadcast`` and ``all_reduce`` serve
 the rare full-precision syncs (initial parameters, SAEF's error averaging, checks). The
-``*_async`` forms start a collective and return a ``Pending`` so that the pipeline can
+``*_async`` forms start a collective and return a ``Handle`` so that the exchange can
 work on other buckets while the bytes travel; a backend without them runs the
 collective at once.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable, List
 
 import torch
 
 
-class Pending:
+class Handle:
     """A collective in flight: ``wait()`` blocks until it is done and returns its result."""
 
     def __init__(self, finish: Callable[[], torch.Tensor]):
         self._finish = finish
 
     @classmethod
-    def ready(cls, result: torch.Tensor) -> "Pending":
+    def ready(cls, result: torch.Tensor) -> "Handle":
         return cls(lambda: result)
 
     def wait(self) -> torch.Tensor:
@@ -49,13 +50,13 @@ class Communicator:
         """Return ``(world_size, *t.shape)``: row i is rank i's ``t``."""
         return self.all_gather_async(t).wait()
 
-    def all_to_all_async(self, chunks: List[torch.Tensor]) -> Pending:
+    def all_to_all_async(self, chunks: List[torch.Tensor]) -> Handle:
         """``all_to_all`` started; every rank must start collectives in the same order."""
-        return Pending.ready(self.all_to_all(chunks))
+        return Handle.ready(self.all_to_all(chunks))
 
-    def all_gather_async(self, t: torch.Tensor) -> Pending:
+    def all_gather_async(self, t: torch.Tensor) -> Handle:
         """``all_gather`` started; every rank must start collectives in the same order."""
-        return Pending.ready(self.all_gather(t))
+        return Handle.ready(self.all_gather(t))
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite ``t`` in place with rank ``src``'s and return it."""
@@ -98,3 +99,28 @@ def gather_objects(comm: Communicator, obj) -> list:
     buf[:data.numel()] = data.to(comm.device)
     rows = comm.all_gather(buf).cpu()
     return [pickle.loads(rows[i, :sizes[i]].numpy().tobytes()) for i in range(comm.world_size)]
+
+
+def backend_module(module: str, needs: str):
+    """Import the library a communicator runs on, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(needs) from e
+
+
+def reduce_in_place(t: torch.Tensor, op: str, reduce: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """``t`` reduced in place by ``reduce`` (which takes a contiguous fp32/fp64/int tensor):
+    2-byte floats are reduced in fp32 (libraries without bf16 reductions), a non-contiguous
+    ``t`` through a contiguous copy."""
+    if op not in ("sum", "max", "min"):
+        raise ValueError(f"all_reduce op={op!r}: valid ops are 'sum', 'max', 'min'")
+    if t.dtype in (torch.bfloat16, torch.float16):
+        wide = t.float()
+        reduce(wide)
+        return t.copy_(wide)
+    buf = t if t.is_contiguous() else t.contiguous()
+    reduce(buf)
+    if buf is not t:
+        t.copy_(buf)
+    return t

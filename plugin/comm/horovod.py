@@ -17,18 +17,14 @@ import itertools
 
 import torch
 
-from .base import Communicator, Pending
+from .base import Communicator, Handle, backend_module, reduce_in_place
 
 _INSTANCES = itertools.count()
 
 
 def _hvd():
-    try:
-        import horovod.torch as hvd
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the 'horovod' communicator needs Horovod built with PyTorch support: "
-                          "run scripts/install_horovod.sh") from e
-    return hvd
+    return backend_module("horovod.torch", "the 'horovod' communicator needs Horovod built with PyTorch support: "
+                          "run scripts/install_horovod.sh")
 
 
 class HorovodCommunicator(Communicator):
@@ -60,13 +56,13 @@ class HorovodCommunicator(Communicator):
         hvd = _hvd()
         send = torch.stack(chunks).contiguous()
         handle = hvd.alltoall_async(send, name=self._name("alltoall"), process_set=self.process_set)
-        return Pending(lambda: hvd.synchronize(handle)[0].view(self.world_size, -1))
+        return Handle(lambda: hvd.synchronize(handle)[0].view(self.world_size, -1))
 
     def all_gather_async(self, t):
         hvd = _hvd()
         handle = hvd.allgather_async(t.contiguous().unsqueeze(0), name=self._name("allgather"),
                                      process_set=self.process_set)
-        return Pending(lambda: hvd.synchronize(handle))
+        return Handle(lambda: hvd.synchronize(handle))
 
     def broadcast(self, t, src=0):
         hvd = _hvd()
@@ -80,18 +76,8 @@ class HorovodCommunicator(Communicator):
 
     def all_reduce(self, t, op="sum"):
         hvd = _hvd()
-        if op not in self._ops:
-            raise ValueError(f"all_reduce op={op!r}: valid ops are 'sum', 'max', 'min'")
-        if t.dtype in (torch.bfloat16, torch.float16):
-            wide = t.float()
-            self.all_reduce(wide, op)
-            return t.copy_(wide)
-        buf = t if t.is_contiguous() else t.contiguous()
-        hvd.synchronize(hvd.allreduce_async_(buf, name=self._name("allreduce"), op=self._ops[op],
-                                             process_set=self.process_set))
-        if buf is not t:
-            t.copy_(buf)
-        return t
+        return reduce_in_place(t, op, lambda buf: hvd.synchronize(hvd.allreduce_async_(
+            buf, name=self._name("allreduce"), op=self._ops[op], process_set=self.process_set)))
 
     def __getstate__(self):
         raise TypeError("a communicator holds a live Horovod process set and cannot be pickled")

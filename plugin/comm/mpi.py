@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import Communicator
+from .base import Communicator, backend_module, reduce_in_place
 
 
 def _mpi():
-    try:
-        from mpi4py import MPI
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the 'mpi' communicator needs mpi4py and an MPI library: "
-                          "apt-get install libopenmpi-dev openmpi-bin && pip install mpi4py") from e
-    return MPI
+    return backend_module("mpi4py.MPI", "the 'mpi' communicator needs mpi4py and an MPI library: "
+                          "apt-get install libopenmpi-dev openmpi-bin && pip install mpi4py")
 
 
 class MPICommunicator(Communicator):
@@ -53,12 +49,5 @@ class MPICommunicator(Communicator):
         return t
 
     def all_reduce(self, t, op="sum"):
-        if t.dtype in (torch.bfloat16, torch.float16):
-            wide = t.float()
-            self.all_reduce(wide, op)
-            return t.copy_(wide)
-        buf = t.contiguous()
-        self.comm.Allreduce(_mpi().IN_PLACE, self._np(buf), op=self._ops[op])
-        if buf is not t:
-            t.copy_(buf)
-        return t
+        return reduce_in_place(t, op, lambda buf: self.comm.Allreduce(_mpi().IN_PLACE, self._np(buf),
+                                                                      op=self._ops[op]))

@@ -10,7 +10,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from .base import CollectiveError, Communicator, Pending
+from .base import CollectiveError, Communicator, Handle
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 # Gloo sends one large message in a single direction at a time: above this many bytes per rank
@@ -78,7 +78,7 @@ class TorchDistCommunicator(Communicator):
         step = max(8, GLOO_PIECE_BYTES // self.world_size // 8 * 8)
         return [(a, min(a + step, row_bytes)) for a in range(0, row_bytes, step)]
 
-    def _start(self, what: str, calls, assemble) -> Pending:
+    def _start(self, what: str, calls, assemble) -> Handle:
         """Issue ``calls`` ((collective, output, input), each async) now; ``wait()`` waits for
         them, then ``assemble()``. Pass views made for the call: ``_drain`` waits for them at exit."""
         with self._guard(what):
@@ -90,7 +90,7 @@ class TorchDistCommunicator(Communicator):
                     w.wait()
             _RELEASING.update(t for _, out, inp in calls for t in (out, inp))
             return assemble()
-        return Pending(finish)
+        return Handle(finish)
 
     def all_to_all_async(self, chunks):
         send = torch.stack(chunks) if len(chunks) > 1 else chunks[0].unsqueeze(0)

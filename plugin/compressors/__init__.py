@@ -1,15 +1,16 @@
-"""Compressor registry: one name per codec, used by JSON configs, Horovod presets and the CLI."""
+"""Compressor registry: one name per codec, used by JSON configs, presets and the CLI."""
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, Union
+from typing import Callable, Union
 
+from ..names import Registry
 from .base import Compressor
 from .identity import Cast
 from .sign import BlockSign, ScaledSign
 from .topk import RandK, TopK
 
-_REGISTRY: Dict[str, Callable[..., Compressor]] = {
+_FACTORIES = {
     "scaled_sign": lambda: ScaledSign("l1"),
     "scaled_sign_l2": lambda: ScaledSign("l2"),
     "sign": lambda: ScaledSign("none"),
@@ -20,22 +21,26 @@ _REGISTRY: Dict[str, Callable[..., Compressor]] = {
     "fp16": lambda: Cast("fp16"),
     "bf16": lambda: Cast("bf16"),
 }
+_REGISTRY: Registry[Callable[..., Compressor]] = Registry("compressor", dict(sorted(_FACTORIES.items())))
 
 
 def list_compressors():
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
+
+
+def compressor_name(spec: Union[str, Compressor]) -> str:
+    """The registry name of a compressor name (any spelling) or of a ready Compressor."""
+    return spec.name if isinstance(spec, Compressor) else _REGISTRY.canonical(spec)
 
 
 def make_compressor(spec: Union[str, Compressor], **kwargs) -> Compressor:
-    """A compressor from its name (case-insensitive) and keyword arguments, or one given as is."""
+    """A compressor from its name and keyword arguments, or one given as is."""
     if isinstance(spec, Compressor):
         if kwargs:
             raise ValueError(f"compressor options {sorted(kwargs)} given with a ready compressor {spec!r}")
         return spec
-    key = str(spec).lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown compressor {spec!r}; valid names: {', '.join(list_compressors())}")
-    factory = _REGISTRY[key]
+    key = _REGISTRY.canonical(spec)
+    factory = _REGISTRY.get(key)
     allowed = set(inspect.signature(factory).parameters)
     unknown = set(kwargs) - allowed
     if unknown:
@@ -45,4 +50,4 @@ def make_compressor(spec: Union[str, Compressor], **kwargs) -> Compressor:
 
 
 __all__ = ["Compressor", "ScaledSign", "BlockSign", "TopK", "RandK", "Cast",
-           "make_compressor", "list_compressors"]
+           "make_compressor", "compressor_name", "list_compressors"]

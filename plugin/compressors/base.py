@@ -23,13 +23,9 @@ class Compressor:
     chunk_aligned: bool = False
     #: Whether the worker's scale may span a whole unit split between chunks (sign codecs).
     unit_scales: bool = False
-    #: Whether the sum of two payloads is the payload of the sum (only plain casts are).
-    summable: bool = False
     #: Whether encode_fused / fused_scales take a ``taciturn.segments.Segments`` as x (the
     #: tensors of a bucket read in place; no piece straddles two of them).
     reads_segments: bool = False
-    #: Bits per element on the wire, ignoring per-piece fields (for reports).
-    bits_per_element: float = 32.0
 
     def units(self, sizes: Sequence[int]) -> List[int]:
         """Unit lengths for consecutive tensors of the given sizes (default: one per tensor)."""
@@ -63,7 +59,7 @@ class Compressor:
     def encode_fused(self, x: torch.Tensor, pieces: Pieces, fused, scales: Optional[torch.Tensor] = None,
                      seed: int = 0) -> torch.Tensor:
         """``encode(y)`` of y = x + alpha*h, with the feedback state h updated from C(y) as
-        ``fused`` (a ``taciturn.feedback.Fused``) says. Here in torch ops; codecs with a fused
+        ``fused`` (a ``taciturn.feedback.FeedbackStep``) says. Here in torch ops; codecs with a fused
         kernel do it in one pass over memory without full-size temporaries."""
         y = fused.input(x)
         payload = self.encode(y, pieces, seed, scales)

@@ -12,13 +12,10 @@ _DTYPES = {"identity": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 class Cast(Compressor):
     """C(x) = x cast to ``dtype`` and back. ``identity`` (fp32) is exact: delta = 1."""
 
-    summable = True
-
     def __init__(self, name: str = "identity"):
         self.name = name
         self.dtype = _DTYPES[name]
         self.itemsize = torch.empty((), dtype=self.dtype).element_size()
-        self.bits_per_element = 8.0 * self.itemsize
 
     def nbytes(self, pieces):
         return padded(self.itemsize * pieces.numel)

@@ -35,7 +35,6 @@ def _flat(x):
 class ScaledSign(Compressor):
     """C(x) = s_b * sign(x_b) per piece b, sign(0) = +1, s_b = ||x_b||_1/d_b (or l2/sqrt(d_b))."""
 
-    bits_per_element = 1.0
     unit_scales = True
     reads_segments = True
 

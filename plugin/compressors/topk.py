@@ -119,7 +119,6 @@ class TopK(_Sparse):
         if mode not in ("exact", "sampled"):
             raise ValueError(f"topk: mode={mode!r} must be 'exact' or 'sampled'")
         self.mode = mode
-        self.bits_per_element = 64 * (self.ratio or 0.0)
 
     def _options(self):
         return {"mode": self.mode}
@@ -182,7 +181,6 @@ class RandK(_Sparse):
     def __init__(self, ratio=None, k=None, seed: int = 0):
         super().__init__(ratio, k, "randk")
         self.seed = int(seed)
-        self.bits_per_element = 32 * (self.ratio or 0.0)
 
     def _options(self):
         return {"seed": self.seed}

@@ -1,9 +1,9 @@
-"""The optimizers: presets over the one compressed pipeline."""
+"""The optimizers: update rules over the one exchange, each with its preset."""
 from .adaptive import AMSGrad, Adam, CDAdam, CompressedAMSGrad, EFAMSGrad, NaiveAMSGrad, SparsAMS
-from .base import CompressedOptimizer, PipelineSpec
+from .base import CompressedOptimizer
 from .onebit import OneBitAdam
 from .saef import SAEFSGD
 from .sgd import SGD, DistEFSGD, EF21SGD, Signum
 
-__all__ = ["CompressedOptimizer", "PipelineSpec", "CDAdam", "SparsAMS", "CompressedAMSGrad", "AMSGrad", "Adam",
+__all__ = ["CompressedOptimizer", "CDAdam", "SparsAMS", "CompressedAMSGrad", "AMSGrad", "Adam",
            "EFAMSGrad", "NaiveAMSGrad", "DistEFSGD", "SGD", "EF21SGD", "Signum", "SAEFSGD", "OneBitAdam"]

@@ -1,30 +1,36 @@
-"""AMSGrad-family presets: CD-Adam, SPARS-AMS and the AMSGrad baselines over the same pipeline."""
+"""AMSGrad-family methods: CD-Adam, SPARS-AMS and the AMSGrad baselines over the same exchange."""
 from __future__ import annotations
 
-from .base import CompressedOptimizer, PipelineSpec, codec
+from ..presets import preset
+from .base import CompressedOptimizer
 from .functional import adam_, amsgrad_, weight_decay_
 
 
 class CompressedAMSGrad(CompressedOptimizer):
     """AMSGrad (eps inside the root, no bias correction) on a compressed average of the gradients.
 
-    The gradient goes through ``compressor`` with ``worker_feedback`` / ``server_feedback``
-    (``none``, ``ef``, ``markov``), two-way or one-way, then every rank runs AMSGrad on the
-    identical result. The named presets below fix these choices.
+    The gradient goes through the exchange of the class's ``preset`` (``taciturn.presets``;
+    here CD-Adam's), with any part replaced: ``compressor`` and its options,
+    ``worker_feedback`` / ``server_feedback`` (``none``, ``ef``, ``markov``), ``two_way``
+    (None: the preset's); then every rank runs AMSGrad on the identical result. The named
+    classes below fix these choices.
 
     Weight decay: ``decoupled_weight_decay=False`` adds ``weight_decay * x`` to the local
     gradient before compression (L2); ``True`` shrinks x directly (AdamW style).
     """
 
+    preset = "cdadam"
+
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
-                 decoupled_weight_decay=False, compressor="block_sign", block_size=1024, ratio=None, k=None,
-                 compressor_options=None, worker_feedback="markov", server_feedback="markov", two_way=True,
+                 decoupled_weight_decay=False, compressor=None, block_size=1024, ratio=None, k=None,
+                 compressor_options=None, worker_feedback=None, server_feedback=None, two_way=None,
                  **kwargs):
-        name, opts = codec(compressor, block_size=block_size, ratio=ratio, k=k, options=compressor_options)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay)
-        spec = PipelineSpec(name, worker_feedback, server_feedback, two_way, opts)
-        super().__init__(params, defaults, {"grad": spec}, **kwargs)
+        grad = preset(self.preset).configure(compressor, block_size=block_size, ratio=ratio, k=k,
+                                             options=compressor_options, worker=worker_feedback,
+                                             server=server_feedback, two_way=two_way)
+        super().__init__(params, defaults, {"grad": grad}, **kwargs)
 
     def _step(self):
         grads = self.local_grads()
@@ -51,8 +57,8 @@ class CompressedAMSGrad(CompressedOptimizer):
 class CDAdam(CompressedAMSGrad):
     """CD-Adam (Wang et al., Algorithm 1): Markov compression both ways, AMSGrad on the workers.
 
-    Compressed from step 1, no warm-up. Default codec: ``block_sign`` with 1024-element blocks
-    (1 bit per element + one fp32 scale per block, about 31x fewer bytes than fp32 per
+    Compressed from step 1, no warm-up. Default compressor: ``block_sign`` with 1024-element
+    blocks (1 bit per element + one fp32 scale per block, about 31x fewer bytes than fp32 per
     direction); ``compressor="scaled_sign"`` is the paper's per-tensor form.
     """
 
@@ -60,56 +66,62 @@ class CDAdam(CompressedAMSGrad):
                  decoupled_weight_decay=False, compressor="block_sign", block_size=1024, ratio=None, k=None,
                  compressor_options=None, **kwargs):
         super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, compressor, block_size,
-                         ratio, k, compressor_options, "markov", "markov", True, **kwargs)
+                         ratio, k, compressor_options, **kwargs)
 
 
 class SparsAMS(CompressedAMSGrad):
     """SPARS-AMS (Algorithms 1 and 2): workers send TopK(g + e) with error feedback, one-way;
     every rank averages and runs AMSGrad. With no process group it is Algorithm 2 (n = 1)."""
 
+    preset = "sparsams_topk"
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, compressor="topk", ratio=None, k=None, compressor_options=None,
                  block_size=1024, **kwargs):
         super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, compressor, block_size,
-                         ratio, k, compressor_options, "ef", "none", False, **kwargs)
+                         ratio, k, compressor_options, **kwargs)
 
 
 class AMSGrad(CompressedAMSGrad):
     """Uncompressed AMSGrad baseline (fp32 both ways, the same update rule as CD-Adam)."""
 
+    preset = "identity"
+
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, **kwargs):
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, "identity",
-                         worker_feedback="none", server_feedback="none", two_way=True, **kwargs)
+        # the preset's parts, named so that a compressor or feedback given here is refused
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, None,
+                         worker_feedback=None, server_feedback=None, two_way=None, **kwargs)
 
 
-class EFAMSGrad(CompressedAMSGrad):
+class _BlockSignAMSGrad(CompressedAMSGrad):
+    """A baseline whose preset fixes the feedback rules; one-way drops the server's."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, compressor="block_sign", block_size=1024, ratio=None, k=None,
+                 compressor_options=None, two_way=True, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, compressor, block_size,
+                         ratio, k, compressor_options, None, None if two_way else "none", two_way, **kwargs)
+
+
+class EFAMSGrad(_BlockSignAMSGrad):
     """Baseline: error feedback on both sides (s = 1) + AMSGrad."""
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
-                 decoupled_weight_decay=False, compressor="block_sign", block_size=1024, ratio=None, k=None,
-                 compressor_options=None, two_way=True, **kwargs):
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, compressor, block_size,
-                         ratio, k, compressor_options, "ef", "ef" if two_way else "none", two_way, **kwargs)
+    preset = "dist_ef_block_sign"
 
 
-class NaiveAMSGrad(CompressedAMSGrad):
+class NaiveAMSGrad(_BlockSignAMSGrad):
     """Baseline: compression without any feedback (both ways by default) + AMSGrad."""
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
-                 decoupled_weight_decay=False, compressor="block_sign", block_size=1024, ratio=None, k=None,
-                 compressor_options=None, two_way=True, **kwargs):
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, compressor, block_size,
-                         ratio, k, compressor_options, "none", "none", two_way, **kwargs)
+    preset = "naive_block_sign"
 
 
-class Adam(CompressedAMSGrad):
+class Adam(AMSGrad):
     """Uncompressed Adam baseline in torch's form (bias correction, eps outside the root)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, **kwargs):
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, "identity",
-                         worker_feedback="none", server_feedback="none", two_way=True, **kwargs)
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, **kwargs)
 
     def update(self, p, x, g, group):
         m, v = self.param_state(p, "exp_avg", "exp_avg_sq")

@@ -1,52 +1,39 @@
-"""The base of every taciturn optimizer: bookkeeping around one or more compressed pipelines.
+"""The base of every taciturn optimizer: bookkeeping around one or more exchanges.
 
-A preset reads like a chain (ALGORITHMS.md): local transform of the gradient (momentum,
+A method reads like a chain (ALGORITHMS.md): local transform of the gradient (momentum,
 weight decay) -> compressor + worker feedback -> collective -> server feedback -> update rule.
-This class keeps the books: the communicator, the pipelines, their feedback state, fp32
-master copies of low-precision parameters, metrics, and state_dict round trips. Presets
-implement ``_step`` with the functional update rules in ``functional.py``.
+The communication half is a ``Preset`` (``taciturn.presets``) per exchange; this class keeps
+the books: the communicator, the exchanges, their compression state, fp32 master copies of
+low-precision parameters, metrics, and state_dict round trips. Methods implement ``_step``
+with the functional update rules in ``functional.py``.
 
 State: per-parameter state (``exp_avg``, ``max_exp_avg_sq``, ``momentum_buffer``,
 ``master_param``...) lives in ``self.state[p]`` as in torch. The compression state (errors,
-Markov sequences) is per bucket of the flat pipeline and lives in
-``self.state["taciturn"]["<pipeline>.<bucket>.<name>"]``, with the step counter and the
-world size it was made for. It is per rank (each worker has its own errors, each rank serves
-its own chunk): every rank saves and loads its own ``state_dict()``.
+Markov sequences) lives in ``self.state["taciturn"]`` (``taciturn.state``), with the step
+counter and the rank and world size it was made for. It is per rank (each worker has its own
+errors, each rank serves its own chunk): every rank saves and loads its own ``state_dict()``.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import warnings
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.optim import Optimizer
 
 from ..comm import Communicator, make_communicator
-from ..comm.base import gather_objects
-from ..compressors import Compressor, make_compressor
 from ..compressors.sign import DEFAULT_BLOCK_SIZE
+from ..consistency import any_nonfinite, check_same, first_divergence
+from ..exchange import Exchange
 from ..feedback import make_feedback
-from ..guards import any_nonfinite, first_divergence
 from ..metrics import CommStats
-from ..pipeline import Pipeline
+from ..presets import Preset
+from ..state import CompressionState
 
 TACITURN_KEY = "taciturn"
 _log = logging.getLogger("taciturn")
-
-
-@dataclass(frozen=True)
-class PipelineSpec:
-    """One compressed collective of an optimizer: codec, the two feedback rules, direction."""
-
-    compressor: Union[str, Compressor]
-    worker: str = "none"
-    server: str = "none"
-    two_way: bool = True
-    compressor_options: Tuple[Tuple[str, object], ...] = ()
 
 
 def check_range(name: str, value, lo: float, hi: float = float("inf"), lo_open=False, hi_open=False):
@@ -67,7 +54,7 @@ def check_betas(betas) -> None:
 class CompressedOptimizer(Optimizer):
     """Base class; see the module docstring. Not used directly."""
 
-    def __init__(self, params, defaults: dict, pipelines: Dict[str, PipelineSpec], *, process_group=None,
+    def __init__(self, params, defaults: dict, exchanges: Dict[str, Preset], *, process_group=None,
                  bucket_cap_mb: float = 25.0, broadcast_parameters: bool = True, check_consistency: bool = True,
                  nonfinite: str = "skip", check_divergence_every: Optional[int] = None,
                  timeout: Optional[float] = None):
@@ -124,19 +111,19 @@ class CompressedOptimizer(Optimizer):
                              "parameters, e.g. model.parameters()")
         sizes = [p.numel() for _, p in self._trainable]
         groups = [gi for gi, _ in self._trainable]
-        self.pipelines: Dict[str, Pipeline] = {}
-        self._specs = dict(pipelines)
-        for name, spec in pipelines.items():
-            codec = make_compressor(spec.compressor, **dict(spec.compressor_options))
-            self.pipelines[name] = Pipeline(sizes, codec, make_feedback(spec.worker), make_feedback(spec.server),
-                                            self.comm, spec.two_way, bucket_cap_mb, groups)
-        _warn_oversized_blocks(self.pipelines.values(), max(sizes))
+        self.exchanges: Dict[str, Exchange] = {
+            name: Exchange(sizes, preset.make_compressor(), make_feedback(preset.worker), make_feedback(preset.server),
+                           self.comm, preset.two_way, bucket_cap_mb, groups)
+            for name, preset in exchanges.items()}
+        _warn_oversized_blocks(self.exchanges.values(), max(sizes))
         if check_consistency and self.comm.world_size > 1:
-            self._check_consistency()
+            check_same(self.comm, type(self).__name__, self.signature(), "model and optimizer")
         if broadcast_parameters and self.comm.world_size > 1:
             for _, p in self._trainable:
                 self.comm.broadcast(p.data, 0)
-        self._init_compression_state()
+        self.compression = CompressionState(self, TACITURN_KEY, self.exchanges, self.comm,
+                                            self._trainable[0][1].device, type(self).__name__)
+        self.compression.reset()
 
     # ------------------------------------------------------------------ consistency
     def signature(self) -> dict:
@@ -147,82 +134,21 @@ class CompressedOptimizer(Optimizer):
             "optimizer": type(self).__name__,
             "params": [(tuple(p.shape), str(p.dtype)) for _, p in self._trainable],
             "hyperparameters": hp,
-            "pipelines": {n: repr(p.compressor) + f" {p.worker.name}/{p.server.name} two_way={p.two_way}"
-                          for n, p in self.pipelines.items()},
+            "exchanges": {n: repr(ex.compressor) + f" {ex.worker.name}/{ex.server.name} two_way={ex.two_way}"
+                          for n, ex in self.exchanges.items()},
         }
 
-    def _check_consistency(self) -> None:
-        mine = self.signature()
-        digest = hashlib.sha256(repr(mine).encode()).hexdigest()
-        theirs = gather_objects(self.comm, (digest, mine))
-        for rank, (d, sig) in enumerate(theirs):
-            if d == digest:
-                continue
-            for key in mine:
-                if sig[key] != mine[key]:
-                    detail = _first_difference(key, sig[key], mine[key])
-                    raise RuntimeError(f"{type(self).__name__}: rank {rank} and rank {self.comm.rank} disagree on "
-                                       f"{key}: {detail}. Every rank must build the same model and optimizer.")
-
     # ------------------------------------------------------------------ state
-    def _init_compression_state(self) -> None:
-        flat: Dict[str, object] = {"step": 0, "world_size": self.comm.world_size, "signature": self._state_signature()}
-        for name in self.pipelines:
-            flat.update(self.zero_compression_state(name))
-        self.state[TACITURN_KEY] = flat
-
-    def zero_compression_state(self, name: str) -> Dict[str, torch.Tensor]:
-        """Fresh (zero) compression state of pipeline ``name``, keyed ``<name>.<bucket>.<key>``."""
-        device = self._trainable[0][1].device
-        return {f"{name}.{b}.{key}": t for b, st in enumerate(self.pipelines[name].init_state(device))
-                for key, t in st.items()}
-
-    def free_compression_state(self, name: str) -> None:
-        """Drop pipeline ``name``'s compression state (one that will not run again), returning its
-        memory. The state dict is replaced, not edited, so a ``state_dict()`` taken earlier keeps it."""
-        prefix = f"{name}."
-        self.state[TACITURN_KEY] = {k: v for k, v in self.state[TACITURN_KEY].items() if not k.startswith(prefix)}
-
-    def _state_signature(self) -> str:
-        return repr({n: (repr(p.compressor), p.worker.name, p.server.name, p.two_way, [lay.numel for lay in p.layouts])
-                     for n, p in self.pipelines.items()})
-
-    def bucket_states(self, name: str) -> List[Dict[str, torch.Tensor]]:
-        flat = self.state[TACITURN_KEY]
-        pipe = self.pipelines[name]
-        out = []
-        for b in range(len(pipe.layouts)):
-            prefix = f"{name}.{b}."
-            out.append({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)})
-        return out
-
     @property
     def global_step(self) -> int:
-        return int(self.state[TACITURN_KEY]["step"])
+        return self.compression.step
 
     def reset_compression_state(self) -> None:
         """Zero every error and Markov sequence (e.g. after changing world size)."""
-        step = self.global_step
-        self._init_compression_state()
-        self.state[TACITURN_KEY]["step"] = step
+        self.compression.reset(self.global_step)
 
     def load_state_dict(self, state_dict, reset_compression_state: bool = False):
-        saved = state_dict.get("state", {}).get(TACITURN_KEY)
-        if saved is None:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: the checkpoint holds no taciturn compression "
-                             "state (was it saved by another optimizer?); pass reset_compression_state=True to "
-                             "start the compression state from zero")
-        problem = None
-        if saved.get("world_size") != self.comm.world_size:
-            problem = (f"it was saved with world size {saved.get('world_size')} and this job has "
-                       f"{self.comm.world_size} ranks")
-        elif saved.get("signature") != self._state_signature():
-            problem = (f"it was saved with different compression settings ({saved.get('signature')}) than this "
-                       f"optimizer's ({self._state_signature()})")
-        if problem and not reset_compression_state:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: refusing the checkpoint: {problem}. Per-rank "
-                             "errors and Markov sequences cannot be carried over; pass reset_compression_state=True "
-                             "to load the rest and restart compression from zero")
+        saved = self.compression.saved(state_dict, reset_compression_state)
         super().load_state_dict(state_dict)
         # torch casts per-parameter state to the parameter's dtype: restore the saved fp32
         # tensors themselves (casting back from fp16/bf16 would lose their low bits).
@@ -232,17 +158,7 @@ class CompressedOptimizer(Optimizer):
             for key, value in state_dict["state"].get(pid, {}).items():
                 if key in _FP32_KEYS and torch.is_tensor(value) and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
-        if problem or reset_compression_state:
-            step = int(saved.get("step", 0))
-            self._init_compression_state()
-            self.state[TACITURN_KEY]["step"] = step
-        else:
-            device = self._trainable[0][1].device
-            restored = dict(self.state[TACITURN_KEY])
-            for k, v in restored.items():
-                if torch.is_tensor(v):
-                    restored[k] = v.to(device=device, dtype=torch.float32)
-            self.state[TACITURN_KEY] = restored
+        self.compression.restore(saved, reset_compression_state)
 
     # ------------------------------------------------------------------ helpers for presets
     def local_grads(self) -> List[torch.Tensor]:
@@ -258,10 +174,10 @@ class CompressedOptimizer(Optimizer):
                 out.append(p.grad.float())
         return out
 
-    def communicate(self, name: str, tensors: Sequence[torch.Tensor], s=1.0) -> List[torch.Tensor]:
-        """Send ``tensors`` (pipeline order) through pipeline ``name``; the averaged results."""
-        return self.pipelines[name].allreduce(tensors, self.bucket_states(name), s=s, seed=self.global_step,
-                                              stats=self.stats)
+    def communicate(self, name: str, tensors: Sequence[torch.Tensor], error_scale=1.0) -> List[torch.Tensor]:
+        """Send ``tensors`` (exchange order) through exchange ``name``; the averaged results."""
+        return self.exchanges[name].allreduce(tensors, self.compression.buckets(name), step=self.global_step,
+                                              error_scale=error_scale, stats=self.stats)
 
     def master(self, p: torch.Tensor) -> torch.Tensor:
         """The fp32 tensor to update for ``p``: p itself, or an fp32 master copy of a fp16/bf16 p."""
@@ -285,7 +201,7 @@ class CompressedOptimizer(Optimizer):
         return [st[k] for k in keys]
 
     def _advance(self) -> None:
-        self.state[TACITURN_KEY]["step"] = self.global_step + 1
+        self.compression.step = self.global_step + 1
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -346,10 +262,10 @@ class CompressedOptimizer(Optimizer):
         return self.stats.as_dict()
 
 
-def _warn_oversized_blocks(pipelines, largest: int) -> None:
+def _warn_oversized_blocks(exchanges, largest: int) -> None:
     """Warn when a block size the user chose (not the default) exceeds every tensor."""
-    for pipe in pipelines:
-        block = getattr(pipe.compressor, "block_size", None)
+    for ex in exchanges:
+        block = getattr(ex.compressor, "block_size", None)
         if block is not None and block != DEFAULT_BLOCK_SIZE and block > largest:
             warnings.warn(f"block_size={block} is larger than every parameter tensor (the largest has {largest} "
                           "elements): every tensor is one block, the same as block_size=None", stacklevel=4)
@@ -360,36 +276,3 @@ def _index_of(params: list, p: torch.Tensor) -> int:
 
 
 _FP32_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "master_param", "synced_param")
-
-
-def _first_difference(key: str, a, b) -> str:
-    if key == "params":
-        if len(a) != len(b):
-            return f"{len(a)} vs {len(b)} trainable parameters"
-        for i, (x, y) in enumerate(zip(a, b)):
-            if x != y:
-                return f"parameter #{i} is {x[0]} {x[1]} on one and {y[0]} {y[1]} on the other"
-    return f"{a!r} vs {b!r}"
-
-
-def codec(compressor: Union[str, Compressor] = "block_sign", *, block_size=1024, ratio=None, k=None,
-          options: dict = None) -> Tuple[Union[str, Compressor], Tuple[Tuple[str, object], ...]]:
-    """The (compressor, options) of a PipelineSpec from a preset's keyword arguments.
-
-    ``block_size`` goes to ``block_sign``; ``ratio``/``k`` to ``topk``/``randk``; ``options``
-    (a dict) to whichever compressor is named. ``make_compressor`` rejects what it cannot take.
-    """
-    opts = dict(options or {})
-    if isinstance(compressor, Compressor):
-        return compressor, ()
-    name = str(compressor).lower()
-    if name == "block_sign":
-        opts.setdefault("block_size", block_size)
-    if ratio is not None:
-        opts["ratio"] = ratio
-    if k is not None:
-        opts["k"] = k
-    if name in ("topk", "randk") and "ratio" not in opts and "k" not in opts:
-        opts["ratio"] = 0.01
-    make_compressor(name, **opts)  # validate now, with the compressor's own message
-    return name, tuple(sorted(opts.items()))

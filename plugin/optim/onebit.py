@@ -5,7 +5,8 @@ import logging
 
 import torch
 
-from .base import TACITURN_KEY, CompressedOptimizer, PipelineSpec, check_range, codec
+from ..presets import preset
+from .base import TACITURN_KEY, CompressedOptimizer, check_range
 from .functional import amsgrad_, frozen_adam_
 
 #: per-parameter state after the freeze: True where the frozen variance is exactly 0
@@ -78,15 +79,15 @@ class OneBitAdam(CompressedOptimizer):
         check_range("eps", eps, 0.0)
         if comm_backend_name is not None and "process_group" not in kwargs:
             kwargs["process_group"] = _backend(comm_backend_name)
-        name, opts = codec(compressor, block_size=block_size, ratio=ratio, k=k, options=compressor_options)
-        warm = (PipelineSpec("identity", "none", "none", True) if warmup == "adam" else
-                PipelineSpec("block_sign", "markov", "markov", True, (("block_size", block_size),)))
-        pipelines = {"warmup": warm, "momentum": PipelineSpec(name, "ef", "ef", True, opts)}
+        warm = preset("identity") if warmup == "adam" else preset("cdadam").configure(block_size=block_size)
+        momentum = preset("dist_ef_block_sign").configure(compressor, block_size=block_size, ratio=ratio, k=k,
+                                                          options=compressor_options)
+        exchanges = {"warmup": warm, "momentum": momentum}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, freeze_step=freeze_step,
                         mask_zero_variance=mask_zero_variance)
         self.warmup = warmup
         self.cuda_aware = cuda_aware
-        super().__init__(params, defaults, pipelines, **kwargs)
+        super().__init__(params, defaults, exchanges, **kwargs)
 
     @property
     def freeze_step(self) -> int:
@@ -159,7 +160,7 @@ class OneBitAdam(CompressedOptimizer):
                 if "max_exp_avg_sq" in st:
                     self.param_state(p, "exp_avg_sq")[0].copy_(st.pop("max_exp_avg_sq"))
         masked = self._mask_zero_variance()
-        self.free_compression_state("warmup")
+        self.compression.free("warmup")
         self.state[TACITURN_KEY]["frozen"] = True
         if masked:
             _log.info("OneBitAdam: variance frozen at step %d; the momentum of %d element(s) whose variance is 0 "
@@ -170,8 +171,8 @@ class OneBitAdam(CompressedOptimizer):
         compression state and the momentum's error feedback (made for the momenta of the
         phase that ends) restart from zero; ``warmup="cdadam"`` restarts its running max from
         the frozen variance (which was that max); the masks are dropped until the next freeze."""
-        self.state[TACITURN_KEY] = {**self.state[TACITURN_KEY], **self.zero_compression_state("warmup"),
-                                    **self.zero_compression_state("momentum"), "frozen": False}
+        self.state[TACITURN_KEY] = {**self.state[TACITURN_KEY], **self.compression.zeros("warmup"),
+                                    **self.compression.zeros("momentum"), "frozen": False}
         for _, p in self._trainable:
             st = self.state[p]
             st.pop(ZERO_VARIANCE_MASK, None)

@@ -6,7 +6,8 @@ import time
 
 import torch
 
-from .base import CompressedOptimizer, PipelineSpec, check_range, codec
+from ..presets import preset
+from .base import CompressedOptimizer, check_range
 from .functional import momentum_, weight_decay_
 
 
@@ -33,21 +34,21 @@ class SAEFSGD(CompressedOptimizer):
         check_range("momentum", momentum, 0.0, 1.0, hi_open=True)
         if error_avg_period is not None and (not isinstance(error_avg_period, int) or error_avg_period < 1):
             raise ValueError(f"error_avg_period={error_avg_period!r} must be a positive int (or None for never)")
-        name, opts = codec(compressor, block_size=block_size, ratio=ratio, k=k, options=compressor_options)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
-        spec = PipelineSpec(name, "ef", "ef" if two_way else "none", two_way, opts)
+        delta = preset("saef_topk").configure(compressor, block_size=block_size, ratio=ratio, k=k,
+                                              options=compressor_options, server="ef" if two_way else "none",
+                                              two_way=two_way)
         self.error_avg_period = error_avg_period
         self.step_ahead = step_ahead
-        super().__init__(params, defaults, {"delta": spec}, **kwargs)
+        super().__init__(params, defaults, {"delta": delta}, **kwargs)
         for _, p in self._trainable:
             self.state[p]["synced_param"] = p.detach().float().clone()
         self._after_step()
 
     def worker_errors(self):
         """Per-parameter views of this worker's error e_k."""
-        pipe = self.pipelines["delta"]
-        flats = [st["worker_error"] for st in self.bucket_states("delta")]
-        return pipe.split(flats, [p.shape for _, p in self._trainable])
+        flats = [st["worker_error"] for st in self.compression.buckets("delta")]
+        return self.exchanges["delta"].split(flats, [p.shape for _, p in self._trainable])
 
     def _step(self):
         grads = self.local_grads()
@@ -67,7 +68,7 @@ class SAEFSGD(CompressedOptimizer):
                 and self.comm.world_size > 1):
             start = time.perf_counter()
             nbytes = 0
-            for st in self.bucket_states("delta"):
+            for st in self.compression.buckets("delta"):
                 e = st["worker_error"]
                 self.comm.all_reduce(e).div_(self.comm.world_size)
                 nbytes += 4 * e.numel()

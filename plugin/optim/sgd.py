@@ -1,7 +1,8 @@
-"""SGD-family presets: dist-EF-SGD / blockSGDM, EF21 two-way SGD, signum, and the SGD(M) baseline."""
+"""SGD-family methods: dist-EF-SGD / blockSGDM, EF21 two-way SGD, signum, and the SGD(M) baseline."""
 from __future__ import annotations
 
-from .base import TACITURN_KEY, CompressedOptimizer, PipelineSpec, check_range, codec
+from ..presets import preset
+from .base import TACITURN_KEY, CompressedOptimizer, check_range
 from .functional import momentum_, weight_decay_
 
 
@@ -16,16 +17,19 @@ class DistEFSGD(CompressedOptimizer):
     With ``compressor="identity"`` it is plain distributed SGD(M).
     """
 
+    preset = "dist_ef_block_sign"
+
     def __init__(self, params, lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0,
-                 compressor="block_sign", block_size=1024, ratio=None, k=None, compressor_options=None,
-                 worker_feedback="ef", server_feedback="ef", two_way=True, **kwargs):
+                 compressor=None, block_size=1024, ratio=None, k=None, compressor_options=None,
+                 worker_feedback=None, server_feedback=None, two_way=None, **kwargs):
         check_range("momentum", momentum, 0.0, 1.0, hi_open=True)
         if nesterov and momentum <= 0:
             raise ValueError("nesterov=True needs momentum > 0")
-        name, opts = codec(compressor, block_size=block_size, ratio=ratio, k=k, options=compressor_options)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        spec = PipelineSpec(name, worker_feedback, server_feedback, two_way, opts)
-        super().__init__(params, defaults, {"grad": spec}, **kwargs)
+        grad = preset(self.preset).configure(compressor, block_size=block_size, ratio=ratio, k=k,
+                                             options=compressor_options, worker=worker_feedback,
+                                             server=server_feedback, two_way=two_way)
+        super().__init__(params, defaults, {"grad": grad}, **kwargs)
 
     def lr_ratios(self):
         """s = lr_{t-1}/lr_t per param group (0 at the first step); remembers this step's lr."""
@@ -42,7 +46,7 @@ class DistEFSGD(CompressedOptimizer):
     def _step(self):
         grads = self.local_grads()
         dirs = [self.worker_direction(p, g, self.param_groups[gi]) for (gi, p), g in zip(self._trainable, grads)]
-        avg = self.communicate("grad", dirs, s=self.lr_ratios())
+        avg = self.communicate("grad", dirs, error_scale=self.lr_ratios())
         for (gi, p), d in zip(self._trainable, avg):
             x = self.master(p)
             x.add_(d, alpha=-self.param_groups[gi]["lr"])
@@ -52,18 +56,23 @@ class DistEFSGD(CompressedOptimizer):
 class SGD(DistEFSGD):
     """Uncompressed distributed SGD(M) baseline (fp32, torch's SGD semantics on the average)."""
 
+    preset = "identity"
+
     def __init__(self, params, lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0, **kwargs):
-        super().__init__(params, lr, momentum, nesterov, weight_decay, compressor="identity",
-                         worker_feedback="none", server_feedback="none", **kwargs)
+        # the preset's parts, named so that a compressor or feedback given here is refused
+        super().__init__(params, lr, momentum, nesterov, weight_decay, compressor=None,
+                         worker_feedback=None, server_feedback=None, **kwargs)
 
 
 class EF21SGD(DistEFSGD):
     """EF21 two-way (Markov compression sequences on workers and servers) + SGD(M)."""
 
+    preset = "cdadam"
+
     def __init__(self, params, lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0,
                  compressor="block_sign", block_size=1024, ratio=None, k=None, compressor_options=None, **kwargs):
         super().__init__(params, lr, momentum, nesterov, weight_decay, compressor, block_size, ratio, k,
-                         compressor_options, "markov", "markov", True, **kwargs)
+                         compressor_options, None, None, None, **kwargs)
 
 
 class Signum(CompressedOptimizer):
@@ -74,7 +83,7 @@ class Signum(CompressedOptimizer):
     def __init__(self, params, lr=1e-4, momentum=0.9, weight_decay=0.0, **kwargs):
         check_range("momentum", momentum, 0.0, 1.0, hi_open=True)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(params, defaults, {"grad": PipelineSpec("sign", "none", "none", True)}, **kwargs)
+        super().__init__(params, defaults, {"grad": preset("sign_vote")}, **kwargs)
 
     def _step(self):
         grads = self.local_grads()

@@ -1,6 +1,6 @@
 """Rank side of test_mpi.py, launched as ``mpirun -np N python3 mpi_pipeline.py SPEC OUT_DIR``.
 
-Every rank runs ``Pipeline.allreduce`` over mpi4py (``make_communicator("mpi")``) on the inputs
+Every rank runs ``Exchange.allreduce`` over mpi4py (``make_communicator("mpi")``) on the inputs
 in SPEC (a ``torch.save``d dict made by the test) and saves its results as OUT_DIR/rank<r>.pt;
 the test compares the ranks and the plain single-server reference.
 """
@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from taciturn import Pipeline, make_communicator, make_compressor
+from taciturn import Exchange, make_communicator, make_compressor
 from taciturn.feedback import make_feedback
 
 
@@ -22,12 +22,12 @@ def main(spec_path: str, out_dir: str) -> None:
     out = {"communicator": type(comm).__name__, "world_size": comm.world_size}
     for case in spec["cases"]:
         name, opts, rule, two_way = case
-        pipe = Pipeline(spec["sizes"], make_compressor(name, **dict(opts)), make_feedback(rule), make_feedback(rule),
+        pipe = Exchange(spec["sizes"], make_compressor(name, **dict(opts)), make_feedback(rule), make_feedback(rule),
                         comm, two_way=two_way, bucket_cap_mb=spec["bucket_cap_mb"])
         states = pipe.init_state()
         steps = []
         for t, per_rank in enumerate(spec["inputs"]):
-            res = pipe.allreduce(per_rank[comm.rank], states, s=spec["ef_scales"][t], seed=t)
+            res = pipe.allreduce(per_rank[comm.rank], states, error_scale=spec["ef_scales"][t], step=t)
             steps.append(torch.cat([r.reshape(-1) for r in res]))
         buckets = [([pipe.sizes[i] for i in idx], list(lay.cuts)) for idx, lay in zip(pipe.buckets, pipe.layouts)]
         out[case] = (torch.stack(steps), buckets)

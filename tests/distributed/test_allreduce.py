@@ -1,6 +1,6 @@
 """The compressed allreduce on real gloo ranks against the single-server pseudo-code.
 
-Every rank runs ``Pipeline.allreduce`` for several steps with changing inputs; the ranks must
+Every rank runs ``Exchange.allreduce`` for several steps with changing inputs; the ranks must
 end bit-identical, and equal (to float tolerance) the plain simulation of one server and n
 workers in conftest.py, for every feedback rule in both modes.
 """
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from taciturn import CommStats, Pipeline, make_communicator, make_compressor
+from taciturn import CommStats, Exchange, make_communicator, make_compressor
 from taciturn.feedback import make_feedback
 
 # Tensors of awkward sizes and mixed dtypes, in two buckets of the pipeline:
@@ -56,7 +56,7 @@ def flat_inputs(inputs: str, step: int, rank: int) -> torch.Tensor:
 
 def make_pipeline(inputs, codec, rule, mode, comm):
     sizes = [math.prod(shape) for shape, _ in INPUTS[inputs]]
-    return Pipeline(sizes, make_compressor(codec, **CODECS[codec]), make_feedback(rule), make_feedback(rule), comm,
+    return Exchange(sizes, make_compressor(codec, **CODECS[codec]), make_feedback(rule), make_feedback(rule), comm,
                     two_way=mode == "two_way", bucket_cap_mb=BUCKET_CAP_MB)
 
 
@@ -70,7 +70,7 @@ def _allreduce_rank(rank, world_size, cases):
         stats = CommStats()
         results = []
         for t in range(STEPS):
-            res = pipe.allreduce(worker_inputs(inputs, t, rank), states, s=EF_SCALES[t], seed=t, stats=stats)
+            res = pipe.allreduce(worker_inputs(inputs, t, rank), states, error_scale=EF_SCALES[t], step=t, stats=stats)
             assert all(r.dtype == torch.float32 for r in res)
             results.append(torch.cat([r.reshape(-1) for r in res]))
         buckets = [([pipe.sizes[i] for i in idx], list(lay.cuts)) for idx, lay in zip(pipe.buckets, pipe.layouts)]
@@ -133,7 +133,7 @@ def _stats_rank(rank, world_size):
     gen = torch.Generator().manual_seed(rank)
     out = {}
     for codec, mode in STATS_CASES:
-        pipe = Pipeline(STATS_SIZES, make_compressor(codec), make_feedback("markov"), make_feedback("markov"), comm,
+        pipe = Exchange(STATS_SIZES, make_compressor(codec), make_feedback("markov"), make_feedback("markov"), comm,
                         two_way=mode == "two_way")
         stats = CommStats()
         states = pipe.init_state()
@@ -186,7 +186,7 @@ def _overlap_rank(rank, world_size):
     for codec, rule, mode in [("block_sign", "markov", "two_way"), ("scaled_sign", "ef", "two_way"),
                               ("topk", "ef", "one_way"), ("identity", "none", "two_way")]:
         def pipe():
-            return Pipeline(OVERLAP_SIZES, make_compressor(codec, **CODECS[codec]), make_feedback(rule),
+            return Exchange(OVERLAP_SIZES, make_compressor(codec, **CODECS[codec]), make_feedback(rule),
                             make_feedback(rule if mode == "two_way" else "none"), comm,
                             two_way=mode == "two_way", bucket_cap_mb=3000 * 4 / 2 ** 20)
         overlapped, one_by_one = pipe(), pipe()
@@ -196,10 +196,10 @@ def _overlap_rank(rank, world_size):
         for t in range(STEPS):
             gen = torch.Generator().manual_seed(100 * t + rank)
             xs = [torch.randn(n, generator=gen) for n in OVERLAP_SIZES]
-            a = torch.cat([r.reshape(-1) for r in overlapped.allreduce(xs, s1, s=EF_SCALES[t], seed=t)])
+            a = torch.cat([r.reshape(-1) for r in overlapped.allreduce(xs, s1, error_scale=EF_SCALES[t], step=t)])
             b = torch.cat([r.reshape(-1) for i, idx in enumerate(one_by_one.buckets)
-                           for r in one_by_one.allreduce_bucket(i, [xs[j] for j in idx], s2[i],
-                                                                s=EF_SCALES[t], seed=t)])
+                           for r in one_by_one.allreduce([xs[j] for j in idx], [s2[i]], buckets=[i],
+                                                         error_scale=EF_SCALES[t], step=t)])
             results.append((a, b))
         same_state = all(torch.equal(x[k], y[k]) for x, y in zip(s1, s2) for k in x)
         out[(codec, rule, mode)] = (results, same_state)
@@ -207,7 +207,7 @@ def _overlap_rank(rank, world_size):
 
 
 def test_overlapped_buckets_equal_buckets_one_by_one(run_ranks):
-    """Pipeline.allreduce starts every bucket's all_to_all before the first server phase and
+    """Exchange.allreduce starts every bucket's all_to_all before the first server phase and
     every all_gather before the first finish (collectives in flight while the other buckets are
     worked on): the results and states equal those of the buckets run one after the other, bit
     for bit, on every rank."""

@@ -118,7 +118,7 @@ def same_state(a: dict, b: dict) -> bool:
 
 
 def wire(opt, pipeline: str) -> dict:
-    return opt.pipelines[pipeline].wire_bytes()
+    return opt.exchanges[pipeline].wire_bytes()
 
 
 class CollectiveLog:
@@ -242,7 +242,7 @@ def scenario_bytes(config: str = "cdadam.json", **params) -> dict:
             train_step(engine)
         opt = tds.taciturn_optimizer(engine)
         out[label] = {"calls": log.calls, "numel": sum(p.numel() for p in engine.module.parameters()),
-                      "wire": {n: wire(opt, n) for n in opt.pipelines} if opt else None,
+                      "wire": {n: wire(opt, n) for n in opt.exchanges} if opt else None,
                       "metrics": opt.metrics() if opt else None}
     return out
 

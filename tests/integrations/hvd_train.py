@@ -98,7 +98,7 @@ def parity_cdadam(rank):
         diffs.append(max_diff(m, m_ref))
         met = opt.metrics()
         sent.append((met["taciturn/bytes_up"], met["taciturn/bytes_down"]))
-    return {"diffs": diffs, "bytes": sent, "wire": opt.pipeline.wire_bytes(), "buckets": len(opt.pipeline.buckets),
+    return {"diffs": diffs, "bytes": sent, "wire": opt.exchange.wire_bytes(), "buckets": len(opt.exchange.buckets),
             "moved": max_diff(m, model()), "spread": rank_spread(m), "steps": opt.stats.steps,
             "state_keys": sorted(k for k in opt.state_dict()["state"] if isinstance(k, str))}
 
@@ -133,7 +133,7 @@ def overlap(rank):
     opt = wrap(m, compression=thvd.Compression.cdadam, bucket_cap_mb=1e-6)  # one bucket per tensor
     first, rest = m[0], m[1:]
     # One bucket per tensor, parameters in reverse: the first layer's two are the last buckets.
-    expected = sum(opt.comm.world_size * lay.chunk_nbytes for lay in opt.pipeline.layouts[:-2])
+    expected = sum(opt.comm.world_size * lay.chunk_nbytes for lay in opt.exchange.layouts[:-2])
     out = []
     for t in range(2):
         x, y = batch(t, rank)
@@ -207,7 +207,7 @@ def accumulation(rank):
     except AssertionError as e:
         error = str(e)
     opt.synchronize()
-    return {"diffs": diffs, "steps": opt.stats.steps, "total_bytes_up": sent, "wire": opt.pipeline.wire_bytes(),
+    return {"diffs": diffs, "steps": opt.stats.steps, "total_bytes_up": sent, "wire": opt.exchange.wire_bytes(),
             "third_pass_error": error}
 
 
@@ -217,10 +217,10 @@ def presets(rank):
     out = {}
     for name in ("cdadam", "dist_ef_block_sign", "sparsams_topk", "ef_sign", "markov_sign", "bf16"):
         preset = getattr(thvd.Compression, name)
-        spec = preset.spec
+        spec = preset.preset
         m_ref, m = model(), model()
         ref = taciturn.CompressedAMSGrad(list(m_ref.parameters())[::-1], lr=LR, compressor=spec.compressor,
-                                         compressor_options=dict(spec.compressor_options),
+                                         compressor_options=dict(spec.options),
                                          worker_feedback=spec.worker, server_feedback=spec.server,
                                          two_way=spec.two_way, bucket_cap_mb=SMALL_BUCKETS)
         opt = wrap(m, compression=preset, bucket_cap_mb=SMALL_BUCKETS)
@@ -232,7 +232,7 @@ def presets(rank):
             diffs.append(max_diff(m, m_ref))
         met = opt.metrics()
         out[name] = {"diffs": diffs, "bytes_up": met["taciturn/bytes_up"], "bytes_down": met["taciturn/bytes_down"],
-                     "wire": opt.pipeline.wire_bytes(), "spread": rank_spread(m)}
+                     "wire": opt.exchange.wire_bytes(), "spread": rank_spread(m)}
     return out
 
 
@@ -512,7 +512,7 @@ def errors(rank):
     m2 = model()
     small_blocks = wrap(m2, compression=thvd.Compression.cdadam(block_size=256))
     train_step(small_blocks, m2, *batch(0, rank))
-    out["block_sizes"] = (small_blocks.pipeline.compressor.block_size, opt.pipeline.compressor.block_size)
+    out["block_sizes"] = (small_blocks.pipeline.compressor.block_size, opt.exchange.compressor.block_size)
     return out
 
 

@@ -1,10 +1,13 @@
 """Feedback rules (none / EF / Markov) and their state, alone and inside a world-size-1 pipeline."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from taciturn import LocalCommunicator, Pipeline, make_compressor
+from taciturn import Exchange, LocalCommunicator, make_compressor
+from taciturn.exchange import init_state
 from taciturn.feedback import ErrorFeedback, Feedback, MarkovFeedback, make_feedback
 
 RULES = ("none", "ef", "markov")
@@ -17,7 +20,8 @@ def vec(*values):
 @pytest.mark.parametrize("two_way", [True, False], ids=["two_way", "one_way"])
 @pytest.mark.parametrize("rule", RULES)
 def test_init_state_is_fp32_zeros_of_the_right_lengths(rule, two_way):
-    state = make_feedback(rule).init_state(numel=10, chunk_numel=4, two_way=two_way)
+    layout = SimpleNamespace(numel=10, chunk_numel=lambda rank: 4)  # 10 elements, this rank serves 4
+    state = init_state(make_feedback(rule), make_feedback("none"), layout, two_way, rank=1)
     expected = {
         ("none", True): {}, ("none", False): {},
         ("ef", True): {"worker_error": 10, "server_error": 4}, ("ef", False): {"worker_error": 10},
@@ -37,8 +41,8 @@ def run_rule(fused, x, c):
 
 def test_none_passes_through():
     fb, x = make_feedback("none"), vec(1, -2)
-    assert run_rule(fb.worker_fused({}, 1.0), x, vec(5, 5)) is x
-    acc, rule = fb.server_form({}, 1.0, slice(0, 2))
+    assert run_rule(fb.worker_step({}, 1.0), x, vec(5, 5)) is x
+    acc, rule = fb.server_step({}, 1.0, slice(0, 2))
     assert acc is None and run_rule(rule, x, vec(5, 5)) is x
     assert fb.result_target({}) is None and fb.accumulate(x, {}) is x
 
@@ -47,26 +51,26 @@ def test_error_feedback_rescales_and_stores_the_error():
     fb = make_feedback("ef")
     st = {"worker_error": vec(1, 1, 0), "server_error": vec(2, -2)}
     x = vec(1, 2, 3)
-    y = run_rule(fb.worker_fused(st, 0.5), x, vec(1, 1, 1))
+    y = run_rule(fb.worker_step(st, 0.5), x, vec(1, 1, 1))
     assert torch.equal(y, vec(1.5, 2.5, 3)) and torch.equal(x, vec(1, 2, 3))
     assert torch.equal(st["worker_error"], vec(0.5, 1.5, 2))
-    acc, rule = fb.server_form(st, 2.0, slice(0, 2))
+    acc, rule = fb.server_step(st, 2.0, slice(0, 2))
     z = run_rule(rule, vec(1, 1), vec(4, -4))
     assert acc is None
     assert torch.equal(z, vec(5, -3)) and torch.equal(st["server_error"], vec(1, 1))
     assert fb.result_target(st) is None
     # s = 0 (lr_{-1} = 0 in dist-EF-SGD): the error is dropped, x itself is compressed, unchanged
-    y0 = run_rule(fb.worker_fused(st, 0.0), x, vec(1, 1, 1))
+    y0 = run_rule(fb.worker_step(st, 0.0), x, vec(1, 1, 1))
     assert torch.equal(y0, x) and torch.equal(x, vec(1, 2, 3)) and torch.equal(st["worker_error"], vec(0, 1, 2))
 
 
 def test_markov_sequences():
     fb = make_feedback("markov")
     st = {"worker_markov": vec(1, 0, 0, 0), "server_markov": vec(1, 1), "result_markov": vec(0, 0, 3, 1)}
-    y = run_rule(fb.worker_fused(st, 1.0), vec(2, 2, 2, 2), vec(1, 1, 1, 1))
+    y = run_rule(fb.worker_step(st, 1.0), vec(2, 2, 2, 2), vec(1, 1, 1, 1))
     assert torch.equal(y, vec(1, 2, 2, 2))
     assert torch.equal(st["worker_markov"], vec(2, 1, 1, 1))
-    acc, rule = fb.server_form(st, 1.0, slice(2, 4))  # H = H + a ; y = H - G[chunk]
+    acc, rule = fb.server_step(st, 1.0, slice(2, 4))  # H = H + a ; y = H - G[chunk]
     assert acc.data_ptr() == st["server_markov"].data_ptr()
     z = run_rule(rule, acc.add_(vec(1, 2)), vec(7, 7))
     assert torch.equal(st["server_markov"], vec(2, 3))  # G is not changed by the server's own compression...
@@ -82,7 +86,7 @@ def test_make_feedback_names():
     assert type(make_feedback("none")) is Feedback
     rule = MarkovFeedback()
     assert make_feedback(rule) is rule
-    with pytest.raises(ValueError, match="unknown feedback 'ef21'; valid: ef, markov, none"):
+    with pytest.raises(ValueError, match="unknown feedback 'ef21'; valid names: ef, markov, none"):
         make_feedback("ef21")
 
 
@@ -98,7 +102,7 @@ EF_SCALES = (1.0, 0.5, 2.0, 1.0)
 @pytest.mark.parametrize("name", CODECS)
 def test_single_process_pipeline_equals_the_pseudo_code(name, rule, two_way, simulate):
     """World size 1 (SPARS-AMS Algorithm 2, single-process CD-Adam): no process group at all."""
-    pipe = Pipeline(SIZES, make_compressor(name, **CODECS[name]), make_feedback(rule), make_feedback(rule),
+    pipe = Exchange(SIZES, make_compressor(name, **CODECS[name]), make_feedback(rule), make_feedback(rule),
                     LocalCommunicator(), two_way=two_way)
     states = pipe.init_state()
     gen = torch.Generator().manual_seed(0)
@@ -106,7 +110,7 @@ def test_single_process_pipeline_equals_the_pseudo_code(name, rule, two_way, sim
     for t, s in enumerate(EF_SCALES):
         x = [torch.randn(n, generator=gen) for n in SIZES]
         xs.append([torch.cat(x)])
-        got.append(torch.cat(pipe.allreduce(x, states, s=s, seed=t)))
+        got.append(torch.cat(pipe.allreduce(x, states, error_scale=s, step=t)))
     assert all(v.dtype == torch.float32 for st in states for v in st.values())
     expected = simulate(xs, [(SIZES, [0, sum(SIZES)])], name, CODECS[name], rule, two_way, EF_SCALES)
     torch.testing.assert_close(torch.stack(got), expected, rtol=1e-5, atol=1e-5)

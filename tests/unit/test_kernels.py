@@ -20,7 +20,7 @@ from kernel_checks import check_pipeline_with_and_without_kernel, portable_build
 
 from taciturn import kernels, make_compressor  # noqa: E402
 from taciturn.compressors import Compressor  # noqa: E402
-from taciturn.feedback import Fused, make_feedback  # noqa: E402
+from taciturn.feedback import FeedbackStep, make_feedback  # noqa: E402
 from taciturn.layout import BucketLayout  # noqa: E402
 from taciturn.segments import Segments  # noqa: E402
 from taciturn.wire import Pieces, packed_len  # noqa: E402
@@ -109,7 +109,7 @@ def check_fused(cid, sid, rid):
     x, h0 = sample(d, 3), sample(d, 4) * 0.5
     for sl, pieces in parts:
         h = h0[sl].clone()
-        fast = codec.encode_fused(x[sl], pieces, Fused(h, alpha, rule))
+        fast = codec.encode_fused(x[sl], pieces, FeedbackStep(h, alpha, rule))
         with torch_path():
             y = x[sl] + alpha * h0[sl]  # alpha is -1, 1, 1/2 or 0: exact, as in the kernel
             ref = codec.encode(y, pieces)
@@ -152,7 +152,7 @@ def test_given_and_fused_scales(cid):
     units = parts[0][1]
     with torch_path():
         expected = codec.scales(x - h, units)
-    scales = codec.fused_scales(x, units, Fused(h, -1.0, "markov"))
+    scales = codec.fused_scales(x, units, FeedbackStep(h, -1.0, "markov"))
     torch.testing.assert_close(scales, expected, rtol=1e-4 if codec.scale == "l2" else 2e-6, atol=0)
     given = torch.rand(units.count) + 0.5
     payload = codec.encode(x, units, scales=given)
@@ -190,15 +190,15 @@ def test_segments_read_in_place_equal_the_flat_copy(cid):
         assert torch.equal(segments[sl].flat(), x[sl])
         for rule, alpha in (("markov", -1.0), ("ef", 0.5), ("none", 0.0)):
             h1, h2 = h0[sl].clone(), h0[sl].clone()
-            a = codec.encode_fused(segments[sl], pieces, Fused(h1, alpha, rule))
-            b = codec.encode_fused(x[sl], pieces, Fused(h2, alpha, rule))
+            a = codec.encode_fused(segments[sl], pieces, FeedbackStep(h1, alpha, rule))
+            b = codec.encode_fused(x[sl], pieces, FeedbackStep(h2, alpha, rule))
             assert torch.equal(a, b) and torch.equal(h1, h2)
             if codec.unit_scales:
-                assert torch.equal(codec.fused_scales(segments[sl], pieces, Fused(h0[sl], alpha, rule)),
-                                   codec.fused_scales(x[sl], pieces, Fused(h0[sl], alpha, rule)))
+                assert torch.equal(codec.fused_scales(segments[sl], pieces, FeedbackStep(h0[sl], alpha, rule)),
+                                   codec.fused_scales(x[sl], pieces, FeedbackStep(h0[sl], alpha, rule)))
             with torch_path():
                 h3 = h0[sl].clone()
-                c = codec.encode_fused(segments[sl], pieces, Fused(h3, alpha, rule))
+                c = codec.encode_fused(segments[sl], pieces, FeedbackStep(h3, alpha, rule))
                 assert c.numel() == b.numel() and torch.equal(split(codec, c, pieces)[1], split(codec, b, pieces)[1])
 
 
@@ -219,9 +219,9 @@ def test_fused_server_phase_equals_its_steps(cid, sid, rule, n, monkeypatch):
         payloads = torch.stack([codec.encode(sample(d, 20 + i), pieces) for i in range(n)])
         state = {"server_error": sample(d, 30), "server_markov": sample(d, 31), "result_markov": sample(d, 32)}
         twin = {k: v.clone() for k, v in state.items()}
-        acc, form = fb.server_form(state, s, slice(0, d))
+        acc, form = fb.server_step(state, s, slice(0, d))
         fast = codec.serve_fused(payloads, pieces, acc, form, torch.empty(d))
-        acc, form = fb.server_form(twin, s, slice(0, d))
+        acc, form = fb.server_step(twin, s, slice(0, d))
         ref = Compressor.serve_fused(codec, payloads, pieces, acc, form, torch.empty(d))
         assert torch.equal(fast, ref)
         assert all(torch.equal(state[k], twin[k]) for k in state)

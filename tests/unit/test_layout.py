@@ -6,9 +6,9 @@ import bisect
 import pytest
 import torch
 
-from taciturn import BucketLayout, Communicator, Pipeline, make_compressor
+from taciturn import BucketLayout, Communicator, Exchange, make_compressor
 from taciturn.feedback import make_feedback
-from taciturn.pipeline import bucket_ranges
+from taciturn.exchange import bucket_ranges
 
 SIZE_SETS = {
     "one_tensor": [10 ** 5 + 3],
@@ -133,7 +133,7 @@ MODEL_25M = [15_627_264, 512] + [1_048_576, 1024] * 8 + [1_000_000, 7]
 def test_bytes_per_direction_on_25m_parameters(cid, two_way, min_ratio, n):
     d = sum(MODEL_25M)
     assert 25_000_000 <= d < 25_100_000
-    pipe = Pipeline(MODEL_25M, codec(cid), make_feedback("markov"), make_feedback("markov"), SizedComm(n),
+    pipe = Exchange(MODEL_25M, codec(cid), make_feedback("markov"), make_feedback("markov"), SizedComm(n),
                     two_way=two_way)
     cap = 25 * 2 ** 20 // 4
     assert all(sum(MODEL_25M[i] for i in b) <= cap or len(b) == 1 for b in pipe.buckets)

@@ -60,7 +60,7 @@ def test_frozen_parameter_untouched(name):
         opt.step()
     assert torch.equal(net[0].weight, frozen) and net[0].weight not in opt.state
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    assert all(pipe.numel == trainable for pipe in opt.pipelines.values()), "a frozen parameter is communicated"
+    assert all(pipe.numel == trainable for pipe in opt.exchanges.values()), "a frozen parameter is communicated"
 
 
 def test_nothing_trainable_is_refused():

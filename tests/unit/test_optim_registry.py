@@ -69,7 +69,7 @@ def test_unknown_kwarg_lists_valid_kwargs():
 def test_base_options_pass_through_the_registry():
     opt = taciturn.create_optimizer("SAEF", params(), lr=0.1, bucket_cap_mb=1, broadcast_parameters=False,
                                     check_consistency=False, process_group="local")
-    assert opt.comm.world_size == 1 and opt.pipelines["delta"].bucket_cap_mb == 1
+    assert opt.comm.world_size == 1 and opt.exchanges["delta"].bucket_cap_mb == 1
 
 
 @pytest.mark.parametrize("name, replacement", [("ZeroOneAdam", "OneBitAdam"), ("zero_one_adam", "OneBitAdam"),

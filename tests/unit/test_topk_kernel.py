@@ -19,7 +19,7 @@ from kernel_checks import check_pipeline_with_and_without_kernel, threads, torch
 
 from taciturn import kernels, make_compressor  # noqa: E402
 from taciturn.compressors import topk as topk_module  # noqa: E402
-from taciturn.feedback import Fused  # noqa: E402
+from taciturn.feedback import FeedbackStep  # noqa: E402
 from taciturn.kernels.topk import topk_encode  # noqa: E402
 from taciturn.wire import Pieces  # noqa: E402
 
@@ -182,7 +182,7 @@ def test_fused_feedback_matches_the_unfused_torch_path(lid, rid):
     pieces = Pieces.from_lengths(LAYOUTS[lid])
     x, h0 = gaussian(pieces.numel, 7), gaussian(pieces.numel, 8) * 0.5
     h = h0.clone() if rule != "none" else None
-    payload = codec.encode_fused(x, pieces, Fused(h, alpha, rule))
+    payload = codec.encode_fused(x, pieces, FeedbackStep(h, alpha, rule))
     y = x + alpha * h0  # alpha is -1, 1, 1/2 or 0: exact, as in the kernel
     with torch_path():
         ref = codec.encode(y, pieces)

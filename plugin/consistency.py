@@ -1,15 +1,46 @@
-"""Cheap cross-rank guards: non-finite gradients and silent parameter divergence.
+"""The cross-rank checks, once: the construction signature, non-finite gradients and silent
+parameter divergence.
 
-Both make every rank take the same decision: they end in one small collective whose result
+Each makes every rank take the same decision: it ends in one small collective whose result
 is identical everywhere, so no rank skips, raises or continues alone.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import List, Optional, Sequence
 
 import torch
 
 from .comm import Communicator
+from .comm.base import gather_objects
+
+
+def check_same(comm: Communicator, owner: str, signature: dict, what: str) -> None:
+    """Raise on every rank, naming the first entry that differs, unless every rank's
+    ``signature`` (a dict of picklable values) equals this one. Called before any collective
+    whose shape depends on it, so a mismatch is an error instead of a hang."""
+    digest = hashlib.sha256(repr(signature).encode()).hexdigest()
+    for rank, (theirs, sig) in enumerate(gather_objects(comm, (digest, signature))):
+        if theirs == digest:
+            continue
+        for key, mine in signature.items():
+            if sig.get(key) != mine:
+                raise RuntimeError(f"{owner}: rank {rank} and rank {comm.rank} disagree on {key}: "
+                                   f"{first_difference(key, sig.get(key), mine)}. Every rank must build the same {what}.")
+
+
+def first_difference(key: str, a, b) -> str:
+    """Where two values of signature entry ``key`` differ: the first differing element of two
+    lists (of parameters: their name, shape, dtype), else both values."""
+    if isinstance(a, list) and isinstance(b, list):
+        noun = "parameter" if key in ("params", "parameters") else "entry"
+        if len(a) != len(b):
+            return f"{len(a)} vs {len(b)} {noun}s"
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                show = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else repr(v)
+                return f"{noun} #{i} is {show(x)} on one and {show(y)} on the other"
+    return f"{a!r} vs {b!r}"
 
 
 def any_nonfinite(comm: Communicator, tensors: Sequence[torch.Tensor]) -> List[int]:

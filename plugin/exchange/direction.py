@@ -1,0 +1,126 @@
+"""The one difference between one-way and two-way exchanges, in one place.
+
+Two-way (ALGORITHMS.md): workers send chunk j of their payload to rank j (all_to_all), rank j
+serves chunk j (averages, applies the server rule, recompresses) and every rank gathers the
+servers' chunks (all_gather). One-way: every rank gathers every worker's whole payload and
+averages it; there is no server compression.
+
+A direction lays out the feedback state of a bucket, counts its wire bytes and runs the three
+stages of ``BucketExchange`` (``start``, ``serve``, ``finish``).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+
+from ..comm import Handle
+from ..feedback import Feedback, State
+from ..layout import BucketLayout
+
+
+def _fit(payload: torch.Tensor, nbytes: int) -> torch.Tensor:
+    if payload.numel() == nbytes:
+        return payload
+    out = payload.new_zeros(nbytes)
+    out[:payload.numel()] = payload
+    return out
+
+
+class TwoWay:
+    two_way = True
+
+    @staticmethod
+    def state_lengths(rule: Feedback, layout: BucketLayout, rank: int) -> Dict[str, int]:
+        lengths = {k: layout.numel for k in rule.worker_keys}
+        lengths.update({k: layout.chunk_numel(rank) for k in rule.server_keys})
+        lengths.update({k: layout.numel for k in rule.result_keys})
+        return lengths
+
+    @staticmethod
+    def wire_bytes(layouts: List[BucketLayout], n: int) -> Tuple[int, int]:
+        up = sum(n * lay.chunk_nbytes for lay in layouts)
+        return up, up
+
+    @staticmethod
+    def start(ex, x) -> Tuple[int, Handle]:
+        lay, compressor, n = ex.layout, ex.compressor, ex.n
+        rule = ex.worker.worker_step(ex.state, ex.error_scale)
+        unit_scales = None
+        if compressor.unit_scales and not compressor.chunk_aligned:
+            unit_scales = compressor.fused_scales(x, lay.units, rule)
+        chunks = []
+        for j in range(n):
+            sl, pieces = lay.chunk(j), lay.chunk_pieces[j]
+            scales = unit_scales[lay.piece_unit[j]] if unit_scales is not None else None
+            payload = compressor.encode_fused(x[sl], pieces, rule.at(sl), scales, ex.seed_for(0, j))
+            chunks.append(_fit(payload, lay.chunk_nbytes))
+        return sum(ch.numel() for ch in chunks), ex.comm.all_to_all_async(chunks)
+
+    @staticmethod
+    def serve(ex) -> Handle:
+        lay, me = ex.layout, ex.comm.rank
+        received = ex.wait()
+        sl, pieces = lay.chunk(me), lay.chunk_pieces[me]
+        acc, rule = ex.server.server_step(ex.state, ex.error_scale, sl)
+        payload = ex.compressor.serve_fused(received, pieces, acc, rule,
+                                            ex.work.scratch("sum", lay.chunk_numel(me), ex.device),
+                                            (ex.seed_for(0, me), ex.seed_for(1, me)))
+        return ex.comm.all_gather_async(_fit(payload, lay.chunk_nbytes))
+
+    @staticmethod
+    def finish(ex, gathered: torch.Tensor) -> torch.Tensor:
+        lay, compressor = ex.layout, ex.compressor
+        target = ex.server.result_target(ex.state)
+        result = target if target is not None else ex.work.keep("result", lay.numel, ex.device)
+        for j in range(ex.n):
+            out, pieces, seed = result[lay.chunk(j)], lay.chunk_pieces[j], ex.seed_for(1, j)
+            if target is not None:
+                compressor.decode_add(gathered[j], pieces, out, seed)
+            else:
+                compressor.decode(gathered[j], pieces, seed, out=out)
+        return result
+
+
+class OneWay:
+    two_way = False
+
+    @staticmethod
+    def state_lengths(rule: Feedback, layout: BucketLayout, rank: int) -> Dict[str, int]:
+        return {k: layout.numel for k in rule.worker_keys + rule.one_way_keys}
+
+    @staticmethod
+    def wire_bytes(layouts: List[BucketLayout], n: int) -> Tuple[int, int]:
+        up = sum(lay.full_nbytes for lay in layouts)
+        return up, n * up
+
+    @staticmethod
+    def start(ex, x) -> Tuple[int, Handle]:
+        rule = ex.worker.worker_step(ex.state, ex.error_scale)
+        payload = ex.compressor.encode_fused(x, ex.layout.units, rule, seed=ex.seed_for(0, 0))
+        return payload.numel(), ex.comm.all_gather_async(payload)
+
+    @staticmethod
+    def serve(ex) -> Handle:
+        return ex.pending
+
+    @staticmethod
+    def finish(ex, gathered: torch.Tensor) -> torch.Tensor:
+        lay = ex.layout
+        buffer = ex.work.scratch if ex.server.keeps_result else ex.work.keep  # the average may be the result
+        a = ex.compressor.decode_mean(gathered, lay.units, ex.seed_for(0, 0), buffer("sum", lay.numel, ex.device))
+        return ex.server.accumulate(a, ex.state)
+
+
+def direction(two_way: bool):
+    return TwoWay if two_way else OneWay
+
+
+def init_state(worker: Feedback, server: Feedback, layout: BucketLayout, two_way: bool, rank: int,
+               device=None) -> State:
+    """Zero fp32 feedback state of one bucket for this rank: both rules' tensors (full-length on
+    every worker, the rank's chunk for a server's, in two-way mode)."""
+    lengths = direction(two_way).state_lengths(worker, layout, rank)
+    for k, n in direction(two_way).state_lengths(server, layout, rank).items():
+        lengths.setdefault(k, n)
+    return {k: torch.zeros(n, dtype=torch.float32, device=device) for k, n in lengths.items()}
