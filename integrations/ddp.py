@@ -343,7 +343,7 @@ def compressed_hook(state: "CompressionHookState", bucket: dist.GradBucket) -> t
         raise RuntimeError(f"DDP bucket {bucket.index()} holds {buf.numel()} elements but its parameters have "
                            f"{slot.layout.numel}: taciturn cannot follow this bucket layout (padded or "
                            "non-contiguous gradients); report it with your DDP settings")
-    avg = slot.exchange.allreduce([buf], [slot.state], step=state.step, stats=state.stats,
+    avg = slot.exchange.allreduce([buf], [slot.state], buckets=[0], step=state.step, stats=state.stats,
                                   seed_slot=(bucket.index(), len(state._params)))[0]
     buf.copy_(avg)
     if bucket.is_last():

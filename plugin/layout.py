@@ -1,4 +1,14 @@
-"""Bucket layout: where tensors, compression units and two-way chunks sit in a flat buffer."""
+"""Bucket layout: where tensors, compression units and two-way chunks sit in a flat buffer.
+
+Glossary (the words for sub-ranges of one flat buffer, used so everywhere):
+
+- bucket: consecutive tensors exchanged together as one flat fp32 vector;
+- segment: one tensor's range inside a bucket (``Segments`` reads a bucket's tensors in place);
+- unit: what the compressor scales as one (a block of ``block_size`` elements, or a whole tensor);
+- chunk: rank j's share of a bucket in a two-way exchange, which rank j serves;
+- piece: a unit, or the part of a unit inside one chunk: what is encoded with one scale;
+- run: consecutive pieces of equal length, reduced as one ``(count, length)`` view (``Pieces``).
+"""
 from __future__ import annotations
 
 import bisect

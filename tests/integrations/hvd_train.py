@@ -512,7 +512,7 @@ def errors(rank):
     m2 = model()
     small_blocks = wrap(m2, compression=thvd.Compression.cdadam(block_size=256))
     train_step(small_blocks, m2, *batch(0, rank))
-    out["block_sizes"] = (small_blocks.pipeline.compressor.block_size, opt.exchange.compressor.block_size)
+    out["block_sizes"] = (small_blocks.exchange.compressor.block_size, opt.exchange.compressor.block_size)
     return out
 
 

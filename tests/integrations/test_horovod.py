@@ -192,7 +192,7 @@ def test_bad_input_fails_early_with_the_fix(ranks):
             "predivide": "gradient_predivide_factor",
             "unnamed": "were not named",
             "duplicate_names": "Found duplicates: w",
-            "unknown_compression": "valid: none, fp16, bf16, cdadam",
+            "unknown_compression": "valid names: none, fp16, bf16, cdadam",
             "bad_option": "does not take ['bogus']",
             "bad_scale": "finite number > 0",
             "mismatched_ranks": "disagree on parameters",
