@@ -7,8 +7,8 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["taciturn", "taciturn.compressors", "taciturn.comm", "taciturn.optim", "taciturn.kernels",
-              "taciturn.integrations"],
+    packages=["taciturn", "taciturn.compressors", "taciturn.comm", "taciturn.exchange", "taciturn.optim",
+              "taciturn.kernels", "taciturn.integrations", "taciturn.integrations.horovod"],
     package_dir={"taciturn": "plugin", "taciturn.integrations": "integrations"},
     package_data={"taciturn.kernels": ["*.cpp", "*.h"]},  # built with g++ at first use
     install_requires=["torch>=2.1,<3"],

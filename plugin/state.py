@@ -5,8 +5,8 @@ The state is per rank (each worker's errors or Markov sequences, each rank's ser
 so a saved state is valid only for the rank that saved it, in a world of the same size, with
 the same compression settings; anything else is refused with the reason and the fix. The
 optimizers and the Horovod wrapper keep it as one flat dict in ``optimizer.state[key]``
-(``"<exchange>.<bucket>.<name>"`` -> fp32 tensor, plus ``step``, ``rank``, ``world_size``,
-``signature``), so ``optimizer.state_dict()`` carries it; the DDP hook keeps its per-bucket
+(``"<exchange>.<bucket>.<name>"`` -> fp32 tensor, plus ``step``, ``world_size``, ``signature``
+and, for the Horovod wrapper, ``rank``), so ``optimizer.state_dict()`` carries it; the DDP hook keeps its per-bucket
 tensors in its own state object and checks them with ``mismatch``.
 """
 from __future__ import annotations
@@ -22,12 +22,12 @@ RESET_HINT = ("Each rank's errors, Markov sequences and server chunk are its own
               "saved, or pass reset_compression_state=True on every rank to restart compression from zero")
 
 
-def mismatch(saved: dict, comm: Communicator, signature: Optional[str] = None) -> Optional[str]:
-    """Why ``saved`` (with ``world_size``, ``rank`` and maybe ``signature``) is not this rank's
-    state for these settings; None when it is."""
+def mismatch(saved: dict, comm: Communicator, signature: Optional[str] = None, rank: bool = True) -> Optional[str]:
+    """Why ``saved`` (with ``world_size``, ``rank`` when ``rank``, and maybe ``signature``) is
+    not this rank's state for these settings; None when it is."""
     if saved.get("world_size") != comm.world_size:
         return f"it was saved with world size {saved.get('world_size')} and this job has {comm.world_size} ranks"
-    if saved.get("rank") != comm.rank:
+    if rank and saved.get("rank") != comm.rank:
         return f"it was saved by rank {saved.get('rank')}, not by this rank ({comm.rank})"
     if signature is not None and saved.get("signature") != signature:
         return f"it was saved with different compression settings ({saved.get('signature')}) than these ({signature})"
@@ -41,12 +41,15 @@ def refusal(owner: str, problem: str, fix: str = RESET_HINT) -> ValueError:
 class CompressionState:
     """The flat compression state of ``exchanges`` (name -> Exchange; a single exchange may be
     named "") in ``optimizer.state[key]`` (looked up each time: ``load_state_dict`` replaces
-    an optimizer's ``state``). ``owner`` names the optimizer in messages."""
+    an optimizer's ``state``). ``owner`` names the optimizer in messages. ``rank_bound``: the
+    state records its rank and refuses another's (the Horovod wrapper); the optimizers check
+    world size and settings only, because DeepSpeed first loads rank 0's state dict on every
+    rank and then each rank's own compression state from its own file."""
 
     def __init__(self, optimizer, key: str, exchanges: Dict[str, Exchange], comm: Communicator, device,
-                 owner: str):
+                 owner: str, rank_bound: bool = False):
         self.optimizer, self.key, self.exchanges, self.comm = optimizer, key, exchanges, comm
-        self.device, self.owner = device, owner
+        self.device, self.owner, self.rank_bound = device, owner, rank_bound
 
     @property
     def flat(self) -> dict:
@@ -78,8 +81,10 @@ class CompressionState:
 
     def reset(self, step: int = 0) -> None:
         """Zero every error and Markov sequence; the step count is ``step``."""
-        flat: Dict[str, object] = {"step": int(step), "rank": self.comm.rank, "world_size": self.comm.world_size,
+        flat: Dict[str, object] = {"step": int(step), "world_size": self.comm.world_size,
                                    "signature": self.signature()}
+        if self.rank_bound:
+            flat["rank"] = self.comm.rank
         for name in self.exchanges:
             flat.update(self.zeros(name))
         self.flat = flat
@@ -108,7 +113,7 @@ class CompressionState:
             raise ValueError(f"{self.owner}.load_state_dict: the checkpoint holds no taciturn compression state "
                              f"('{self.key}'; was it saved by another optimizer?); pass reset_compression_state=True "
                              "on every rank to start compression from zero")
-        problem = mismatch(saved, self.comm, self.signature())
+        problem = mismatch(saved, self.comm, self.signature(), self.rank_bound)
         if problem:
             raise refusal(self.owner, problem)
         return saved

@@ -1,71 +1,7 @@
-"""Horovod: a compressed ``DistributedOptimizer`` for ``horovodrun`` jobs (MPI or Gloo controller).
-
-Two lines of a Horovod script change::
-
-    import horovod.torch as hvd
-    from taciturn.integrations import horovod as thvd
-
-    hvd.init()
-    opt = thvd.DistributedOptimizer(taciturn.AMSGrad(model.parameters(), lr=1e-4, process_group="local"),
-                                    named_parameters=model.named_parameters(),
-                                    compression=thvd.Compression.cdadam)      # = CD-Adam
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    thvd.broadcast_optimizer_state(opt, root_rank=0)
-
-The signature and behaviour are ``hvd.DistributedOptimizer``'s: gradient hooks start the
-communication of a bucket as soon as all its gradients are ready, during ``backward()``;
-``step()`` waits for it, writes the averages into ``p.grad`` and runs the wrapped optimizer;
-``synchronize()`` / ``skip_synchronize()`` let users clip in between; ``backward_passes_per_step``
-accumulates locally and communicates once.
-
-Compression:
-
-- a taciturn preset (``Compression.cdadam``, ``dist_ef_block_sign``, ``sparsams_topk``, ``ef_sign``,
-  ``markov_sign``, ``bf16``) runs the core ``Exchange`` (``taciturn.exchange``: worker feedback,
-  all_to_all of chunks, server feedback and recompression, all_gather) over Horovod's alltoall
-  and allgather. The wrapped optimizer receives the two-way-compressed average in ``p.grad``;
-  with ``taciturn.AMSGrad(..., process_group="local")`` on top, ``Compression.cdadam`` is
-  ``taciturn.CDAdam``. A preset takes compressor options: ``Compression.cdadam(block_size=256)``,
-  ``Compression.sparsams_topk(ratio=0.05)``. Buckets (``bucket_cap_mb``, parameters in reverse
-  order, the order gradients arrive) run one after the other on one communication thread, in
-  the same order on every rank.
-- a Horovod ``Compressor`` (``Compression.none``, ``Compression.fp16``, ``ScaledFP16Compressor``)
-  is Horovod's path: per-parameter ``allreduce_async_`` of the compressed tensor, named by the
-  parameter, fused by Horovod.
-
-Sparse gradients (``nn.Embedding(sparse=True)``): with a Horovod ``Compressor`` they take
-Horovod's paths, the sparse allreduce (allgather of indices and values) or, with
-``sparse_as_dense=True``, a dense allreduce; the presets always exchange them dense (the codecs
-are dense). Either way ``p.grad`` is sparse again after ``synchronize()``, for SparseAdam.
-
-Uneven inputs (``hvd.join()``): a rank that runs out of data calls ``hvd.join()``, as with
-Horovod's optimizer. A Horovod ``Compressor`` runs Horovod's allreduce, which joined ranks feed
-with zeros. A preset first counts the ranks present each step (a one-float allreduce, which a
-joined rank answers with 0); while some rank is joined, the step's gradients go through an
-uncompressed fp32 allreduce instead (Horovod's join semantics: joined ranks add zeros, the
-average divides by all ranks) and the compression state stays as it is on every rank, so
-compressed steps resume in step once every rank has joined. ``hvd.join()`` returns the last rank
-to join: broadcast the model from it, as with Horovod.
-
-Compression state (errors, Markov sequences, step) lives in the wrapped optimizer's state under
-``optimizer.state["taciturn.horovod"]``, so ``optimizer.state_dict()`` carries it. It is per rank
-(each worker's feedback, each rank's server chunk): every rank saves and loads its own state
-dict, and ``load_state_dict`` refuses another rank's or another world size's unless
-``reset_compression_state=True``. ``broadcast_optimizer_state`` (use this one, not
-``hvd.broadcast_optimizer_state``) broadcasts the wrapped optimizer's state from the root and
-keeps every rank's own compression state when all ranks hold theirs for the same step; when
-they do not (only the root loaded a checkpoint, a rank joined, the world changed) it restarts
-compression from zero on every rank, the only state all ranks can agree on. Importing this
-module registers a handler so ``hvd.elastic.TorchState`` commits, restores and syncs the
-optimizer this way.
-
-Horovod 0.28.1's torch binding has no bfloat16 collectives, so there is no bf16 Compressor for
-``hvd.DistributedOptimizer``; ``Compression.bf16`` carries bf16 through this module's optimizer
-(alltoall/allgather of bf16 bytes, averaged in fp32).
-"""
+"""The wrapper: ``DistributedOptimizer`` with Horovod's signature, its gradient hooks, buckets
+and communication thread, over taciturn's exchange or Horovod's own allreduce."""
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import time
@@ -73,146 +9,38 @@ import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+import horovod.torch as hvd
 import torch
 
-try:
-    import horovod.torch as hvd
-    from horovod.torch.compression import Compressor as HorovodCompressor
-    from horovod.torch.elastic import state as _elastic_state
-except ImportError as _e:  # pragma: no cover - depends on the environment
-    raise ImportError("taciturn.integrations.horovod needs Horovod built with PyTorch support "
-                      "(Horovod 0.28.1 must be built from source for torch >= 2.1): run scripts/install_horovod.sh") from _e
-
-from ..comm.base import gather_objects
-from ..comm.horovod import HorovodCommunicator
-from ..consistency import check_same
-from ..exchange import Exchange
-from ..feedback import make_feedback
-from ..metrics import CommStats
-from ..names import Registry
-from ..presets import Preset, preset
-from ..state import CompressionState, mismatch
+from ...comm.base import gather_objects
+from ...comm.horovod import HorovodCommunicator
+from ...consistency import check_same
+from ...exchange import Exchange
+from ...feedback import make_feedback
+from ...metrics import CommStats
+from ...state import CompressionState, mismatch
+from .compression import Compression, TaciturnCompression, _describe_compression, _resolve_compression
 
 STATE_KEY = "taciturn.horovod"
-_FP16_MAX = 65504.0
 
-
-# ----------------------------------------------------------------------------- compression
-
-@dataclass(frozen=True)
-class TaciturnCompression:
-    """A taciturn compression preset: codec + worker and server feedback + direction.
-
-    Stateful (errors, Markov sequences) and not summable, so it runs only inside
-    ``taciturn.integrations.horovod.DistributedOptimizer``; Horovod's own optimizer, which
-    sums what ``compress`` returns, gets a TypeError from ``compress``.
-    Call it to change compressor options: ``Compression.cdadam(block_size=256)``.
-    """
-
-    name: str
-    preset: Preset
-
-    def __call__(self, **compressor_options) -> "TaciturnCompression":
-        return TaciturnCompression(self.name, self.preset.configure(options=compressor_options))
-
-    def describe(self) -> str:
-        return f"{self.name}: {self.preset.describe()}"
-
-    def compress(self, tensor):
-        raise TypeError(self._refusal())
-
-    def decompress(self, tensor, ctx):
-        raise TypeError(self._refusal())
-
-    def _refusal(self) -> str:
-        why = ("Horovod 0.28.1 has no bfloat16 collectives" if self.preset.compressor == "bf16" else
-               "it keeps per-rank error/Markov state and its payload (sign bits, top-k indices) cannot be "
-               "summed, while hvd.DistributedOptimizer allreduces (sums) what Compressor.compress returns")
-        return (f"Compression.{self.name} cannot run inside hvd.DistributedOptimizer: {why}. Use "
-                f"taciturn.integrations.horovod.DistributedOptimizer(optimizer, named_parameters=..., "
-                f"compression=Compression.{self.name}) instead, or a summable Horovod compressor "
-                "(Compression.none, Compression.fp16, ScaledFP16Compressor) with hvd.DistributedOptimizer")
-
-
-def _taciturn(name: str) -> TaciturnCompression:
-    return TaciturnCompression(name, preset(name))
-
-
-class ScaledFP16Compressor(HorovodCompressor):
-    """fp16 on the wire with a fixed scale, for ``hvd.DistributedOptimizer`` or this module's.
-
-    Summable: every rank multiplies by the same ``scale`` before the cast and divides after
-    the sum, so Horovod's allreduce of the compressed tensors is exact up to fp16 rounding.
-    A scale > 1 keeps small gradients out of fp16's subnormal range (below 6.1e-5); a scale
-    < 1 (e.g. ``1 / hvd.size()``) keeps the sum of large ones below 65504. Values beyond the
-    range saturate at +-65504 instead of becoming inf.
-    """
-
-    def __init__(self, scale: float = 1.0):
-        scale = float(scale)
-        if not (scale > 0 and scale != float("inf")):
-            raise ValueError(f"ScaledFP16Compressor(scale={scale!r}): the scale must be a finite number > 0, "
-                             "the same on every rank")
-        self.scale = scale
-
-    def compress(self, tensor):
-        if not tensor.dtype.is_floating_point:
-            return tensor, None
-        return tensor.float().mul(self.scale).clamp_(-_FP16_MAX, _FP16_MAX).half(), tensor.dtype
-
-    def decompress(self, tensor, ctx):
-        if ctx is None:
-            return tensor
-        return tensor.float().div_(self.scale).to(ctx)
-
-    def __repr__(self):
-        return f"ScaledFP16Compressor(scale={self.scale!r})"
-
-
-class Compression:
-    """Compression choices for ``DistributedOptimizer`` (Horovod's names plus taciturn presets)."""
-
-    #: fp32 allreduce (Horovod's NoneCompressor)
-    none = hvd.Compression.none
-    #: fp16 cast, allreduce, cast back (Horovod's FP16Compressor)
-    fp16 = hvd.Compression.fp16
-    #: bf16 both ways through alltoall/allgather, averaged in fp32 (Horovod has no bf16 allreduce)
-    bf16 = _taciturn("bf16")
-    #: CD-Adam's: Markov both ways, 1-bit signs with one l1 scale per 1024-element block
-    cdadam = _taciturn("cdadam")
-    #: dist-EF-blockSGD's: error feedback both ways (s = 1), blockwise scaled sign
-    dist_ef_block_sign = _taciturn("dist_ef_block_sign")
-    #: SPARS-AMS's: top-k (1%) with worker error feedback, one-way (all_gather of indices + values)
-    sparsams_topk = _taciturn("sparsams_topk")
-    #: error feedback both ways, one l1 scale per tensor
-    ef_sign = _taciturn("ef_sign")
-    #: CD-Adam's preset under the DDP hook's name (``markov_sign(block_size=None)``: one scale
-    #: per tensor, the paper's form)
-    markov_sign = _taciturn("markov_sign")
-
-    @staticmethod
-    def names() -> List[str]:
-        return ["none", "fp16", "bf16", "cdadam", "dist_ef_block_sign", "sparsams_topk", "ef_sign", "markov_sign"]
-
-
-def _resolve_compression(compression):
-    if isinstance(compression, str):
-        return getattr(Compression, Registry("compression", dict.fromkeys(Compression.names())).canonical(compression))
-    if isinstance(compression, TaciturnCompression):
-        return compression
-    if callable(getattr(compression, "compress", None)) and callable(getattr(compression, "decompress", None)):
-        return compression
-    raise TypeError(f"compression={compression!r}: pass a Compression.<name> ({', '.join(Compression.names())}) "
-                    "or a Horovod Compressor (an object with compress(tensor) and decompress(tensor, ctx))")
-
-
-# ----------------------------------------------------------------------------- the optimizer
 
 _TOO_MANY_PASSES = ("Gradients were computed more than backward_passes_per_step times before call to step(). "
                     "Increase backward_passes_per_step to accumulate gradients locally.")
+
+
+class _Wrapped:
+    """An attribute of the wrapper that is the wrapped optimizer's, read and written through."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj._optimizer, self.name)
+
+    def __set__(self, obj, value):
+        setattr(obj._optimizer, self.name, value)
 
 
 class DistributedOptimizer(torch.optim.Optimizer):
@@ -322,7 +150,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                                  make_feedback(chosen.worker), make_feedback(chosen.server), self.comm,
                                  chosen.two_way, self.bucket_cap_mb, self._group_ids)
         self._compression = CompressionState(self._optimizer, STATE_KEY, {"": self.exchange}, self.comm,
-                                             self._params[0].device, "DistributedOptimizer")
+                                             self._params[0].device, "DistributedOptimizer", rank_bound=True)
         self._bucket_of = {}
         for b, idx in enumerate(self.exchange.buckets):
             for i in idx:
@@ -530,29 +358,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def optimizer(self) -> torch.optim.Optimizer:
         return self._optimizer
 
-    @property
-    def param_groups(self):
-        return self._optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self._optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self._optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self._optimizer.state = value
-
-    @property
-    def defaults(self):
-        return self._optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self._optimizer.defaults = value
+    param_groups = _Wrapped()
+    state = _Wrapped()
+    defaults = _Wrapped()
 
     def __getattr__(self, name):
         # Only called for attributes this object lacks: the wrapped optimizer's (and the
@@ -635,15 +443,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return f"DistributedOptimizer({self._optimizer!r}, compression={what}, process_set={self.process_set})"
 
 
-def _describe_compression(compression) -> str:
-    """The same text on every rank for the same compression (no object addresses)."""
-    if isinstance(compression, TaciturnCompression):
-        return compression.describe()
-    if isinstance(compression, type) or type(compression).__repr__ is not object.__repr__:
-        return repr(compression)
-    return type(compression).__qualname__
-
-
 def _op_name(op) -> str:
     names = {hvd.Average: "hvd.Average", hvd.Sum: "hvd.Sum", hvd.Adasum: "hvd.Adasum", hvd.Min: "hvd.Min",
              hvd.Max: "hvd.Max", hvd.Product: "hvd.Product"}
@@ -709,106 +508,3 @@ def _group_ids(order: List[torch.Tensor], groups, names) -> List[int]:
                 raise ValueError(f"A parameter can only appear once in groups ({names.get(p, tuple(p.shape))}).")
             ids[id(p)] = gi
     return [ids.get(id(p), len(groups) + i) for i, p in enumerate(order)]
-
-
-# ----------------------------------------------------------------------------- state sync
-
-broadcast_parameters = hvd.broadcast_parameters
-
-
-def broadcast_optimizer_state(optimizer, root_rank: int = 0, model=None) -> None:
-    """``hvd.broadcast_optimizer_state`` for taciturn's DistributedOptimizer (other optimizers are
-    passed to Horovod's). Call it on every rank of the optimizer's process set.
-
-    The wrapped optimizer's whole state dict (per-parameter state, hyper-parameters) is
-    broadcast from ``root_rank`` (a Horovod rank, as in Horovod) and loaded on the others.
-    A wrapped optimizer without state is first given it as Horovod does (``_initialize_state``:
-    zero gradients, one local step), so that every rank holds the state after the call.
-    Compression state is per rank and is never broadcast: each rank keeps its own when every
-    rank holds its own for the same step (fresh optimizers; each rank loaded its own
-    checkpoint or elastic commit); otherwise every rank restarts it from zero, with a warning.
-    """
-    if not isinstance(optimizer, DistributedOptimizer):
-        return hvd.broadcast_optimizer_state(optimizer, root_rank, model)
-    ranks = optimizer.process_set.ranks
-    if ranks and root_rank not in ranks:
-        raise ValueError(f"root_rank={root_rank} is not in the optimizer's {optimizer.process_set}: pass one of "
-                         f"its Horovod ranks {ranks}")
-    optimizer._rejoin()
-    if not optimizer._active:
-        return
-    inner = optimizer.optimizer
-    _initialize_state(inner, model)
-    sd = inner.state_dict()
-    own = sd["state"].get(STATE_KEY)
-    shared = {**sd, "state": {k: v for k, v in sd["state"].items() if k != STATE_KEY}}
-    shared = hvd.broadcast_object(shared, root_rank, name=f"{optimizer._prefix}.state",
-                                  process_set=optimizer.process_set)
-    if hvd.rank() != root_rank:
-        inner.load_state_dict(shared)
-        if own is not None:
-            inner.state[STATE_KEY] = own
-    if optimizer.is_taciturn:
-        optimizer._agree_on_compression_state(root_rank)
-
-
-def _initialize_state(optimizer: torch.optim.Optimizer, model=None) -> None:
-    """Horovod's first broadcast: an optimizer without per-parameter state gets zero gradients
-    (sparse ones for SparseAdam, and for SGD on the sparse embeddings of ``model``) and one step
-    of its own update rule, so its state exists; the zero gradients stay in ``p.grad``.
-
-    Unlike Horovod, the step runs with ``weight_decay`` 0 (restored after): on zero gradients
-    the update of taciturn's and torch's optimizers (but ASGD, whose ``lambd`` decays too) is
-    then zero and no parameter moves. Horovod's step lets weight decay move them, on the ranks
-    without state only, which desynchronises the model when only the root loaded a checkpoint.
-    It is the wrapped optimizer's local step: no collective, no compression state."""
-    if any(key != STATE_KEY for key in optimizer.state):
-        return
-    sparse = set() if model is None else {id(p) for m in model.modules()
-                                          if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.requires_grad:
-                p.grad = torch.zeros_like(p)
-                if isinstance(optimizer, torch.optim.SparseAdam) or (isinstance(optimizer, torch.optim.SGD)
-                                                                     and id(p) in sparse):
-                    p.grad = p.grad.to_sparse()
-    decays = {i: group["weight_decay"] for i, group in enumerate(optimizer.param_groups) if "weight_decay" in group}
-    for i in decays:
-        optimizer.param_groups[i]["weight_decay"] = 0.0
-    try:
-        optimizer.step()
-    finally:
-        for i, decay in decays.items():
-            optimizer.param_groups[i]["weight_decay"] = decay
-
-
-class OptimizerStateHandler(_elastic_state.StateHandler):
-    """``hvd.elastic.TorchState``'s handler for a DistributedOptimizer: commits a deep copy of
-    the state dict (compression state included), restores a copy of it (so training never
-    writes into the commit) and syncs through ``broadcast_optimizer_state``."""
-
-    def __init__(self, optimizer):
-        super().__init__(optimizer)
-        self._saved = copy.deepcopy(optimizer.state_dict())
-
-    def save(self):
-        self._saved = copy.deepcopy(self.value.state_dict())
-
-    def restore(self):
-        self.value.load_state_dict(copy.deepcopy(self._saved))
-
-    def sync(self):
-        broadcast_optimizer_state(self.value, root_rank=0)
-
-
-def _register_elastic_handler() -> None:
-    registry = _elastic_state.get_handler_registry()
-    if not any(kind is DistributedOptimizer for kind, _ in registry):
-        _elastic_state.set_handler_registry([(DistributedOptimizer, OptimizerStateHandler)] + list(registry))
-
-
-_register_elastic_handler()
-
-__all__ = ["Compression", "TaciturnCompression", "ScaledFP16Compressor", "DistributedOptimizer",
-           "broadcast_parameters", "broadcast_optimizer_state", "OptimizerStateHandler", "STATE_KEY"]
