@@ -150,7 +150,7 @@ def _script():
 
 def test_finetune_script_reads_installed_model_and_real_fortunes():
     """The script's inputs as it builds them: the installed package's model folder, the real
-    fortune files through taciturn.datasets.fortunes, tokenized by that model's tokenizer."""
+    fortune files through scripts/_datasets.py, tokenized by that model's tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
     script = _script()
