@@ -49,6 +49,7 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint import rank_path
 from ..optim import CompressedOptimizer, OneBitAdam
 from ..registry import check_kwargs, get_record, is_taciturn_optimizer
 
@@ -269,8 +270,11 @@ def _pipeline_init(self, *args, **kwargs):
 
 
 # ---------------------------------------------------------------------------- checkpoints
+RANK_FILE = "taciturn_rank{rank:05d}.pt"  # existing checkpoints hold these names
+
+
 def _rank_file(directory: str) -> str:
-    return os.path.join(directory, f"taciturn_rank{torch.distributed.get_rank():05d}.pt")
+    return rank_path(directory, torch.distributed.get_rank(), RANK_FILE)
 
 
 def _save_checkpoint(self, save_dir, tag=None, *args, **kwargs):

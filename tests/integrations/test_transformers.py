@@ -96,6 +96,7 @@ def test_trainer_route_equals_ddp_hook_route(plain):
 
 def test_resume_from_checkpoint_continues_bit_identically(plain):
     for r in plain:
+        assert r["resumed"]["files"] == ["taciturn_rank0.pt", "taciturn_rank1.pt"]  # the names saved checkpoints hold
         assert torch.equal(r["resumed"]["params"], r["optimizer"]["params"])
 
 
