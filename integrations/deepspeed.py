@@ -49,6 +49,7 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint import rank_path
 from ..optim import CompressedOptimizer, OneBitAdam
 from ..registry import check_kwargs, get_record, is_taciturn_optimizer
 
@@ -125,8 +126,8 @@ def _is_supported_optimizer(self, optimizer_name):
 
 
 # ---------------------------------------------------------------------------- building the optimizer
-class _Pending(torch.optim.Optimizer):
-    """Holds the param groups while DeepSpeed wraps the optimizer for fp16/bf16.
+class _Placeholder(torch.optim.Optimizer):
+    """A stand-in optimizer that holds the param groups while DeepSpeed wraps it for fp16/bf16.
 
     The wrapper swaps the groups' parameters for fp32 master copies and runs one step with
     zero gradients to initialise state; the taciturn optimizer is built afterwards, over the
@@ -204,20 +205,20 @@ def _configure_optimizer(self, client_optimizer, model_parameters):
         return
     _refuse_unsupported(self, name)
     rec, kwargs = _kwargs(self, name)
-    pending = _Pending(model_parameters)
-    numel = sum(p.numel() for g in pending.param_groups for p in g["params"] if p.requires_grad)
-    _ORIGINAL["_configure_optimizer"](self, pending, model_parameters)
+    placeholder = _Placeholder(model_parameters)
+    numel = sum(p.numel() for g in placeholder.param_groups for p in g["params"] if p.requires_grad)
+    _ORIGINAL["_configure_optimizer"](self, placeholder, model_parameters)
     wrapper = self.optimizer
-    held = sum(p.numel() for g in pending.param_groups for p in g["params"] if p.requires_grad)
-    if held != numel or not (wrapper is pending or getattr(wrapper, "optimizer", None) is pending):
+    held = sum(p.numel() for g in placeholder.param_groups for p in g["params"] if p.requires_grad)
+    if held != numel or not (wrapper is placeholder or getattr(wrapper, "optimizer", None) is placeholder):
         raise ValueError(f"taciturn's {rec.name} cannot run under DeepSpeed's {type(wrapper).__name__}: it hands the "
                          f"optimizer {held} of the {numel} parameter elements (it partitions them across "
                          "data-parallel ranks); taciturn needs every rank's whole gradient: use fp32, fp16 or bf16 "
                          "without ZeRO.")
-    opt = rec.cls(pending.param_groups, **kwargs)
+    opt = rec.cls(placeholder.param_groups, **kwargs)
     _check_group(self, opt, "mpirun to launch a comm_backend_name='mpi' job, or comm_backend_name 'nccl' / 'gloo'")
     self.basic_optimizer = opt
-    if wrapper is pending:
+    if wrapper is placeholder:
         self.optimizer = opt
     else:
         wrapper.optimizer = opt
@@ -269,8 +270,11 @@ def _pipeline_init(self, *args, **kwargs):
 
 
 # ---------------------------------------------------------------------------- checkpoints
+RANK_FILE = "taciturn_rank{rank:05d}.pt"  # existing checkpoints hold these names
+
+
 def _rank_file(directory: str) -> str:
-    return os.path.join(directory, f"taciturn_rank{torch.distributed.get_rank():05d}.pt")
+    return rank_path(directory, torch.distributed.get_rank(), RANK_FILE)
 
 
 def _save_checkpoint(self, save_dir, tag=None, *args, **kwargs):

@@ -47,6 +47,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainingArguments
 
+from taciturn.checkpoint import rank_path
 from taciturn.optim.base import CompressedOptimizer
 from taciturn.registry import create_optimizer, valid_kwargs, get_record
 
@@ -54,7 +55,7 @@ from .ddp import CompressionHookState, keep_gradients_local, register_compressio
 
 __all__ = ["TaciturnTrainer", "training_arguments", "deepspeed_defaults", "find_taciturn_optimizer"]
 
-RANK_FILE = "taciturn_rank{rank}.pt"
+RANK_FILE = "taciturn_rank{rank}.pt"  # existing checkpoints hold these names
 
 
 def _launched_ranks() -> int:
@@ -277,13 +278,13 @@ class TaciturnTrainer(Trainer):
             own["hook"] = self.hook_state.state_dict()
         if own:
             os.makedirs(output_dir, exist_ok=True)
-            torch.save(own, os.path.join(output_dir, RANK_FILE.format(rank=self.args.process_index)))
+            torch.save(own, rank_path(output_dir, self.args.process_index, RANK_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or self.is_deepspeed_enabled:
             return
-        path = os.path.join(checkpoint, RANK_FILE.format(rank=self.args.process_index))
+        path = rank_path(checkpoint, self.args.process_index, RANK_FILE)
         has_optimizer = os.path.isfile(os.path.join(checkpoint, "optimizer.pt"))
         wants_optimizer = self.compressed_optimizer is not None and has_optimizer
         if not os.path.isfile(path):

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Optional
 
 import torch
 
 FORMAT = "taciturn-checkpoint-1"
 
 
-def rank_path(path: str, rank: int) -> str:
+def rank_path(path, rank: int, name: Optional[str] = None) -> str:
+    """This rank's file, the one place per-rank names are made (the integrations call it too).
+
+    Without ``name``: ``path`` with ``{rank}`` replaced, or ``path + ".rank<r>"``. With ``name``
+    (e.g. ``"taciturn_rank{rank:05d}.pt"``): ``name`` formatted with ``rank`` inside the folder
+    ``path``, whose own braces stay as they are (a framework's checkpoint folder is not a template).
+    """
     path = os.fspath(path)
+    if name is not None:
+        return os.path.join(path, name.format(rank=rank))
     return path.format(rank=rank) if "{rank}" in path else f"{path}.rank{rank}"
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from taciturn.launch import run_ranks  # noqa: F401  (the benchmark scripts use it from here)
+from _launch import run_ranks  # noqa: F401  (the benchmark scripts use it from here)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
@@ -202,7 +202,7 @@ def train_rank(rank: int, world_size: int, specs: Sequence[dict], steps: int, ba
     on rank 0 every ``eval_every`` steps; bytes are this rank's, up + down, cumulative.
     """
     import taciturn
-    from taciturn.datasets import fashion_mnist, shard
+    from _datasets import fashion_mnist, shard
 
     x, y = shard(fashion_mnist("train", flatten=True), world_size, rank)
     x_test, y_test = fashion_mnist("test", flatten=True)

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench import img_path, machine_note, table, write_reproduction  # noqa: E402
+from _datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
 
 from taciturn import BucketLayout, make_compressor, make_feedback  # noqa: E402
 from taciturn.exchange import init_state  # noqa: E402
-from taciturn.datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
 from taciturn.optim.functional import amsgrad_  # noqa: E402
 from taciturn.wire import Pieces  # noqa: E402
 

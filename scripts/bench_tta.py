@@ -3,7 +3,7 @@
 uncompressed baselines, same model, same initial weights, same batches, same number of steps.
 
 Each rank trains an MLP (784-H-H-10, ReLU; H = 1024 by default: 1.86M parameters) on its own
-half of the training set (``taciturn.datasets.shard``), batch 64 per rank, one torch thread per
+half of the training set (``_datasets.shard``), batch 64 per rank, one torch thread per
 rank, in one network namespace per rank joined by tc-tbf-shaped links (scripts/netcluster.py;
 ``--loopback`` or a machine without root: unshaped loopback, said so). Methods: CD-Adam,
 OneBitAdam with its two warm-ups (uncompressed Adam, or CD-Adam; frozen after 15 % of the steps),
@@ -165,7 +165,7 @@ def worker(cfg_path: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from taciturn.datasets import fashion_mnist, shard
+    from _datasets import fashion_mnist, shard
 
     with open(cfg_path) as f:
         cfg = json.load(f)

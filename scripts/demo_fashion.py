@@ -138,7 +138,7 @@ def rank_train(method: str, args) -> None:
     from tqdm import tqdm
 
     import taciturn
-    from taciturn.datasets import fashion_mnist, shard
+    from _datasets import fashion_mnist, shard
 
     rank, n = _init()
     x_train, y_train = shard(fashion_mnist("train", flatten=True), n, rank)

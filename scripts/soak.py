@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench import img_path, machine_note, rel, rss_mb, run_ranks, table, write_section  # noqa: E402
+from _datasets import fashion_mnist, shard  # noqa: E402
 
 import taciturn  # noqa: E402
-from taciturn.datasets import fashion_mnist, shard  # noqa: E402
 
 #: name -> (optimizer class, keyword arguments, label)
 METHODS = {

@@ -1,4 +1,5 @@
-"""Shared test helpers, exposed as fixtures.
+"""Shared test helpers, exposed as fixtures; scripts/ joins ``sys.path`` here, so tests import
+its helpers (``_launch``, ``_datasets``, ``_bench``) as the scripts do.
 
 ``run_ranks``: run a function on n real gloo ranks (forked processes, a file store, a timeout).
 ``simulate``: the papers' pseudo-code for one server and n workers, written plainly (one flat
@@ -8,20 +9,23 @@ multi-process pipeline must reproduce.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from fractions import Fraction
 
 import pytest
 import torch
 
-from taciturn import launch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import _launch  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- processes
 
 def _run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
-    """``taciturn.launch.run_ranks``; a rank still running at ``timeout`` fails the test."""
+    """``_launch.run_ranks``; a rank still running at ``timeout`` fails the test."""
     try:
-        return launch.run_ranks(fn, world_size, *args, timeout=timeout)
+        return _launch.run_ranks(fn, world_size, *args, timeout=timeout)
     except TimeoutError as e:
         pytest.fail(str(e))
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import taciturn
-from taciturn.datasets import fashion_mnist, shard
+from _datasets import fashion_mnist, shard  # scripts/, on sys.path through tests/conftest.py
 
 N, STEPS, EVERY, BATCH, LR = 2, 600, 25, 64, 1e-3
 SEED = 0  # initial weights; rank r draws its samples with seed r + 10 * SEED

@@ -83,11 +83,13 @@ def run_plain(out):
     trainer = TaciturnTrainer(model=model, args=args_for(ckpt_dir, save_strategy="steps", save_steps=STEPS // 2),
                               train_dataset=Toy(), taciturn_optimizer="cdadam", taciturn_kwargs={"block_size": 256})
     trainer.train()
+    mid = os.path.join(ckpt_dir, f"checkpoint-{STEPS // 2}")
+    files = sorted(f for f in os.listdir(mid) if f.startswith("taciturn_"))
     model = tiny_bert()
     trainer = TaciturnTrainer(model=model, args=args_for(ckpt_dir), train_dataset=Toy(),
                               taciturn_optimizer="cdadam", taciturn_kwargs={"block_size": 256})
-    trainer.train(resume_from_checkpoint=os.path.join(ckpt_dir, f"checkpoint-{STEPS // 2}"))
-    results["resumed"] = {"params": flat(model)}
+    trainer.train(resume_from_checkpoint=mid)
+    results["resumed"] = {"params": flat(model), "files": files}
     return results
 
 

@@ -96,6 +96,7 @@ def test_trainer_route_equals_ddp_hook_route(plain):
 
 def test_resume_from_checkpoint_continues_bit_identically(plain):
     for r in plain:
+        assert r["resumed"]["files"] == ["taciturn_rank0.pt", "taciturn_rank1.pt"]  # the names saved checkpoints hold
         assert torch.equal(r["resumed"]["params"], r["optimizer"]["params"])
 
 
@@ -150,7 +151,7 @@ def _script():
 
 def test_finetune_script_reads_installed_model_and_real_fortunes():
     """The script's inputs as it builds them: the installed package's model folder, the real
-    fortune files through taciturn.datasets.fortunes, tokenized by that model's tokenizer."""
+    fortune files through scripts/_datasets.py, tokenized by that model's tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
     script = _script()

@@ -16,9 +16,7 @@ TIMEOUT = 600
 
 
 def _load(name):
-    """scripts/<name>.py as a module (scripts/ joins sys.path, as the scripts expect)."""
-    if SCRIPTS not in sys.path:
-        sys.path.insert(0, SCRIPTS)
+    """scripts/<name>.py as a module (scripts/ is on sys.path through tests/conftest.py)."""
     return importlib.import_module(name)
 
 

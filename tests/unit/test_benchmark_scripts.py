@@ -10,11 +10,10 @@ import sys
 
 import pytest
 
+import _bench  # scripts/, on sys.path through tests/conftest.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = os.path.join(ROOT, "scripts")
-sys.path.insert(0, SCRIPTS)
-
-import _bench  # noqa: E402
 
 # script -> patterns its --quick output must contain (regular expressions, one line each)
 EXPECTED = {

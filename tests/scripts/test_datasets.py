@@ -1,11 +1,11 @@
-"""taciturn.datasets against the real Debian files (dataset-fashion-mnist, fortunes)."""
+"""scripts/_datasets.py against the real Debian files (dataset-fashion-mnist, fortunes)."""
 import gzip
 import os
 
 import pytest
 import torch
 
-from taciturn import datasets
+import _datasets as datasets  # scripts/, on sys.path through tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,9 @@
 """The data sets of the demo, benchmarks and tests, read from Debian packages (no download).
 
+A helper of scripts/ (on ``sys.path``), not part of the taciturn package: the library trains on
+whatever data its user has. Named ``_datasets`` so that it does not shadow Hugging Face's
+``datasets`` package for the scripts and tests that put scripts/ first on ``sys.path``.
+
 ``fashion_mnist(split)``: Fashion-MNIST from ``apt-get install dataset-fashion-mnist``
 (/usr/share/datasets/fashion-mnist), as normalised float images and int64 labels.
 ``fortunes()``: short texts from ``apt-get install fortunes`` (/usr/share/games/fortunes), one

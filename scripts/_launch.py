@@ -1,9 +1,10 @@
 """Run a function on n local gloo ranks: forked processes meeting through a file store.
 
-For tests, benchmarks and quick experiments on one machine (``torchrun`` is the launcher for
-real jobs). The ranks are forked (no re-import per rank), single-threaded (OpenMP pools do not
-survive fork), meet through a file store in a fresh temporary folder (no port to race for),
-and are killed after ``timeout`` seconds.
+A helper of the tests and benchmarks on one machine (scripts/ on ``sys.path``), not part of the
+taciturn package: real jobs start with torchrun, deepspeed or horovodrun. The ranks are forked
+(no re-import per rank), single-threaded (OpenMP pools do not survive fork), meet through a
+file store in a fresh temporary folder (no port to race for), and are killed after ``timeout``
+seconds.
 """
 from __future__ import annotations
 
