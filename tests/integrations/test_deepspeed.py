@@ -224,7 +224,7 @@ def test_refusals_name_the_fix(runs):
     for r in result(runs, "refusals"):
         assert "ZeRO stage 1" in r["zero1"] and '"stage": 0' in r["zero1"]
         assert "'CDAdma'" in r["unknown_type"] and "Did you mean 'CDAdam'" in r["unknown_type"]
-        assert "Valid names" in r["unknown_type"] and "OneBitAdam" in r["unknown_type"]
+        assert "valid names" in r["unknown_type"] and "OneBitAdam" in r["unknown_type"]
         assert "'betass' (did you mean 'betas'?)" in r["misspelled_param"]
         assert "valid parameters" in r["misspelled_param"]
         assert "ZeroOneAdam" in r["zero_one_adam"] and "use \"OneBitAdam\"" in r["zero_one_adam"]
