@@ -4,7 +4,7 @@ communicators, presets): case, ``_`` and ``-`` do not count, so a JSON ``"type":
 from __future__ import annotations
 
 import difflib
-from typing import Dict, Generic, Iterable, List, Optional, TypeVar
+from typing import Dict, Generic, List, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -42,6 +42,3 @@ class Registry(Generic[T]):
 
     def get(self, name) -> T:
         return self._entries[self.canonical(name)]
-
-    def items(self) -> Iterable:
-        return self._entries.items()

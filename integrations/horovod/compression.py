@@ -110,9 +110,12 @@ class Compression:
         return ["none", "fp16", "bf16", "cdadam", "dist_ef_block_sign", "sparsams_topk", "ef_sign", "markov_sign"]
 
 
+_NAMES = Registry("compression", dict.fromkeys(Compression.names()))
+
+
 def _resolve_compression(compression):
     if isinstance(compression, str):
-        return getattr(Compression, Registry("compression", dict.fromkeys(Compression.names())).canonical(compression))
+        return getattr(Compression, _NAMES.canonical(compression))
     if isinstance(compression, TaciturnCompression):
         return compression
     if callable(getattr(compression, "compress", None)) and callable(getattr(compression, "decompress", None)):
