@@ -74,7 +74,8 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 
 from .compression import Compression, ScaledFP16Compressor, TaciturnCompression
 from .elastic import OptimizerStateHandler, broadcast_optimizer_state, broadcast_parameters
-from .optimizer import STATE_KEY, DistributedOptimizer
+from .optimizer import DistributedOptimizer
+from .taciturn_path import STATE_KEY
 
 __all__ = ["Compression", "TaciturnCompression", "ScaledFP16Compressor", "DistributedOptimizer",
            "broadcast_parameters", "broadcast_optimizer_state", "OptimizerStateHandler", "STATE_KEY"]

@@ -8,7 +8,8 @@ import horovod.torch as hvd
 import torch
 from horovod.torch.elastic import state as _elastic_state
 
-from .optimizer import STATE_KEY, DistributedOptimizer
+from .optimizer import DistributedOptimizer
+from .taciturn_path import STATE_KEY
 
 
 broadcast_parameters = hvd.broadcast_parameters
@@ -46,8 +47,7 @@ def broadcast_optimizer_state(optimizer, root_rank: int = 0, model=None) -> None
         inner.load_state_dict(shared)
         if own is not None:
             inner.state[STATE_KEY] = own
-    if optimizer.is_taciturn:
-        optimizer._agree_on_compression_state(root_rank)
+    optimizer._agree_on_compression_state(root_rank)
 
 
 def _initialize_state(optimizer: torch.optim.Optimizer, model=None) -> None:

@@ -1,29 +1,24 @@
-"""The wrapper: ``DistributedOptimizer`` with Horovod's signature, its gradient hooks, buckets
-and communication thread, over taciturn's exchange or Horovod's own allreduce."""
+"""The wrapper: ``DistributedOptimizer`` with Horovod's signature, its gradient hooks, the
+gradient accumulation count and the wrapped optimizer; the communication is one of two paths,
+``taciturn_path`` (a preset) or ``passthrough`` (a Horovod Compressor), picked at construction."""
 from __future__ import annotations
 
 import functools
 import hashlib
-import time
 import warnings
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import horovod.torch as hvd
 import torch
 
-from ...comm.base import gather_objects
 from ...comm.horovod import HorovodCommunicator
 from ...consistency import check_same
-from ...exchange import Exchange
-from ...feedback import make_feedback
 from ...metrics import CommStats
-from ...state import CompressionState, mismatch
+from . import passthrough, taciturn_path
 from .compression import Compression, TaciturnCompression, _describe_compression, _resolve_compression
-
-STATE_KEY = "taciturn.horovod"
+from .taciturn_path import STATE_KEY
 
 
 _TOO_MANY_PASSES = ("Gradients were computed more than backward_passes_per_step times before call to step(). "
@@ -73,7 +68,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.gradient_predivide_factor = float(gradient_predivide_factor)
         self.sparse_as_dense = sparse_as_dense
         self.backward_passes_per_step = backward_passes_per_step
-        self._check_op()
+        passthrough.check_arguments(self.compression, self.op, self.gradient_predivide_factor)
+        if self.is_taciturn:
+            taciturn_path.check_arguments(self.compression, self.op, self.gradient_predivide_factor,
+                                          _op_name(self.op))
         if num_groups:
             warnings.warn("num_groups is deprecated (as in Horovod): use groups=", DeprecationWarning, stacklevel=2)
             groups = num_groups if groups is None else groups
@@ -90,8 +88,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             first.setdefault(g, len(first))
         ranked = sorted(range(len(order)), key=lambda i: first[group_ids[i]])
         self._params: List[torch.Tensor] = [order[i] for i in ranked]
-        self._group_ids = [group_ids[i] for i in ranked]
-        self._parameter_names = names
+        self._parameter_names = names  # Horovod's attribute (its tests read it)
         self._names = [names[p] for p in self._params]
         # Every argument is checked above, without Horovod (as in Horovod); from here on it must run.
         if not hvd.is_initialized():
@@ -103,9 +100,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.stats = CommStats()
 
         self._active = bool(self.process_set.included())
-        self.comm: Optional[HorovodCommunicator] = None
-        self.exchange: Optional[Exchange] = None
-        self._executor: Optional[ThreadPoolExecutor] = None
+        self.comm = None
+        self._path = None
         self._should_synchronize = True
         self._synchronized = False
         self._hooks = []
@@ -114,11 +110,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
             return
         self.comm = HorovodCommunicator(self.process_set, prefix=self._prefix)
         if self.is_taciturn:
-            self._build_exchange()
-            self._init_compression_state(step=0)
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taciturn-hvd")
+            self._path = taciturn_path.TaciturnPath(
+                self.compression, optimizer, self._params, [group_ids[i] for i in ranked], self._names,
+                self._prefix, self.process_set, self.comm, self.op, bucket_cap_mb, self.stats)
+        else:
+            self._path = passthrough.HorovodPath(self.compression, self._params, self._names, self._prefix,
+                                                 self.process_set, self.op, self.gradient_predivide_factor,
+                                                 sparse_as_dense)
         self._check_consistency()
-        self._reset_pending()
         ref = weakref.ref(self)
         for p in self._params:
             self._hooks.append(p.register_post_accumulate_grad_hook(functools.partial(_grad_ready, ref)))
@@ -126,35 +125,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ set-up
     @property
     def is_taciturn(self) -> bool:
-        """True when the compression is a taciturn preset (compressed pipeline, stateful)."""
+        """True when the compression is a taciturn preset (compressed exchange, stateful)."""
         return isinstance(self.compression, TaciturnCompression)
 
-    def _check_op(self) -> None:
-        if self.op == hvd.Adasum:
-            raise ValueError("op=hvd.Adasum is not supported by taciturn's DistributedOptimizer; use "
-                             "hvd.DistributedOptimizer(..., op=hvd.Adasum)")
-        if self.gradient_predivide_factor != 1.0 and self.op != hvd.Average:
-            raise ValueError("gradient_predivide_factor is supported only with op=hvd.Average (as in Horovod)")
-        if self.is_taciturn:
-            if self.op not in (hvd.Average, hvd.Sum):
-                raise ValueError(f"op={_op_name(self.op)}: Compression.{self.compression.name} averages (hvd.Average) "
-                                 "or sums (hvd.Sum) gradients")
-            if self.gradient_predivide_factor != 1.0:
-                raise ValueError(f"gradient_predivide_factor={self.gradient_predivide_factor!r}: "
-                                 f"Compression.{self.compression.name} averages decoded fp32 values, which "
-                                 "cannot overflow; leave it at 1.0")
-
-    def _build_exchange(self) -> None:
-        chosen = self.compression.preset
-        self.exchange = Exchange([p.numel() for p in self._params], chosen.make_compressor(),
-                                 make_feedback(chosen.worker), make_feedback(chosen.server), self.comm,
-                                 chosen.two_way, self.bucket_cap_mb, self._group_ids)
-        self._compression = CompressionState(self._optimizer, STATE_KEY, {"": self.exchange}, self.comm,
-                                             self._params[0].device, "DistributedOptimizer", rank_bound=True)
-        self._bucket_of = {}
-        for b, idx in enumerate(self.exchange.buckets):
-            for i in idx:
-                self._bucket_of[self._params[i]] = b
+    @property
+    def exchange(self):
+        """The core ``Exchange`` of a preset (None for a Horovod Compressor or outside the process set)."""
+        return getattr(self._path, "exchange", None)
 
     def _check_consistency(self) -> None:
         check_same(self.comm, f"DistributedOptimizer on {self.process_set}", {
@@ -170,106 +147,25 @@ class DistributedOptimizer(torch.optim.Optimizer):
         tensor, plus ``step``, ``rank``, ``world_size`` and ``signature``."""
         return self._optimizer.state[STATE_KEY]
 
-    def _init_compression_state(self, step: int) -> None:
-        self._compression.reset(step)
-
-    def _foreign_state(self, saved: dict) -> Optional[str]:
-        """Why ``saved`` is not this rank's compression state for these settings (None if it is)."""
-        return mismatch(saved, self.comm, self._compression.signature())
-
     def reset_compression_state(self) -> None:
         """Zero every error and Markov sequence on this rank (keeps the step). Call it on every rank."""
-        if self.is_taciturn and self._active:
-            self._init_compression_state(step=self.compression_state["step"])
+        if self._active:
+            self._path.reset_state()
 
     # ------------------------------------------------------------------ hooks and communication
     def _reset_pending(self) -> None:
         self._delay = {p: self.backward_passes_per_step for p in self._params}
         self._touched = False
-        self._handles = {}
-        self._futures: Dict[int, object] = {}
-        self._sparse = set()
-        self._everyone_here = True
-        if self.exchange is not None:
-            self._missing = [len(idx) for idx in self.exchange.buckets]
-            self._next_bucket = 0
+        if self._path is not None:
+            self._path.forget()
 
     def _on_grad_ready(self, p: torch.Tensor) -> None:
         if self._delay[p] <= 0:
             raise AssertionError(_TOO_MANY_PASSES)
         self._touched = True
         self._delay[p] -= 1
-        if self._delay[p] > 0:
-            return
-        if self.is_taciturn:
-            self._missing[self._bucket_of[p]] -= 1
-            while self._next_bucket < len(self._missing) and self._missing[self._next_bucket] == 0:
-                self._launch_bucket(self._next_bucket)
-        else:
-            self._handles[p] = self._allreduce_async(p)
-
-    def _wire_grad(self, p: torch.Tensor) -> torch.Tensor:
-        """``p.grad`` as the dense tensor that goes on the wire (zeros if missing). A sparse
-        gradient is densified in place and made sparse again once averaged (``_resparsify``),
-        as Horovod's ``sparse_as_dense`` does, so sparse optimizers (SparseAdam) still get one."""
-        if p.grad is None:
-            # Not computed here (e.g. a branch unused on this rank), maybe computed elsewhere:
-            # every rank must take part, with zeros (as Horovod does).
-            p.grad = torch.zeros_like(p)
-        if p.grad.is_sparse:
-            self._sparse.add(p)
-            p.grad = p.grad.to_dense()
-        return p.grad
-
-    def _resparsify(self) -> None:
-        for p in self._sparse:
-            p.grad = p.grad.to_sparse()
-
-    def _launch_bucket(self, b: int) -> None:
-        grads = [self._wire_grad(self._params[i]) for i in self.exchange.buckets[b]]
-        self._futures[b] = self._executor.submit(self._exchange_bucket, b, grads, self._compression.bucket("", b),
-                                                 self.compression_state["step"])
-        self._next_bucket = b + 1
-
-    def _exchange_bucket(self, b: int, grads: List[torch.Tensor], state: Dict[str, torch.Tensor],
-                         step: int) -> List[torch.Tensor]:
-        """(communication thread) Bucket ``b``'s average. Before the first bucket of a step the
-        ranks count who is here (an allreduce, which Horovod's join supports: a rank inside
-        ``hvd.join()`` adds 0). With everyone here the bucket goes through the compressed
-        pipeline; while some rank is joined, through ``_joined_average``."""
-        if b == 0:
-            here = hvd.allreduce(torch.ones(1), name=f"{self._prefix}.here", op=hvd.Sum, process_set=self.process_set)
-            self._everyone_here = int(here.item()) == self.comm.world_size
-        if self._everyone_here:
-            return self.exchange.allreduce(grads, [state], buckets=[b], step=step, stats=self.stats)
-        return self._joined_average(b, grads)
-
-    def _joined_average(self, b: int, grads: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Horovod's join semantics for a step that some rank spends inside ``hvd.join()``: an
-        fp32 allreduce, the joined ranks contributing zeros, averaged over all ranks. The joined
-        ranks cannot run the compressed pipeline (it needs every rank's alltoall and its server
-        chunk), so the compression state is left as it is on every rank."""
-        start = time.perf_counter()
-        handles = [hvd.allreduce_async(g.float(), name=f"{self._prefix}.joined.{self._names[i]}", op=hvd.Average,
-                                       process_set=self.process_set) for i, g in zip(self.exchange.buckets[b], grads)]
-        averaged = [hvd.synchronize(h) for h in handles]
-        fp32 = 4 * sum(g.numel() for g in grads)
-        self.stats.record(fp32, fp32, fp32, 0.0, time.perf_counter() - start)
-        return averaged
-
-    def _allreduce_async(self, p: torch.Tensor):
-        name = f"{self._prefix}.{self._parameter_names[p]}"
-        if p.grad is not None and p.grad.is_sparse and not self.sparse_as_dense:
-            # Horovod's sparse allreduce: allgather of indices and values (uncompressed).
-            return hvd.sparse_allreduce_async(p.grad, name=name, op=self.op, process_set=self.process_set), None
-        compressed, ctx = self.compression.compress(self._wire_grad(p))
-        if self.op == hvd.Average:
-            pre, post = 1.0 / self.gradient_predivide_factor, self.gradient_predivide_factor
-        else:
-            pre, post = 1.0, 1.0
-        handle = hvd.allreduce_async_(compressed, name=name, op=self.op, prescale_factor=pre,
-                                      postscale_factor=post, process_set=self.process_set)
-        return handle, ctx
+        if self._delay[p] == 0:
+            self._path.grad_ready(p)
 
     def synchronize(self) -> None:
         """Finish the communication of every gradient and write the averages into ``p.grad``."""
@@ -277,46 +173,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._synchronized = True
             return
         try:
-            if self.is_taciturn:
-                self._finish_buckets()
-            else:
-                self._finish_allreduces()
+            self._path.finish()
         finally:
             self._reset_pending()
         self._synchronized = True
-
-    def _finish_buckets(self) -> None:
-        while self._next_bucket < len(self._missing):
-            self._launch_bucket(self._next_bucket)
-        outcomes, error = {}, None
-        for b, future in self._futures.items():
-            try:
-                outcomes[b] = future.result()
-            except BaseException as e:  # wait for every bucket before raising: none may run on
-                error = error or e
-        if error is not None:
-            raise error
-        factor = float(self.comm.world_size) if self.op == hvd.Sum else 1.0
-        for b, averaged in sorted(outcomes.items()):
-            for i, g in zip(self.exchange.buckets[b], averaged):
-                self._params[i].grad.copy_(g if factor == 1.0 else g * factor)
-        self._resparsify()
-        self.stats.end_step()
-        if self._everyone_here:
-            self.compression_state["step"] += 1
-
-    def _finish_allreduces(self) -> None:
-        for p in self._params:
-            if p not in self._handles:
-                self._handles[p] = self._allreduce_async(p)
-        for p, (handle, ctx) in self._handles.items():
-            if callable(handle):  # a sparse allreduce: its result is the averaged sparse gradient
-                p.grad = handle()
-                continue
-            out = self.compression.decompress(hvd.synchronize(handle), ctx)
-            if out is not p.grad:
-                p.grad.copy_(out)
-        self._resparsify()
 
     @contextmanager
     def skip_synchronize(self):
@@ -338,7 +198,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return self._optimizer.step(closure)
 
     def zero_grad(self, set_to_none: bool = True):
-        if self._touched or self._futures or self._handles:
+        if self._touched or (self._path is not None and self._path.busy):
             raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before optimizer.step() "
                                  "or optimizer.synchronize(). This is prohibited as it can cause a race condition.")
         return self._optimizer.zero_grad(set_to_none=set_to_none)
@@ -384,62 +244,39 @@ class DistributedOptimizer(torch.optim.Optimizer):
         restarts compression from zero, so pass it on every rank).
         """
         self._drain()
-        taciturn = self.is_taciturn and self._active
-        saved = self._compression.saved(state_dict, reset_compression_state) if taciturn else None
+        saved = self._path.saved(state_dict, reset_compression_state) if self._active else None
         self._optimizer.load_state_dict(state_dict)
-        if taciturn:
-            self._compression.restore(saved, reset_compression_state)
+        if self._active:
+            self._path.restore(saved, reset_compression_state)
 
     def _drain(self) -> None:
         """Forget the current step's communication (as Horovod's load_state_dict does), after
         letting any bucket already handed to the communication thread finish."""
-        for future in self._futures.values():
-            if not future.cancel():
-                future.exception()
         if self._active:
+            self._path.drain()
             self._reset_pending()
         self._synchronized = False
         self._should_synchronize = True
 
     def _rejoin(self) -> None:
-        """Fresh communicator names (and a fresh pipeline and compression state if this rank's
-        place changed): Horovod was re-initialised (elastic) or ranks resynchronise."""
+        """Fresh communicator names (and, for a preset, a fresh exchange, and a fresh compression
+        state if this rank's place changed): Horovod was re-initialised (elastic) or ranks resynchronise."""
         self._drain()
         if not self._active:
             return
-        before = (self.comm.rank, self.comm.world_size)
         self.comm = HorovodCommunicator(self.process_set, prefix=self._prefix)
-        if self.is_taciturn:
-            step = self.compression_state["step"]
-            self._build_exchange()
-            if (self.comm.rank, self.comm.world_size) != before:
-                self._init_compression_state(step)
-            self._reset_pending()
+        self._path.rejoin(self.comm)
 
     def _agree_on_compression_state(self, root_rank: int) -> None:
-        """Keep each rank's own state if all hold theirs for one step; otherwise zero everywhere."""
-        st = self.compression_state
-        mine = (self._foreign_state(st), int(st["step"]))
-        everyone = gather_objects(self.comm, mine)
-        root = self.process_set.ranks.index(root_rank) if self.process_set.ranks else root_rank
-        steps = {step for _, step in everyone}
-        problems = [f"rank {r}: {why}" for r, (why, _) in enumerate(everyone) if why]
-        if not problems and len(steps) == 1:
-            return
-        root_step = everyone[root][1]
-        if self.comm.rank == root:
-            reason = "; ".join(problems) if problems else f"ranks hold compression state of steps {sorted(steps)}"
-            warnings.warn(f"taciturn: compression state restarted from zero on every rank at step {root_step} "
-                          f"({reason}). Per-rank errors and Markov sequences cannot be broadcast; to keep them, "
-                          "every rank saves and loads its own optimizer.state_dict().")
-        self._init_compression_state(root_step)
+        """Keep each rank's own compression state if all hold theirs for one step; otherwise zero it everywhere."""
+        self._path.agree(self.process_set.ranks.index(root_rank) if self.process_set.ranks else root_rank)
 
     def __getstate__(self):
         raise TypeError("DistributedOptimizer holds hooks, a communicator and a thread and cannot be pickled: save "
                         "optimizer.state_dict() (per rank) instead")
 
     def __repr__(self):
-        what = self.compression.describe() if self.is_taciturn else repr(self.compression)
+        what = self._path.describe() if self._path is not None else repr(self.compression)
         return f"DistributedOptimizer({self._optimizer!r}, compression={what}, process_set={self.process_set})"
 
 
