@@ -59,6 +59,11 @@ compression from zero on every rank, the only state all ranks can agree on. Impo
 module registers a handler so ``hvd.elastic.TorchState`` commits, restores and syncs the
 optimizer this way.
 
+Modules: ``compression`` (the choices), ``optimizer`` (the wrapper), ``taciturn_path`` and
+``passthrough`` (its two communication paths, one interface: ``grad_ready``, ``finish``,
+``forget``, ``drain``, ``rejoin`` and the compression-state calls), ``gradients`` (the dense
+wire gradient), ``elastic`` (state sync, the elastic handler).
+
 Horovod 0.28.1's torch binding has no bfloat16 collectives, so there is no bf16 Compressor for
 ``hvd.DistributedOptimizer``; ``Compression.bf16`` carries bf16 through this module's optimizer
 (alltoall/allgather of bf16 bytes, averaged in fp32).
