@@ -23,7 +23,8 @@ def check_same(comm: Communicator, owner: str, signature: dict, what: str) -> No
     for rank, (theirs, sig) in enumerate(gather_objects(comm, (digest, signature))):
         if theirs == digest:
             continue
-        for key, mine in signature.items():
+        for key in list(signature) + [k for k in sig if k not in signature]:
+            mine = signature.get(key)
             if sig.get(key) != mine:
                 raise RuntimeError(f"{owner}: rank {rank} and rank {comm.rank} disagree on {key}: "
                                    f"{first_difference(key, sig.get(key), mine)}. Every rank must build the same {what}.")
@@ -33,9 +34,9 @@ def first_difference(key: str, a, b) -> str:
     """Where two values of signature entry ``key`` differ: the first differing element of two
     lists (of parameters: their name, shape, dtype), else both values."""
     if isinstance(a, list) and isinstance(b, list):
-        noun = "parameter" if key in ("params", "parameters") else "entry"
+        noun, nouns = ("parameter", "parameters") if key in ("params", "parameters") else ("entry", "entries")
         if len(a) != len(b):
-            return f"{len(a)} vs {len(b)} {noun}s"
+            return f"{len(a)} vs {len(b)} {nouns}"
         for i, (x, y) in enumerate(zip(a, b)):
             if x != y:
                 show = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else repr(v)

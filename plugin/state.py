@@ -100,8 +100,8 @@ class CompressionState:
     def free(self, name: str) -> None:
         """Drop exchange ``name``'s tensors (one that will not run again), returning their memory.
         The dict is replaced, not edited, so a ``state_dict()`` taken earlier keeps them."""
-        prefix = f"{name}."
-        self.flat = {k: v for k, v in self.flat.items() if not k.startswith(prefix)}
+        owned = (lambda k: k.startswith(f"{name}.")) if name else (lambda k: k.split(".", 1)[0].isdigit())
+        self.flat = {k: v for k, v in self.flat.items() if not owned(k)}
 
     def saved(self, state_dict: dict, reset: bool) -> Optional[dict]:
         """The compression state inside an optimizer ``state_dict``, checked: refused (raises)
