@@ -14,7 +14,8 @@ markov     y = x - h ; h = h + c            H = H + a ; y = H - G   (G += c~ on 
 
 Every rank then decodes what the servers sent into the result: that decoded vector itself,
 or for Markov the shared sequence ``G = G + c~`` (``result_target``). In one-way mode there
-is no server compression and ``accumulate(a)`` gives the result (Markov: ``H = H + a``).
+is no server compression and ``accumulate(a)`` gives the result (Markov: ``H = H + a``); in
+sharded mode ``accumulate(a)`` is what the chunk owner's update rule reads.
 """
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ class Feedback:
     worker_keys: Tuple[str, ...] = ()
     server_keys: Tuple[str, ...] = ()
     result_keys: Tuple[str, ...] = ()
-    #: state names of a one-way exchange (full-length on every rank, which averages itself)
-    one_way_keys: Tuple[str, ...] = ()
+    #: state names of ``accumulate``: full-length in a one-way exchange (every rank averages
+    #: itself), the owner's chunk in a sharded one (the aggregate before the update rule)
+    accumulate_keys: Tuple[str, ...] = ()
     #: whether the result is one of this rule's state tensors (Markov) rather than the decoded average
     keeps_result = False
 
@@ -106,7 +108,7 @@ class MarkovFeedback(Feedback):
     worker_keys = ("worker_markov",)
     server_keys = ("server_markov",)
     result_keys = ("result_markov",)
-    one_way_keys = ("server_markov",)
+    accumulate_keys = ("server_markov",)
     keeps_result = True
 
     def worker_step(self, st, error_scale):

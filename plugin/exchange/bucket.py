@@ -14,7 +14,7 @@ of page faults here, several times the pass over it.
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -68,10 +68,12 @@ class BucketExchange:
 
     def __init__(self, x: Union[torch.Tensor, Segments], layout: BucketLayout, compressor: Compressor,
                  worker: Feedback, server: Feedback, direction, state: State, comm: Communicator, *,
-                 error_scale: float, seed: int, stats: Optional[CommStats], work: Workspace):
+                 error_scale: float, seed: int, stats: Optional[CommStats], work: Workspace,
+                 owner: Optional[Callable] = None):
         self.x, self.layout, self.compressor, self.comm = x, layout, compressor, comm
         self.worker, self.server, self.direction, self.state = worker, server, direction, state
         self.error_scale, self.seed, self.stats, self.work = error_scale, seed, stats, work
+        self.owner = owner  # a sharded exchange's update rule on this rank's chunk
         self.n = comm.world_size
         self.device = x.device
         self.busy = 0.0  # seconds in the stages, waits for collectives included

@@ -5,6 +5,10 @@ serves chunk j (averages, applies the server rule, recompresses) and every rank 
 servers' chunks (all_gather). One-way: every rank gathers every worker's whole payload and
 averages it; there is no server compression.
 
+Sharded (ALGORITHMS.md, "Sharded state"): the uplink of two-way; rank j keeps the update
+rule's state for chunk j, runs the rule on the aggregate before any server compression and
+gathers the model change, compressed with error feedback on it (or cast to fp32 / bf16).
+
 A direction lays out the feedback state of a bucket, counts its wire bytes and runs the three
 stages of ``BucketExchange`` (``start``, ``serve``, ``finish``).
 """
@@ -15,7 +19,8 @@ from typing import Dict, List, Tuple
 import torch
 
 from ..comm import Handle
-from ..feedback import Feedback, State
+from ..compressors import Compressor
+from ..feedback import Feedback, FeedbackStep, State
 from ..layout import BucketLayout
 
 
@@ -31,10 +36,10 @@ class TwoWay:
     two_way = True
 
     @staticmethod
-    def state_lengths(rule: Feedback, layout: BucketLayout, rank: int) -> Dict[str, int]:
-        lengths = {k: layout.numel for k in rule.worker_keys}
-        lengths.update({k: layout.chunk_numel(rank) for k in rule.server_keys})
-        lengths.update({k: layout.numel for k in rule.result_keys})
+    def state_lengths(worker: Feedback, server: Feedback, layout: BucketLayout, rank: int) -> Dict[str, int]:
+        lengths = {k: layout.numel for k in worker.worker_keys}
+        lengths.update({k: layout.chunk_numel(rank) for k in server.server_keys})
+        lengths.update({k: layout.numel for k in server.result_keys})
         return lengths
 
     @staticmethod
@@ -86,8 +91,8 @@ class OneWay:
     two_way = False
 
     @staticmethod
-    def state_lengths(rule: Feedback, layout: BucketLayout, rank: int) -> Dict[str, int]:
-        return {k: layout.numel for k in rule.worker_keys + rule.one_way_keys}
+    def state_lengths(worker: Feedback, server: Feedback, layout: BucketLayout, rank: int) -> Dict[str, int]:
+        return {k: layout.numel for k in worker.worker_keys + server.accumulate_keys}
 
     @staticmethod
     def wire_bytes(layouts: List[BucketLayout], n: int) -> Tuple[int, int]:
@@ -112,15 +117,61 @@ class OneWay:
         return ex.server.accumulate(a, ex.state)
 
 
+class Sharded:
+    """``downlink``: the codec of the model change; ``error_feedback``: keep the owner's error
+    on it (``downlink_error``); ``owner_keys``: the update rule's state, kept for the chunk.
+    The stages call ``ex.owner(chunk, aggregate, state)``, which runs the update rule on the
+    owner's chunk and returns the model change (x_old - x_new) there."""
+
+    two_way = True
+    start = staticmethod(TwoWay.start)
+
+    def __init__(self, downlink: Compressor, error_feedback: bool, owner_keys: Tuple[str, ...]):
+        self.downlink, self.error_feedback, self.owner_keys = downlink, error_feedback, tuple(owner_keys)
+
+    def state_lengths(self, worker: Feedback, server: Feedback, layout: BucketLayout, rank: int) -> Dict[str, int]:
+        chunk = layout.chunk_numel(rank)
+        lengths = {k: layout.numel for k in worker.worker_keys}
+        lengths.update({k: chunk for k in server.accumulate_keys + self.owner_keys})
+        if self.error_feedback:
+            lengths["downlink_error"] = chunk
+        return lengths
+
+    def chunk_nbytes(self, layout: BucketLayout) -> int:
+        return max(self.downlink.nbytes(p) for p in layout.chunk_pieces)
+
+    def wire_bytes(self, layouts: List[BucketLayout], n: int) -> Tuple[int, int]:
+        return (sum(n * lay.chunk_nbytes for lay in layouts),
+                sum(n * self.chunk_nbytes(lay) for lay in layouts))
+
+    def serve(self, ex) -> Handle:
+        lay, me = ex.layout, ex.comm.rank
+        received = ex.wait()
+        sl, pieces = lay.chunk(me), lay.chunk_pieces[me]
+        a = ex.compressor.decode_mean(received, pieces, ex.seed_for(0, me),
+                                      ex.work.scratch("sum", lay.chunk_numel(me), ex.device))
+        delta = ex.owner(sl, ex.server.accumulate(a, ex.state), ex.state)
+        rule = FeedbackStep(ex.state["downlink_error"], 1.0, "ef") if self.error_feedback else FeedbackStep(None, 0.0, "none")
+        payload = self.downlink.encode_fused(delta, pieces, rule, seed=ex.seed_for(1, me))
+        return ex.comm.all_gather_async(_fit(payload, self.chunk_nbytes(lay)))
+
+    def finish(self, ex, gathered: torch.Tensor) -> torch.Tensor:
+        lay = ex.layout
+        result = ex.work.keep("result", lay.numel, ex.device)
+        for j in range(ex.n):
+            self.downlink.decode(gathered[j], lay.chunk_pieces[j], ex.seed_for(1, j), out=result[lay.chunk(j)])
+        return result
+
+
 def direction(two_way: bool):
     return TwoWay if two_way else OneWay
 
 
-def init_state(worker: Feedback, server: Feedback, layout: BucketLayout, two_way: bool, rank: int,
+def init_state(worker: Feedback, server: Feedback, layout: BucketLayout, way, rank: int,
                device=None) -> State:
-    """Zero fp32 feedback state of one bucket for this rank: both rules' tensors (full-length on
-    every worker, the rank's chunk for a server's, in two-way mode)."""
-    lengths = direction(two_way).state_lengths(worker, layout, rank)
-    for k, n in direction(two_way).state_lengths(server, layout, rank).items():
-        lengths.setdefault(k, n)
+    """Zero fp32 feedback state of one bucket for this rank: the worker rule's tensors
+    (full-length) and the server rule's (the rank's chunk in two-way mode). ``way``: two-way (a bool)
+    or a direction."""
+    way = direction(way) if isinstance(way, bool) else way
+    lengths = way.state_lengths(worker, server, layout, rank)
     return {k: torch.zeros(n, dtype=torch.float32, device=device) for k, n in lengths.items()}

@@ -10,18 +10,23 @@ become ready) and the DDP hook (an exchange of one bucket per DDP bucket).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+import functools
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..comm import Communicator
-from ..compressors import Compressor
+from ..compressors import Compressor, make_compressor
 from ..feedback import Feedback, State
 from ..layout import BucketLayout
 from ..metrics import CommStats
 from ..segments import Segments
 from .bucket import BucketExchange, Workspace
-from .direction import direction, init_state
+from .direction import Sharded, direction, init_state
+
+#: ``downlink`` values of a sharded exchange: the model change compressed by the exchange's own
+#: codec with error feedback on it, or cast to bf16 / sent in fp32 (exact ZeRO-1 semantics)
+DOWNLINKS = ("1bit", "bf16", "fp32")
 
 
 def bucket_ranges(sizes: Sequence[int], cap_elems: int, groups: Optional[Sequence[int]] = None) -> List[range]:
@@ -52,11 +57,18 @@ class Exchange:
     """``bucket_cap_mb``: fp32 megabytes per bucket, or None for one bucket of everything.
     ``groups``: a group id per tensor; a bucket never spans two. ``workspace``: None gives every
     bucket its own results (the buckets of one call are alive together); a caller that copies
-    each result out before the next bucket runs may share one workspace between exchanges."""
+    each result out before the next bucket runs may share one workspace between exchanges.
+
+    ``downlink`` (one of ``DOWNLINKS``; two-way only) makes the exchange sharded: rank j keeps
+    the update rule's state ``owner_keys`` for its chunk, ``allreduce`` takes the update rule as
+    ``owner_update`` and returns the model change instead of the average. The server rule then
+    only accumulates (Markov's H); the model change gets error feedback unless the server
+    rule is ``none`` or the downlink is a cast."""
 
     def __init__(self, sizes: Sequence[int], compressor: Compressor, worker: Feedback, server: Feedback,
                  comm: Communicator, two_way: bool = True, bucket_cap_mb: Optional[float] = 25.0,
-                 groups: Optional[Sequence[int]] = None, workspace: Optional[Workspace] = None):
+                 groups: Optional[Sequence[int]] = None, workspace: Optional[Workspace] = None,
+                 downlink: Optional[str] = None, owner_keys: Sequence[str] = ()):
         if bucket_cap_mb is not None and not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} must be > 0 (megabytes of fp32 per bucket, "
                              "default 25)")
@@ -65,7 +77,16 @@ class Exchange:
         self.worker, self.server = worker, server
         self.comm = comm
         self.two_way = two_way
-        self.direction = direction(two_way)
+        self.downlink = downlink
+        if downlink is None:
+            self.direction = direction(two_way)
+        else:
+            if downlink not in DOWNLINKS:
+                raise ValueError(f"downlink={downlink!r} must be one of {DOWNLINKS}")
+            if not two_way:
+                raise ValueError("a sharded exchange needs the two-way pipeline (the chunk owners run the update rule)")
+            codec = self.compressor if downlink == "1bit" else make_compressor("identity" if downlink == "fp32" else "bf16")
+            self.direction = Sharded(codec, downlink == "1bit" and server.name != "none", owner_keys)
         self.bucket_cap_mb = bucket_cap_mb
         cap = max(1, sum(self.sizes)) if bucket_cap_mb is None else max(1, int(bucket_cap_mb * 2 ** 20) // 4)
         self.groups = list(groups) if groups is not None else [0] * len(self.sizes)
@@ -84,13 +105,14 @@ class Exchange:
 
     def init_state(self, device=None) -> List[State]:
         """Zero feedback state of every bucket, for this rank."""
-        return [init_state(self.worker, self.server, lay, self.two_way, self.comm.rank, device)
+        return [init_state(self.worker, self.server, lay, self.direction, self.comm.rank, device)
                 for lay in self.layouts]
 
     def signature(self) -> tuple:
         """What a saved compression state must match: compressor, rules, direction, buckets."""
-        return (repr(self.compressor), self.worker.name, self.server.name, self.two_way,
-                [lay.numel for lay in self.layouts])
+        sig = (repr(self.compressor), self.worker.name, self.server.name, self.two_way,
+               [lay.numel for lay in self.layouts])
+        return sig if self.downlink is None else sig + (f"sharded downlink={self.downlink}",)
 
     def wire_bytes(self) -> dict:
         """Exact bytes per step handed to the collectives by one rank, per direction."""
@@ -113,8 +135,8 @@ class Exchange:
 
     def allreduce(self, tensors: Sequence[torch.Tensor], states: Sequence[State], *, step: int = 0,
                   buckets: Optional[Sequence[int]] = None, error_scale: Union[float, Sequence[float]] = 1.0,
-                  stats: Optional[CommStats] = None, seed_slot: Optional[Tuple[int, int]] = None
-                  ) -> List[torch.Tensor]:
+                  stats: Optional[CommStats] = None, seed_slot: Optional[Tuple[int, int]] = None,
+                  owner_update: Optional[Callable] = None) -> List[torch.Tensor]:
         """Average ``tensors`` over the ranks; returns fp32 tensors of their shapes.
 
         ``tensors``: the tensors of ``buckets`` (default: all, in order), or one flat tensor per
@@ -125,7 +147,14 @@ class Exchange:
         A call over all buckets closes the step in ``stats``; a caller issuing buckets one by
         one closes it with ``stats.end_step()``. Every rank issues buckets in the same order.
         The results may alias feedback state or scratch: read-only, used before the next call.
+
+        A sharded exchange needs ``owner_update(bucket, chunk, g, state)``: the update rule on
+        this rank's ``chunk`` (a slice of bucket ``bucket``) with the aggregate ``g``, its state in
+        ``state`` (the bucket's); it returns the model change x_old - x_new there (chunk-length
+        fp32). The results are then every rank's model change, the same bytes everywhere.
         """
+        if (owner_update is None) != (self.downlink is None):
+            raise ValueError("owner_update is required by a sharded exchange (downlink=...) and only by one")
         chosen = range(len(self.buckets)) if buckets is None else list(buckets)
         if len(states) != len(chosen):
             raise ValueError(f"{len(chosen)} buckets need {len(chosen)} states, got {len(states)}")
@@ -137,7 +166,8 @@ class Exchange:
             exchanges.append(BucketExchange(x, self.layouts[b], self.compressor, self.worker, self.server,
                                             self.direction, state, self.comm, error_scale=scale,
                                             seed=bucket_seed(step, index, count), stats=stats,
-                                            work=self.workspaces[b]))
+                                            work=self.workspaces[b],
+                                            owner=None if owner_update is None else functools.partial(owner_update, b)))
         # Stage by stage over the buckets: every bucket is compressed and its all_to_all started
         # before the first server phase, and every server phase has started its all_gather
         # before the first result is decoded, so each collective travels while this rank works

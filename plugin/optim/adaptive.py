@@ -1,7 +1,9 @@
 """AMSGrad-family methods: CD-Adam, SPARS-AMS and the AMSGrad baselines over the same exchange."""
 from __future__ import annotations
 
+from ..exchange import Workspace
 from ..presets import preset
+from ..segments import Segments
 from .base import CompressedOptimizer
 from .functional import adam_, amsgrad_, weight_decay_
 
@@ -17,9 +19,14 @@ class CompressedAMSGrad(CompressedOptimizer):
 
     Weight decay: ``decoupled_weight_decay=False`` adds ``weight_decay * x`` to the local
     gradient before compression (L2); ``True`` shrinks x directly (AdamW style).
+
+    ``shard_state=True``: the chunk owner keeps m, v, v^ for its chunk and runs the same rule
+    there on the aggregate before server compression (Markov's H, else the decoded mean); every
+    rank subtracts the model change it receives.
     """
 
     preset = "cdadam"
+    rule_state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, compressor=None, block_size=1024, ratio=None, k=None,
@@ -31,6 +38,7 @@ class CompressedAMSGrad(CompressedOptimizer):
                                              options=compressor_options, worker=worker_feedback,
                                              server=server_feedback, two_way=two_way)
         super().__init__(params, defaults, {"grad": grad}, **kwargs)
+        self._owner_work = Workspace()  # the sharded step's copies of x on the owner's chunk
 
     def _step(self):
         grads = self.local_grads()
@@ -39,19 +47,39 @@ class CompressedAMSGrad(CompressedOptimizer):
             if group["weight_decay"] and not group["decoupled_weight_decay"]:
                 grads[i] = weight_decay_(self.master(p), grads[i], lr=group["lr"],
                                          weight_decay=group["weight_decay"], decoupled=False)
+        if self.sharded:
+            changes = self.communicate("grad", grads, owner_update=self._owner_update)
+            for (_, p), change in zip(self._trainable, changes):
+                x = self.master(p)
+                self.write_back(p, x.sub_(change))
+            return
         avg = self.communicate("grad", grads)
         for (gi, p), g in zip(self._trainable, avg):
-            group = self.param_groups[gi]
             x = self.master(p)
-            if group["decoupled_weight_decay"]:
-                weight_decay_(x, g, lr=group["lr"], weight_decay=group["weight_decay"], decoupled=True)
-            self.update(p, x, g, group)
+            self.apply_rule(x, g, dict(zip(self.rule_state, self.param_state(p, *self.rule_state))),
+                            self.param_groups[gi])
             self.write_back(p, x)
 
-    def update(self, p, x, g, group):
-        m, v, vmax = self.param_state(p, "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    def apply_rule(self, x, g, st, group):
+        """The update rule on x (fp32, in place) with direction g and state tensors ``st``."""
+        if group["decoupled_weight_decay"]:
+            weight_decay_(x, g, lr=group["lr"], weight_decay=group["weight_decay"], decoupled=True)
+        self.update(x, g, st, group)
+
+    def update(self, x, g, st, group):
         b1, b2 = group["betas"]
-        amsgrad_(x, g, m, v, vmax, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"])
+        amsgrad_(x, g, st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"], lr=group["lr"], beta1=b1, beta2=b2,
+                 eps=group["eps"])
+
+    def _owner_update(self, bucket, chunk, g, st):
+        """The sharded step's rule on this rank's chunk of ``bucket``: x_old - x_new there."""
+        ex = self.exchanges["grad"]
+        idx = ex.buckets[bucket]
+        x = Segments([self.master(self._trainable[i][1]).reshape(-1) for i in idx])[chunk]
+        old = x.flat(self._owner_work.scratch("old", g.numel(), g.device))
+        new = self._owner_work.scratch("new", g.numel(), g.device).copy_(old)
+        self.apply_rule(new, g, st, self.param_groups[ex.groups[idx[0]]])
+        return old.sub_(new)
 
 
 class CDAdam(CompressedAMSGrad):
@@ -123,7 +151,9 @@ class Adam(AMSGrad):
                  decoupled_weight_decay=False, **kwargs):
         super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, **kwargs)
 
-    def update(self, p, x, g, group):
-        m, v = self.param_state(p, "exp_avg", "exp_avg_sq")
+    rule_state = ("exp_avg", "exp_avg_sq")
+
+    def update(self, x, g, st, group):
         b1, b2 = group["betas"]
-        adam_(x, g, m, v, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"], step=self.global_step + 1)
+        adam_(x, g, st["exp_avg"], st["exp_avg_sq"], lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
+              step=self.global_step + 1)

@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from ..comm import Communicator, make_communicator
 from ..compressors.sign import DEFAULT_BLOCK_SIZE
 from ..consistency import any_nonfinite, check_same, first_divergence
-from ..exchange import Exchange
+from ..exchange import DOWNLINKS, Exchange
 from ..feedback import make_feedback
 from ..metrics import CommStats
 from ..presets import Preset
@@ -54,10 +54,16 @@ def check_betas(betas) -> None:
 class CompressedOptimizer(Optimizer):
     """Base class; see the module docstring. Not used directly."""
 
+    #: the update rule's per-element state, which the chunk owner keeps for its chunk under
+    #: ``shard_state=True``; () when the method keeps none (the flag changes nothing), None when
+    #: it has no sharded form (refused). ``unsharded_because`` says why, in either case.
+    rule_state: Optional[Tuple[str, ...]] = None
+    unsharded_because = "it has no sharded form"
+
     def __init__(self, params, defaults: dict, exchanges: Dict[str, Preset], *, process_group=None,
                  bucket_cap_mb: float = 25.0, broadcast_parameters: bool = True, check_consistency: bool = True,
                  nonfinite: str = "skip", check_divergence_every: Optional[int] = None,
-                 timeout: Optional[float] = None):
+                 timeout: Optional[float] = None, shard_state: bool = False, downlink: str = "1bit"):
         """Options every preset takes:
 
         process_group: None (the initialised default torch.distributed group, else world size 1),
@@ -76,6 +82,15 @@ class CompressedOptimizer(Optimizer):
             sets TACITURN_DEBUG=1).
         timeout: seconds after which a collective with a dead or stalled peer fails with a
             CollectiveError (torch.distributed only; default: the process group's own timeout).
+        shard_state: ZeRO-1 for the compressed optimizers (ALGORITHMS.md, "Sharded state"): rank
+            j keeps the update rule's state (``rule_state``) for the chunk it serves only, runs
+            the rule there on the aggregate and sends the model change down; per-rank state
+            of CD-Adam 4 + 20/n bytes per parameter instead of 24. fp16/bf16 parameters keep
+            their whole fp32 master copy on every rank.
+        downlink: what a sharded step sends down: ``"1bit"`` (default) the model change
+            compressed by the preset's codec with error feedback on it (none for presets
+            without server feedback), ``"bf16"`` or ``"fp32"`` the model change itself (exact
+            ZeRO-1: the unsharded trajectory up to rounding).
         """
         if nonfinite not in ("skip", "raise", "off"):
             raise ValueError(f"nonfinite={nonfinite!r} must be 'skip', 'raise' or 'off'")
@@ -111,9 +126,12 @@ class CompressedOptimizer(Optimizer):
                              "parameters, e.g. model.parameters()")
         sizes = [p.numel() for _, p in self._trainable]
         groups = [gi for gi, _ in self._trainable]
+        self.sharded = self._check_sharding(shard_state, downlink, exchanges)
         self.exchanges: Dict[str, Exchange] = {
             name: Exchange(sizes, preset.make_compressor(), make_feedback(preset.worker), make_feedback(preset.server),
-                           self.comm, preset.two_way, bucket_cap_mb, groups)
+                           self.comm, preset.two_way, bucket_cap_mb, groups,
+                           downlink=downlink if self.sharded else None,
+                           owner_keys=self.rule_state if self.sharded else ())
             for name, preset in exchanges.items()}
         _warn_oversized_blocks(self.exchanges.values(), max(sizes))
         if check_consistency and self.comm.world_size > 1:
@@ -122,8 +140,34 @@ class CompressedOptimizer(Optimizer):
             for _, p in self._trainable:
                 self.comm.broadcast(p.data, 0)
         self.compression = CompressionState(self, TACITURN_KEY, self.exchanges, self.comm,
-                                            self._trainable[0][1].device, type(self).__name__)
+                                            self._trainable[0][1].device, type(self).__name__,
+                                            rank_bound=self.sharded)
         self.compression.reset()
+
+    def _check_sharding(self, shard_state: bool, downlink: str, exchanges: Dict[str, Preset]) -> bool:
+        """Whether this optimizer runs sharded; refuses what cannot be."""
+        name = type(self).__name__
+        if downlink not in DOWNLINKS:
+            raise ValueError(f"{name}: downlink={downlink!r} must be one of {DOWNLINKS}")
+        if not shard_state:
+            if downlink != "1bit":
+                raise ValueError(f"{name}: downlink={downlink!r} applies only with shard_state=True (unsharded, "
+                                 "the downlink carries the compressed average)")
+            return False
+        if self.rule_state is None:
+            raise ValueError(f"{name}: shard_state=True is not available: {self.unsharded_because}. Use "
+                             "shard_state=False, or CDAdam(shard_state=True)")
+        if not self.rule_state:
+            warnings.warn(f"{name}: shard_state=True changes nothing: {self.unsharded_because}", stacklevel=4)
+            return False
+        one_way = [n for n, p in exchanges.items() if not p.two_way]
+        if one_way:
+            raise ValueError(f"{name}: shard_state=True needs the two-way pipeline, and this {name} is one-way: every "
+                             "rank averages the workers' payloads itself and runs the update rule on the whole model, "
+                             "so no rank owns a chunk to keep its state, and a sharded form would add a compressed "
+                             "downlink that the method does not have. Use shard_state=False, or a two-way method "
+                             "(CDAdam, EFAMSGrad) with shard_state=True")
+        return True
 
     # ------------------------------------------------------------------ consistency
     def signature(self) -> dict:
@@ -135,7 +179,7 @@ class CompressedOptimizer(Optimizer):
             "params": [(tuple(p.shape), str(p.dtype)) for _, p in self._trainable],
             "hyperparameters": hp,
             "exchanges": {n: repr(ex.compressor) + f" {ex.worker.name}/{ex.server.name} two_way={ex.two_way}"
-                          for n, ex in self.exchanges.items()},
+                          f" downlink={ex.downlink}" for n, ex in self.exchanges.items()},
         }
 
     # ------------------------------------------------------------------ state
@@ -174,10 +218,12 @@ class CompressedOptimizer(Optimizer):
                 out.append(p.grad.float())
         return out
 
-    def communicate(self, name: str, tensors: Sequence[torch.Tensor], error_scale=1.0) -> List[torch.Tensor]:
-        """Send ``tensors`` (exchange order) through exchange ``name``; the averaged results."""
+    def communicate(self, name: str, tensors: Sequence[torch.Tensor], error_scale=1.0,
+                    owner_update=None) -> List[torch.Tensor]:
+        """Send ``tensors`` (exchange order) through exchange ``name``; the averaged results (a
+        sharded exchange, with its ``owner_update``: the model changes)."""
         return self.exchanges[name].allreduce(tensors, self.compression.buckets(name), step=self.global_step,
-                                              error_scale=error_scale, stats=self.stats)
+                                              error_scale=error_scale, stats=self.stats, owner_update=owner_update)
 
     def master(self, p: torch.Tensor) -> torch.Tensor:
         """The fp32 tensor to update for ``p``: p itself, or an fp32 master copy of a fp16/bf16 p."""

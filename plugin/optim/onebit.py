@@ -61,6 +61,11 @@ class OneBitAdam(CompressedOptimizer):
     is: "nccl" on a gloo job logs a warning on rank 0), "mpi" the mpi4py communicator.
     """
 
+    unsharded_because = ("1-bit Adam averages the momentum, not the gradient: every worker updates its own momentum "
+                         "from its local gradient before compression, so the momentum cannot live on one chunk "
+                         "owner, and a sharded frozen-variance phase would send the model change instead of the "
+                         "momentum, which is no longer 1-bit Adam")
+
     def __init__(self, params, lr=1e-3, freeze_step=100000, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  warmup="adam", compressor="block_sign", block_size=1024, ratio=None, k=None, compressor_options=None,
                  cuda_aware=False, comm_backend_name=None, amsgrad=False, bias_correction=False,

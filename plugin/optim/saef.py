@@ -28,6 +28,10 @@ class SAEFSGD(CompressedOptimizer):
     Evaluate and save the synced model inside ``with opt.synced_weights():``.
     """
 
+    rule_state = ()
+    unsharded_because = ("its downlink already carries the model change, and its state (momentum, errors, the "
+                         "synced model) is each worker's own")
+
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, compressor="topk", ratio=None, k=None,
                  block_size=1024, compressor_options=None, error_avg_period=None, two_way=True, step_ahead=True,
                  **kwargs):

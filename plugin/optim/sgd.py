@@ -18,6 +18,9 @@ class DistEFSGD(CompressedOptimizer):
     """
 
     preset = "dist_ef_block_sign"
+    rule_state = ()
+    unsharded_because = ("its update x = x - lr * Delta~ keeps no state, and its momentum is each worker's own, "
+                         "taken before compression")
 
     def __init__(self, params, lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0,
                  compressor=None, block_size=1024, ratio=None, k=None, compressor_options=None,
@@ -79,6 +82,9 @@ class Signum(CompressedOptimizer):
     """signum with majority vote (Bernstein et al.): each worker sends sign(m) with
     m = b m + (1-b) g (1 bit per element, no scale); the chunk owner takes the sign of the sum
     (the vote, ties to +1) and sends it back; x = x - lr * vote. ``momentum=0`` is signSGD."""
+
+    rule_state = ()
+    unsharded_because = "its update x = x - lr * vote keeps no state, and its momentum is each worker's own"
 
     def __init__(self, params, lr=1e-4, momentum=0.9, weight_decay=0.0, **kwargs):
         check_range("momentum", momentum, 0.0, 1.0, hi_open=True)
