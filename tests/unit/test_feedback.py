@@ -21,7 +21,7 @@ def vec(*values):
 @pytest.mark.parametrize("rule", RULES)
 def test_init_state_is_fp32_zeros_of_the_right_lengths(rule, two_way):
     layout = SimpleNamespace(numel=10, chunk_numel=lambda rank: 4)  # 10 elements, this rank serves 4
-    state = init_state(make_feedback(rule), make_feedback("none"), layout, two_way, rank=1)
+    state = init_state(make_feedback(rule), make_feedback(rule), layout, two_way, rank=1)
     expected = {
         ("none", True): {}, ("none", False): {},
         ("ef", True): {"worker_error": 10, "server_error": 4}, ("ef", False): {"worker_error": 10},
@@ -30,6 +30,9 @@ def test_init_state_is_fp32_zeros_of_the_right_lengths(rule, two_way):
     }[(rule, two_way)]
     assert {k: v.numel() for k, v in state.items()} == expected
     assert all(v.dtype == torch.float32 and not v.any() for v in state.values())
+    # each side keeps only its own rule's state: a "none" server adds nothing to the worker's
+    alone = init_state(make_feedback(rule), make_feedback("none"), layout, two_way, rank=1)
+    assert {k: v.numel() for k, v in alone.items()} == {k: n for k, n in expected.items() if k.startswith("worker")}
 
 
 def run_rule(fused, x, c):
