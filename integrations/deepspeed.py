@@ -24,10 +24,21 @@ Semantics inside the engine:
   and skips overflow steps; the taciturn optimizer is built over the wrapper's fp32 tensors.
   An overflow (agreed over the data-parallel ranks by DeepSpeed's check) skips the step on
   every rank before the optimizer runs, so the compression state is untouched;
-- ZeRO stage >= 1 is refused (it partitions the gradients taciturn compresses); so are MoE
-  layers, sequence parallelism and DeepSpeed's BF16_Optimizer, which partitions the optimizer
-  like ZeRO-1: DeepSpeed builds it for bf16 pipeline engines and, in 0.16, for every bf16
-  engine (0.19 runs bf16 through the whole-weight wrapper, so bf16 needs 0.19 without pipelines);
+- ``"zero_optimization": {"stage": 1}`` or ``{"stage": 2}`` builds taciturn's sharded mode
+  (``shard_state=True``, ALGORITHMS.md "Sharded state") instead of DeepSpeed's ZeRO optimizer:
+  each rank keeps the update rule's state for the chunk it serves, and the engine runs as a
+  stage-0 engine around it (``engine.zero_optimization_stage()`` then reads 0; the stage asked
+  for is ``taciturn_zero_stage(engine)``). ``"downlink"`` in the optimizer params picks what is
+  sent down ("1bit", "bf16", "fp32"). Stage 2's promise, gradients not kept whole, is not
+  kept: DeepSpeed's stage-0 path hands the optimizer every whole ``.grad`` after backward, so
+  the gradient memory is a stage-0 engine's; the optimizer state is what shrinks by n. Methods
+  without a sharded form (OneBitAdam, SparsAMS) are refused under stage 1/2 with the reason;
+  stage 3, ``offload_optimizer`` and ``offload_param`` are refused naming what to use;
+- a bf16 pipeline engine, for which DeepSpeed builds its BF16_Optimizer (it partitions the
+  optimizer like ZeRO-1), runs DeepSpeed 0.19's whole-weight bf16 wrapper around taciturn's
+  sharded mode instead; on 0.16, which builds BF16_Optimizer for every bf16 engine, bf16 is
+  refused naming the release that has the wrapper. MoE layers and sequence parallelism are
+  refused;
 - checkpoints: the compression state is per rank (worker errors, the chunk each rank serves,
   worker-local momenta), while DeepSpeed stage 0 saves rank 0's optimizer only, so
   ``save_checkpoint`` also writes ``taciturn_rank<r>.pt`` per rank into the tag directory and
@@ -58,6 +69,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("taciturn.integrations.deepspeed needs DeepSpeed: pip install 'taciturn[deepspeed]' "
                       "(DeepSpeed 0.16.x to 0.19.x)") from err
+from deepspeed.runtime import constants as _constants
 from deepspeed.runtime.constants import BFLOAT16
 
 #: (min, max) major.minor of DeepSpeed, inclusive; tested on 0.16.9 and 0.19.8.
@@ -148,21 +160,61 @@ def _dp_group(engine):
     return engine.data_parallel_group
 
 
+#: the engine attribute holding the ZeRO stage a taciturn job asked for (run as sharded state)
+_ASKED_STAGE = "_taciturn_zero_stage"
+#: DeepSpeed 0.19's whole-weight bf16 wrapper (absent in 0.16)
+_DDP_BFLOAT16 = getattr(_constants, "DDP_BFLOAT16", None)
+
+
+def taciturn_zero_stage(engine) -> int:
+    """The ZeRO stage the config asked for (1 or 2 run as taciturn's sharded state; else 0)."""
+    return getattr(engine, _ASKED_STAGE, 0)
+
+
+def _refuse_zero(engine, name: str) -> None:
+    stage = engine.zero_optimization_stage()
+    if stage >= 3:
+        raise ValueError(f"taciturn's {name} cannot run under ZeRO stage {stage}: stage 3 partitions the parameters "
+                         "themselves, while taciturn's chunk owners update a model every rank holds whole. Use "
+                         "\"zero_optimization\": {\"stage\": 2} (or 1), which runs taciturn's sharded optimizer "
+                         "state, or stage 0")
+    offload = [k for k in ("offload_optimizer", "offload_param")
+               if getattr(engine._config.zero_config, k, None) is not None]
+    if stage >= 1 and offload:
+        raise ValueError(f"taciturn's {name} does not offload ({', '.join(offload)} in zero_optimization): its "
+                         "sharded state stays on the device. Remove the offload section; stage "
+                         f"{stage} then runs taciturn's sharded state, at 4 + 20/n bytes per parameter for CDAdam")
+
+
+def _to_sharded(engine, kwargs: dict, name: str, reason: str) -> None:
+    """Run the engine as stage 0 around taciturn's sharded state."""
+    if kwargs.get("shard_state") is False:
+        raise ValueError(f"{name}: {reason}, which taciturn runs as shard_state=True; remove \"shard_state\": false "
+                         "from the optimizer params, or use \"zero_optimization\": {\"stage\": 0}")
+    kwargs["shard_state"] = True
+    setattr(engine, _ASKED_STAGE, engine.zero_optimization_stage())
+    engine._config.zero_enabled = False
+    engine._config.zero_optimization_stage = 0
+
+
+def _bf16_partitioned(engine) -> bool:
+    return engine.bfloat16_enabled() and engine._do_optimizer_sanity_check(None) == BFLOAT16
+
+
 def _refuse_unsupported(engine, name: str) -> None:
     if engine.zero_optimization_stage() >= 1:
-        raise ValueError(f"taciturn's {name} cannot run under ZeRO stage {engine.zero_optimization_stage()}: ZeRO "
-                         "partitions the gradients and optimizer state across data-parallel ranks, while taciturn "
-                         "compresses each rank's whole gradient. Use \"zero_optimization\": {\"stage\": 0} (or "
-                         "remove the section).")
+        raise ValueError(f"a {name} passed as optimizer= cannot run under ZeRO stage {engine.zero_optimization_stage()}"
+                         f": name it in the JSON config (\"optimizer\": {{\"type\": \"{name}\", ...}}), where "
+                         "stages 1 and 2 run taciturn's sharded optimizer state, or use stage 0")
     if engine.has_moe_layers:
         raise ValueError(f"taciturn's {name} does not support MoE layers (expert parameters need expert-parallel "
                          "groups); use a DeepSpeed optimizer for MoE models")
     if getattr(engine, "sequence_parallel_size", 1) > 1:
         raise ValueError(f"taciturn's {name} does not support sequence parallelism (sequence_parallel_size="
                          f"{engine.sequence_parallel_size}); use data parallelism, optionally with pipeline stages")
-    if engine.bfloat16_enabled() and engine._do_optimizer_sanity_check(None) == BFLOAT16:
+    if _bf16_partitioned(engine):
         if engine.pipeline_parallelism:
-            which, fix = "bf16 pipeline engines", "use fp16 or fp32 for pipeline engines"
+            which, fix = "bf16 pipeline engines", "name it in the JSON config, where it runs as sharded state"
         else:
             which = f"every bf16 engine without ZeRO in DeepSpeed {deepspeed.__version__}"
             fix = ("use DeepSpeed 0.19 (pip install 'deepspeed>=0.19,<0.20'), whose bf16 engine keeps the whole "
@@ -203,8 +255,16 @@ def _configure_optimizer(self, client_optimizer, model_parameters):
         if isinstance(client_optimizer, CompressedOptimizer):
             _handshake(self, client_optimizer)
         return
-    _refuse_unsupported(self, name)
+    _refuse_zero(self, name)
     rec, kwargs = _kwargs(self, name)
+    asked = self.zero_optimization_stage()
+    if asked in (1, 2):
+        _to_sharded(self, kwargs, rec.name, f"\"zero_optimization\": {{\"stage\": {asked}}} partitions the "
+                                            "optimizer state")
+    if self.pipeline_parallelism and _DDP_BFLOAT16 is not None and _bf16_partitioned(self):
+        _to_sharded(self, kwargs, rec.name, "a bf16 pipeline engine partitions the optimizer state (BF16_Optimizer)")
+        self._do_optimizer_sanity_check = lambda basic_optimizer: _DDP_BFLOAT16  # the whole-weight bf16 wrapper
+    _refuse_unsupported(self, name)
     placeholder = _Placeholder(model_parameters)
     numel = sum(p.numel() for g in placeholder.param_groups for p in g["params"] if p.requires_grad)
     _ORIGINAL["_configure_optimizer"](self, placeholder, model_parameters)
@@ -215,7 +275,14 @@ def _configure_optimizer(self, client_optimizer, model_parameters):
                          f"optimizer {held} of the {numel} parameter elements (it partitions them across "
                          "data-parallel ranks); taciturn needs every rank's whole gradient: use fp32, fp16 or bf16 "
                          "without ZeRO.")
-    opt = rec.cls(placeholder.param_groups, **kwargs)
+    try:
+        opt = rec.cls(placeholder.param_groups, **kwargs)
+    except ValueError as err:
+        if not kwargs.get("shard_state"):
+            raise
+        raise ValueError(f"{err} (this engine asks for partitioned optimizer state: ZeRO stage "
+                         f"{taciturn_zero_stage(self) or 1}; use \"zero_optimization\": {{\"stage\": 0}} for "
+                         f"{rec.name})") from err
     _check_group(self, opt, "mpirun to launch a comm_backend_name='mpi' job, or comm_backend_name 'nccl' / 'gloo'")
     self.basic_optimizer = opt
     if wrapper is placeholder:
@@ -291,9 +358,16 @@ def _save_checkpoint(self, save_dir, tag=None, *args, **kwargs):
 
 def _load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                      load_lr_scheduler_states=True, load_module_only=False, *args, **kwargs):
-    result = _ORIGINAL["load_checkpoint"](self, load_dir, tag, load_module_strict, load_optimizer_states,
-                                          load_lr_scheduler_states, load_module_only, *args, **kwargs)
     opt = taciturn_optimizer(self)
+    bound = opt is not None and opt.compression.rank_bound
+    if bound:  # DeepSpeed loads rank 0's optimizer on every rank; each rank's own replaces it below
+        opt.compression.rank_bound = False
+    try:
+        result = _ORIGINAL["load_checkpoint"](self, load_dir, tag, load_module_strict, load_optimizer_states,
+                                              load_lr_scheduler_states, load_module_only, *args, **kwargs)
+    finally:
+        if bound:
+            opt.compression.rank_bound = True
     load_path = result[0]
     if opt is None or load_path is None or not load_optimizer_states or load_module_only:
         return result
@@ -364,4 +438,5 @@ def is_registered() -> bool:
 
 register()
 
-__all__ = ["register", "is_registered", "check_version", "taciturn_optimizer", "SUPPORTED_VERSIONS"]
+__all__ = ["register", "is_registered", "check_version", "taciturn_optimizer", "taciturn_zero_stage",
+           "SUPPORTED_VERSIONS"]

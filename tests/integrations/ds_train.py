@@ -487,7 +487,11 @@ def scenario_refusals() -> dict:
     """Each of these must fail at initialize with a clear message."""
     out = {}
     cases = {
-        "zero1": {**load_config("cdadam.json"), "zero_optimization": {"stage": 1}},
+        "zero3": {**load_config("cdadam.json"), "zero_optimization": {"stage": 3}},
+        "offload": {**load_config("cdadam.json"), "zero_optimization": {"stage": 2, "offload_optimizer":
+                                                                         {"device": "cpu"}}},
+        "onebit_zero1": {**load_config("onebit_adam.json"), "zero_optimization": {"stage": 1}},
+        "unsharded_zero2": {**load_config("cdadam.json", shard_state=False), "zero_optimization": {"stage": 2}},
         "unknown_type": {**load_config("cdadam.json"), "optimizer": {"type": "CDAdma", "params": {"lr": 1e-3}}},
         "misspelled_param": load_config("cdadam.json", betass=[0.9, 0.99]),
         "engine_group": load_config("cdadam.json", process_group="local"),
@@ -549,6 +553,46 @@ def scenario_zero0() -> dict:
             "optimizer": type(tds.taciturn_optimizer(engine)).__name__}
 
 
+def state_bytes(opt) -> float:
+    """Bytes per parameter of every tensor the optimizer keeps between steps on this rank."""
+    tensors = [t for t in opt.state["taciturn"].values() if torch.is_tensor(t)]
+    tensors += [t for st in opt.state.values() if isinstance(st, dict) and st is not opt.state["taciturn"]
+                for t in st.values() if torch.is_tensor(t)]
+    numel = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    return sum(t.numel() * t.element_size() for t in tensors) / numel
+
+
+def scenario_zero(arg: str) -> dict:
+    """``stage`` or ``stage-precision``: a CDAdam JSON with that ZeRO stage runs taciturn's sharded state."""
+    stage, _, precision = arg.partition("-")
+    cfg = load_config("cdadam.json")
+    cfg["zero_optimization"] = {"stage": int(stage)}
+    if precision:
+        cfg[precision] = {"enabled": True, **({"loss_scale": 0, "initial_scale_power": 8} if precision == "fp16" else {})}
+    with fp16_allowed() if precision == "fp16" else contextlib.nullcontext():
+        engine = build(cfg)
+    opt = tds.taciturn_optimizer(engine)
+    ex = opt.exchanges["grad"]
+    owned = sum(lay.chunk_numel(opt.comm.rank) for lay in ex.layouts)
+    before = eval_loss(engine)
+    losses = [train_step(engine) for _ in range(2)]
+    with CollectiveLog() as log:
+        losses.append(train_step(engine))
+    losses += [train_step(engine) for _ in range(25)]
+    out = {"losses": losses, "first": before, "last": eval_loss(engine), "calls": log.calls,
+           "wire": wire(opt, "grad"), "sharded": opt.sharded, "asked_stage": tds.taciturn_zero_stage(engine),
+           "engine_stage": engine.zero_optimization_stage(), "state_bytes": state_bytes(opt),
+           "formula": 4 + 20 * owned / ex.numel,
+           "wrapper": type(engine.optimizer).__name__, "backward_allreduce": engine.enable_backward_allreduce,
+           "params": [p.detach().float().sum().item() for p in engine.module.parameters()]}
+    if precision:
+        params, steps = params_of(engine), opt.global_step
+        train_step(engine, inject_inf=dist.get_rank() == 1)
+        out.update(skipped_untouched=all(torch.equal(a, b) for a, b in zip(params, params_of(engine))),
+                   steps_after_overflow=opt.global_step - steps)
+    return out
+
+
 def scenario_pipeline(stages: int, cfg: dict = None, pipeline: str = "grad") -> dict:
     """A PipelineModule engine (CDAdam by default); the collectives of its third step, which
     must be pipeline ``pipeline``'s payloads."""
@@ -576,24 +620,18 @@ def scenario_pipeline(stages: int, cfg: dict = None, pipeline: str = "grad") -> 
         losses.append(engine.train_batch(data(2)).item())
     losses += [engine.train_batch(data(s)).item() for s in range(3, 30)]
     return {**falls(losses), "calls": log.calls, "wire": wire(opt, pipeline), "optimizer": type(opt).__name__,
+            "sharded": opt.sharded, "wrapper": type(engine.optimizer).__name__,
             "dp_size": engine.grid.get_data_parallel_world_size(), "comm_size": opt.comm.world_size,
             "pipeline_allreduce": engine.pipeline_enable_backward_allreduce,
             "numel": sum(p.numel() for p in engine.module.parameters())}
 
 
 def scenario_pipeline_bf16() -> dict:
-    """bf16 pipeline engines get DeepSpeed's BF16_Optimizer, which partitions the optimizer: refused."""
-    from deepspeed.pipe import PipelineModule
-
+    """bf16 pipeline engines, for which DeepSpeed builds its partitioning BF16_Optimizer: taciturn's
+    sharded state inside DeepSpeed 0.19's whole-weight bf16 wrapper."""
     cfg = load_config("cdadam.json")
     cfg["bf16"] = {"enabled": True}
-    pipe = PipelineModule(layers=[nn.Linear(DIM_IN, DIM_HIDDEN), nn.Tanh(), nn.Linear(DIM_HIDDEN, DIM_OUT)],
-                          num_stages=1, loss_fn=nn.functional.mse_loss)
-    try:
-        deepspeed.initialize(model=pipe, config=cfg, model_parameters=pipe.parameters())
-    except ValueError as err:
-        return {"refused": str(err)}
-    return {"refused": None}
+    return scenario_pipeline(1, cfg)
 
 
 def scenario_version() -> dict:
@@ -625,6 +663,7 @@ SCENARIOS = {
 PARAMETRISED = {
     "train": scenario_train,
     "checkpoint": scenario_checkpoint,
+    "zero": scenario_zero,
     "onebit_basic": scenario_onebit_basic,
     "onebit_mask": scenario_onebit_mask,
     "onebit_checkpoint": scenario_onebit_checkpoint,
