@@ -95,17 +95,30 @@ def run_plain(out):
 
 def run_deepspeed(out, config):
     # Only fields the JSON leaves open: training_arguments() takes the rest from the JSON.
-    args = training_arguments(os.path.join(out, "ds"), deepspeed=config, max_steps=STEPS, logging_steps=1,
-                              report_to=[], save_strategy="no", disable_tqdm=True)
+    def args(folder, **kw):
+        return training_arguments(os.path.join(out, folder), deepspeed=config, max_steps=STEPS, logging_steps=1,
+                                  report_to=[], disable_tqdm=True, **{"save_strategy": "no", **kw})
+
     model = tiny_bert()
     start = flat(model).clone()
-    trainer = TaciturnTrainer(model=model, args=args, train_dataset=Toy())
+    trainer = TaciturnTrainer(model=model, args=args("ds"), train_dataset=Toy())
     trainer.train()
-    return {"deepspeed": {"params": flat(model), "start": start, "log": trainer.state.log_history,
-                          "type": type(trainer.compressed_optimizer).__name__,
-                          "engine": type(trainer.model_wrapped).__name__,
-                          "args": {k: getattr(args, k) for k in ("learning_rate", "adam_beta1", "adam_beta2",
-                                                                 "per_device_train_batch_size", "max_grad_norm")}}}
+    opt = trainer.compressed_optimizer
+    result = {"params": flat(model), "start": start, "log": trainer.state.log_history, "type": type(opt).__name__,
+              "sharded": opt.sharded, "engine": type(trainer.model_wrapped).__name__,
+              "args": {k: getattr(trainer.args, k) for k in ("learning_rate", "adam_beta1", "adam_beta2",
+                                                            "per_device_train_batch_size", "max_grad_norm")}}
+    # resume from the checkpoint of a run that saved halfway
+    model = tiny_bert()
+    trainer = TaciturnTrainer(model=model, args=args("ckpt", save_strategy="steps", save_steps=STEPS // 2),
+                              train_dataset=Toy())
+    trainer.train()
+    mid = os.path.join(out, "ckpt", f"checkpoint-{STEPS // 2}")
+    model = tiny_bert()
+    trainer = TaciturnTrainer(model=model, args=args("ckpt"), train_dataset=Toy())
+    trainer.train(resume_from_checkpoint=mid)
+    result["resumed"] = flat(model)
+    return {"deepspeed": result}
 
 
 def main():

@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_trainer_worker.py")
 CDADAM_JSON = os.path.join(HERE, "..", "..", "configs", "cdadam.json")
+ZERO2_JSON = os.path.join(HERE, "..", "..", "configs", "cdadam_zero2.json")
 METRICS = ("taciturn/bytes_up", "taciturn/bytes_down", "taciturn/compression_ratio", "taciturn/compress_time",
            "taciturn/collective_time", "taciturn/total_bytes_up")
 
@@ -52,6 +53,12 @@ def plain(tmp_path_factory):
 def deepspeed_run(tmp_path_factory):
     pytest.importorskip("deepspeed")
     return launch(tmp_path_factory.mktemp("hf-ds"), "deepspeed", CDADAM_JSON)
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    return launch(tmp_path_factory.mktemp("hf-zero2"), "deepspeed", ZERO2_JSON)
 
 
 def training_logs(log):
@@ -100,12 +107,17 @@ def test_resume_from_checkpoint_continues_bit_identically(plain):
         assert torch.equal(r["resumed"]["params"], r["optimizer"]["params"])
 
 
-def test_deepspeed_json_route(deepspeed_run):
-    r0, r1 = (r["deepspeed"] for r in deepspeed_run)
+@pytest.mark.parametrize("route", ["stage0", "zero2"])
+def test_deepspeed_json_route_trains_and_resumes(request, route):
+    runs = request.getfixturevalue("deepspeed_run" if route == "stage0" else "zero2_run")
+    r0, r1 = (r["deepspeed"] for r in runs)
     assert r0["type"] == "CDAdam" and r0["engine"] == "DeepSpeedEngine"
+    assert r0["sharded"] is (route == "zero2")
     assert torch.equal(r0["params"], r1["params"])
     assert not torch.equal(r0["params"], r0["start"])
-    with open(CDADAM_JSON) as f:
+    assert torch.equal(r0["resumed"], r0["params"]) and torch.equal(r1["resumed"], r1["params"])
+    assert_metrics(r0["log"], min_ratio=8)
+    with open(CDADAM_JSON if route == "stage0" else ZERO2_JSON) as f:
         params = json.load(f)["optimizer"]["params"]
     # training_arguments() took the JSON's values, so Hugging Face's consistency check passed
     assert r0["args"]["learning_rate"] == params["lr"]
