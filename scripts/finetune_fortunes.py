@@ -15,6 +15,11 @@ one route, then evaluated on the held-out split:
 - ``deepspeed``: ``TrainingArguments(deepspeed=...)`` with the optimizer named in the JSON
   (``--deepspeed-config FILE``, or a config built from these arguments).
 
+``--zero 1`` / ``--zero 2`` shard the optimizer state (ALGORITHMS.md, "Sharded state"): the
+built DeepSpeed JSON gets ``"zero_optimization": {"stage": N}`` (``--route deepspeed``; given
+alone, ``--zero`` picks that route), the torchrun route passes ``shard_state=True``;
+``--downlink`` chooses what the sharded step sends down (1bit, bf16, fp32).
+
 At the end it prints a table and writes ``OUT/results.md``, ``OUT/results.json`` and
 ``OUT/accuracy_vs_bytes.png`` (test accuracy against the bytes each rank sent and received)
 for the runs it made. Run it plainly (it starts ``torchrun`` itself) or under ``torchrun``:
@@ -70,9 +75,20 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=1024, help="blockwise sign's block (compressed optimizers)")
     p.add_argument("--freeze-step", type=int, default=None, help="onebit_adam's warm-up steps (default: 15%% of "
                                                                    "the steps)")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2), default=0,
+                   help="shard the optimizer state (DeepSpeed ZeRO stage; torchrun route: shard_state=True)")
+    p.add_argument("--downlink", choices=("1bit", "bf16", "fp32"), default="1bit",
+                   help="what a sharded step sends down (with --zero 1/2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/fortunes")
+    given = argv if argv is not None else sys.argv[1:]
     args = p.parse_args(argv)
+    if args.zero and "--route" not in given:
+        args.route = "deepspeed"
+    if args.zero and args.route == "ddp-hook":
+        p.error("--zero shards an optimizer's state: use --route deepspeed or torchrun (the DDP hook has none)")
+    if args.downlink != "1bit" and not args.zero:
+        p.error("--downlink applies only with --zero 1 or 2")
     if args.categories is not None and len(args.categories) < 6:
         p.error(f"--categories: give at least 6 (got {len(args.categories)})")
     if args.route == "ddp-hook":
@@ -121,7 +137,7 @@ def deepspeed_config(name: str, args, steps: int) -> dict:
     params = {k: v for k, v in params.items() if k in accepted}
     params.update(extra_kwargs(rec.name, args, steps))
     return {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
-            "gradient_clipping": 1.0, "zero_optimization": {"stage": 0},
+            "gradient_clipping": 1.0, "zero_optimization": {"stage": args.zero},
             "optimizer": {"type": rec.name, "params": params}}
 
 
@@ -134,6 +150,8 @@ def extra_kwargs(name: str, args, steps: int) -> dict:
         out["block_size"] = args.block_size
     if "freeze_step" in accepted:
         out["freeze_step"] = args.freeze_step if args.freeze_step is not None else max(1, int(0.15 * steps))
+    if args.zero and args.downlink != "1bit":
+        out["downlink"] = args.downlink
     return out
 
 
@@ -158,7 +176,8 @@ def train_one(name: str, args, model_path, train_ds, test_ds, n_labels, collator
     out_dir = os.path.join(args.out, "runs", f"{args.route}-{name}")
     kwargs = {}
     if args.route == "torchrun":
-        kwargs.update(taciturn_optimizer=name, taciturn_kwargs=extra_kwargs(name, args, steps))
+        kwargs.update(taciturn_optimizer=name, taciturn_kwargs={**extra_kwargs(name, args, steps),
+                                                                **({"shard_state": True} if args.zero else {})})
         targs = training_arguments(out_dir, **common)
     elif args.route == "ddp-hook":
         targs = training_arguments(out_dir, **common)
@@ -181,7 +200,9 @@ def train_one(name: str, args, model_path, train_ds, test_ds, n_labels, collator
     opt = trainer.compressed_optimizer
     stats = trainer.hook_state.stats if trainer.hook_state is not None else (opt.stats if opt is not None else None)
     return {
-        "route": args.route, "optimizer": name if not args.deepspeed_config else f"{name} ({args.deepspeed_config})",
+        "route": args.route, "optimizer": (name if not args.deepspeed_config else f"{name} ({args.deepspeed_config})")
+        + (f" sharded ZeRO-{args.zero}, {args.downlink} downlink" if args.zero else ""),
+        "zero": args.zero, "downlink": args.downlink if args.zero else None,
         "accuracy": accuracy, "steps": steps, "world_size": world, "train_seconds": elapsed,
         "lr": targs.learning_rate, "batch_size": targs.per_device_train_batch_size,
         "bytes_up": stats.bytes_up if stats else None, "bytes_down": stats.bytes_down if stats else None,

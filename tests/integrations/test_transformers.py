@@ -184,3 +184,15 @@ def test_finetune_script_reads_installed_model_and_real_fortunes():
         script.parse_args(["--categories", "cookie", "work"])
     with pytest.raises(SystemExit):
         script.parse_args(["--route", "ddp-hook", "--optimizer", "onebit_adam"])
+
+
+def test_finetune_script_zero_flag_builds_a_sharded_deepspeed_job():
+    script = _script()
+    args = script.parse_args(["--zero", "2", "--downlink", "bf16"])
+    assert args.route == "deepspeed"
+    config = script.deepspeed_config("cdadam", args, steps=10)
+    assert config["zero_optimization"] == {"stage": 2} and config["optimizer"]["params"]["downlink"] == "bf16"
+    assert script.parse_args(["--zero", "1", "--route", "torchrun"]).route == "torchrun"
+    for bad in (["--zero", "2", "--route", "ddp-hook"], ["--downlink", "fp32"]):
+        with pytest.raises(SystemExit):
+            script.parse_args(bad)
