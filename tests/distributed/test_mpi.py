@@ -62,3 +62,8 @@ def test_mpirun_two_ranks_bit_identical_and_equal_to_reference(tmp_path, simulat
         assert torch.equal(ranks[1][case][0], result), f"{case}: rank 1 differs from rank 0"
         expected = simulate(flat, buckets, name, dict(opts), rule, two_way, EF_SCALES)
         torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{case}: {m}")
+    # sharded optimizer state over mpi4py: ranks identical, the fp32 downlink equals unsharded AMSGrad
+    for label in ("sharded_cdadam", "sharded_amsgrad_fp32", "amsgrad"):
+        assert torch.equal(ranks[0][label], ranks[1][label]), label
+    torch.testing.assert_close(ranks[0]["sharded_amsgrad_fp32"], ranks[0]["amsgrad"], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ranks[0]["sharded_cdadam"], ranks[0]["amsgrad"])

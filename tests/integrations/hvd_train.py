@@ -337,17 +337,20 @@ def refusal(rank):
 
 
 def core_on_horovod(rank):
-    """taciturn.CDAdam(process_group="horovod") equals it over torch.distributed."""
-    m_ref, m = model(), model()
-    ref = taciturn.CDAdam(m_ref.parameters(), lr=LR)
-    opt = taciturn.CDAdam(m.parameters(), lr=LR, process_group="horovod")
-    diffs = []
-    for t in range(3):
-        x, y = batch(t, rank)
-        train_step(ref, m_ref, x, y)
-        train_step(opt, m, x, y)
-        diffs.append(max_diff(m, m_ref))
-    return {"diffs": diffs, "comm": type(opt.comm).__name__, "world_size": opt.comm.world_size}
+    """taciturn.CDAdam(process_group="horovod") equals it over torch.distributed, sharded or not."""
+    out = {}
+    for label, kw in (("diffs", {}), ("sharded_diffs", {"shard_state": True})):
+        m_ref, m = model(), model()
+        ref = taciturn.CDAdam(m_ref.parameters(), lr=LR, **kw)
+        opt = taciturn.CDAdam(m.parameters(), lr=LR, process_group="horovod", **kw)
+        diffs = []
+        for t in range(3):
+            x, y = batch(t, rank)
+            train_step(ref, m_ref, x, y)
+            train_step(opt, m, x, y)
+            diffs.append(max_diff(m, m_ref))
+        out[label] = diffs
+    return {**out, "comm": type(opt.comm).__name__, "world_size": opt.comm.world_size, "sharded": opt.sharded}
 
 
 def process_set(rank, solo):

@@ -148,6 +148,7 @@ def test_core_optimizer_runs_on_the_horovod_communicator(ranks):
     for res in scenario(ranks, "core_on_horovod"):
         assert res["comm"] == "HorovodCommunicator" and res["world_size"] == RANKS
         assert res["diffs"] == [0.0] * 3
+        assert res["sharded"] and res["sharded_diffs"] == [0.0] * 3
 
 
 def test_process_set(ranks):
