@@ -57,7 +57,12 @@ METHODS = {
                                                          two_way=False), 2),
     "EF21SGD": ("EF21SGD", dict(), 2),
     "Signum": ("Signum", dict(), 2),
+    "CDAdam sharded (1bit downlink)": ("CDAdam", dict(shard_state=True), 2),
+    "CDAdam sharded (bf16 downlink)": ("CDAdam", dict(shard_state=True, downlink="bf16"), 2),
+    "AMSGrad sharded (fp32 downlink)": ("AMSGrad", dict(shard_state=True, downlink="fp32"), 2),
 }
+#: ALGORITHMS.md's per-rank state of sharded CD-Adam, for the world sizes no machine here has
+FORMULA_SIZES = (8, 64, 1024)
 BASELINE = "torch Adam(amsgrad=True)"
 
 
@@ -224,6 +229,12 @@ def main(argv=None) -> int:
     text = table(headers, rows)
     print(f"\nOptimizer state of a {numel / 1e6:.1f}M-parameter model (fp32 parameters: 4 B/param, not counted)\n")
     print(text)
+    formula = table(["n"] + [str(n) for n in FORMULA_SIZES],
+                    [["sharded CD-Adam, 4 + 20/n B/param"] + [f"{4 + 20 / n:.2f}" for n in FORMULA_SIZES],
+                     ["unsharded CD-Adam, 20 + 4/n B/param"] + [f"{20 + 4 / n:.2f}" for n in FORMULA_SIZES],
+                     ["DeepSpeed ZeRO-1/2 + Adam (fp32 model), 8/n + 4 B/param (partitioned m, v; its fp32 "
+                      "gradient partition)"] + [f"{8 / n + 4:.2f}" for n in FORMULA_SIZES]])
+    print(f"\n{formula}")
     check = ""
     if args.verify_ranks:
         print(f"\nbench_memory: checking the prediction on {args.verify_ranks} real gloo ranks ...", flush=True)
@@ -251,6 +262,11 @@ def main(argv=None) -> int:
             "",
             text,
             "",
+            "Per-rank state at larger world sizes (formulas; the rows above measure n = "
+            f"{', '.join(map(str, sizes))}):",
+            "",
+            formula,
+            "",
             check,
             "",
             "Reading it: CD-Adam keeps AMSGrad's 12 B/param, 4 B/param for each Markov sequence it holds in full "
@@ -261,7 +277,10 @@ def main(argv=None) -> int:
             "OneBitAdam with the CD-Adam warm-up holds the warm-up's Markov state (8 + 4/n) next to the momentum "
             "pipeline's errors (4 + 4/n) during the warm-up and frees it at the freeze: the columns give the "
             "largest state over the steps, the warm-up's (after the freeze it keeps 8 + 8 = 16 B/param at n=1). "
-            "The uncompressed taciturn baselines keep no compression state. Peak RSS growth adds the "
+            "The uncompressed taciturn baselines keep no compression state. Sharded CD-Adam (`shard_state=True`) "
+            "keeps the worker's h whole (4) and H, m, v, v^ and the downlink error on its chunk (20/n): 24 at n=1, "
+            "9 at n=4; the bf16 / fp32 downlinks keep no downlink error (16/n), sharded AMSGrad only m, v, v^ "
+            "(12/n). Peak RSS growth adds the "
             "step's temporaries (last column: the flat bucket, the feedback buffers, the payloads and the decoded "
             "result, top-k's selection) to the state.",
             "",
