@@ -25,9 +25,11 @@ EXPECTED = {
     ],
     "bench_memory.py": [
         # torch AMSGrad: exp_avg, exp_avg_sq, max_exp_avg_sq = 12 B/param whatever n is
-        r"^\| torch Adam\(amsgrad=True\)\s+\| 12\.00\s+\| 12\.00\s+\| 12\.00\s+\| 1\.00x\s+\| 1\.00x",
-        # CD-Adam: AMSGrad's 12 + worker h 4 + server H 4/n + shared G 4 B/param (n = 1: 24)
-        r"^\| CDAdam\s+\| 12\.00\s+\| 24\.00\s+\| 21\.0\d\s+\| 2\.00x",
+        r"^\| torch Adam\(amsgrad=True\)\s+\| 12\.00\s+\| 12\.00\s+\| 12\.00\s+\| 12\.00\s+\| 1\.00x\s+\| 1\.00x",
+        # CD-Adam: AMSGrad's 12 + worker h 4 + server H 4/n + shared G 4 B/param (n = 1, 2, 4)
+        r"^\| CDAdam\s+\| 12\.00\s+\| 24\.00\s+\| 22\.0\d\s+\| 21\.0\d\s+\| 2\.00x",
+        # sharded: h whole, H / m / v / v^ / downlink error on the chunk: 4 + 20/n
+        r"^\| CDAdam sharded \(1bit downlink\)\s+\| 0\.00\s+\| 24\.00\s+\| 14\.0\d\s+\| 9\.0\d\s+\|",
         # the prediction for n ranks equals what 2 real ranks hold
         r"^\| CDAdam\s+\| \d+\s+\| \d+ / \d+\s+\| yes\s+\|",
     ],
