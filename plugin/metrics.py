@@ -11,7 +11,9 @@ class CommStats:
     ``bytes_up``: bytes this rank handed to the worker-to-server collective (its compressed
     gradient); ``bytes_down``: bytes it received from the server-to-worker collective.
     ``fp32_bytes``: what one direction costs uncompressed (4 bytes per element), so
-    ``compression_ratio = fp32_bytes / bytes_up``.
+    ``compression_ratio = fp32_bytes / bytes_up``. ``update_time``: seconds a sharded step's
+    chunk owner spent in the update rule inside the exchange (0 unsharded), which
+    ``compress_time`` does not count.
     """
 
     steps: int = 0
@@ -21,17 +23,19 @@ class CommStats:
     fp32_bytes: int = 0
     compress_time: float = 0.0
     collective_time: float = 0.0
+    update_time: float = 0.0
     last: dict = field(default_factory=dict)
 
     def record(self, bytes_up: int, bytes_down: int, fp32_bytes: int, compress_time: float,
-               collective_time: float) -> None:
+               collective_time: float, update_time: float = 0.0) -> None:
         self.bytes_up += bytes_up
         self.bytes_down += bytes_down
         self.fp32_bytes += fp32_bytes
         self.compress_time += compress_time
         self.collective_time += collective_time
+        self.update_time += update_time
         step = dict(bytes_up=bytes_up, bytes_down=bytes_down, fp32_bytes=fp32_bytes,
-                    compress_time=compress_time, collective_time=collective_time)
+                    compress_time=compress_time, collective_time=collective_time, update_time=update_time)
         if self.last.get("_open"):
             for k, v in step.items():
                 self.last[k] += v

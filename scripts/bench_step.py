@@ -139,6 +139,18 @@ def _taciturn(name: str, **kwargs):
     return build
 
 
+def _deepspeed_zero(stage: int):
+    def build(model):
+        os.environ.setdefault("LOCAL_RANK", "0")
+        import deepspeed
+
+        config = {"train_micro_batch_size_per_gpu": BATCH, "zero_optimization": {"stage": stage},
+                  "optimizer": {"type": "AdamW", "params": {"lr": ADAM_LR, "torch_adam": True}}}
+        engine, _, _, _ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+        return engine, engine
+    return build
+
+
 METHODS: Dict[str, Method] = {
     "local": Method("local step, no communication (torch AMSGrad)", "local", _local),
     "ddp_fp32": Method("DDP fp32 allreduce", "ddp", _ddp(None)),
@@ -154,8 +166,15 @@ METHODS: Dict[str, Method] = {
                         _taciturn("DistEFSGD", lr=SGD_LR, momentum=0.9)),
     "saefsgd": Method("SAEFSGD (top-1%, EF both ways)", "taciturn", _taciturn("SAEFSGD", lr=SGD_LR)),
     "amsgrad": Method("taciturn AMSGrad, uncompressed (fp32)", "taciturn", _taciturn("AMSGrad", lr=ADAM_LR)),
+    "cdadam_sharded": Method("CDAdam sharded state, 1-bit downlink", "taciturn",
+                             _taciturn("CDAdam", lr=ADAM_LR, shard_state=True)),
+    "cdadam_sharded_bf16": Method("CDAdam sharded state, bf16 downlink", "taciturn",
+                                  _taciturn("CDAdam", lr=ADAM_LR, shard_state=True, downlink="bf16")),
+    "deepspeed_zero2": Method("DeepSpeed ZeRO-2 + its AdamW (fp32 reduce-scatter)", "deepspeed", _deepspeed_zero(2)),
 }
-DEFAULT_METHODS = [m for m in METHODS if m not in ("local", "horovod_fp32")]
+#: the sharded-state methods run by scripts/bench_sharded.py, not by default
+SHARDED_METHODS = ("cdadam_sharded", "cdadam_sharded_bf16", "deepspeed_zero2")
+DEFAULT_METHODS = [m for m in METHODS if m not in ("local", "horovod_fp32", *SHARDED_METHODS)]
 ONE_BIT = ("cdadam", "onebitadam", "distefsgd")
 
 
@@ -196,8 +215,8 @@ def payload_bytes(name: str, model: torch.nn.Module, n: int, last: Optional[dict
     numel = sum(p.numel() for p in model.parameters())
     if name == "local":
         return 0.0
-    if name in ("ddp_fp32", "horovod_fp32"):
-        return ring_bytes(4 * numel, n)
+    if name in ("ddp_fp32", "horovod_fp32", "deepspeed_zero2"):
+        return ring_bytes(4 * numel, n)  # ZeRO-2: reduce-scatter of the gradients + all-gather of the parameters
     if name in ("ddp_fp16", "horovod_fp16"):
         return ring_bytes(2 * numel, n)
     if name == "ddp_powersgd":
@@ -268,6 +287,7 @@ def measure(name: str, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     warm = warmup + method.warmup
     clock = time.perf_counter
     rows, before = [], None
+    backward = net.backward if method.family == "deepspeed" else torch.Tensor.backward
     for i in range(warm + steps):
         if i == warm:
             dist.barrier()
@@ -275,7 +295,7 @@ def measure(name: str, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
         dist.barrier()
         t0 = clock()
         opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
+        backward(F.cross_entropy(net(x), y))
         t1 = clock()
         opt.step()
         t2 = clock()
@@ -376,7 +396,8 @@ def derive(rows: List[dict]) -> List[dict]:
 
     taciturn: its own phases. DDP (its allreduces finish inside ``backward()``): compute = the
     ``local`` fwd+bwd, comm = its fwd+bwd beyond that, update = its own optimizer step. Horovod
-    (waits in ``step()``): compute and update are the ``local`` ones, comm = the rest.
+    (waits in ``step()``) and DeepSpeed ZeRO (reduce-scatters in ``backward()``, all-gathers in
+    ``step()``): compute and update are the ``local`` ones, comm = the rest.
     """
     for cell in {(r["size"], r["n"], r["rate"]) for r in rows}:
         sub = [r for r in rows if (r["size"], r["n"], r["rate"]) == cell]

@@ -57,7 +57,13 @@ METHODS: Dict[str, tuple] = {
     "amsgrad": ("AMSGrad (uncompressed)", "AMSGrad", dict(lr=ADAM_LR)),
     "sgdm": ("SGDM (uncompressed)", "SGD", dict(lr=SGD_LR, momentum=0.9)),
     "ddp_powersgd": ("DDP + PowerSGD (rank 1), torch AMSGrad", "powersgd", dict(lr=ADAM_LR)),
+    "cdadam_sharded": ("CD-Adam sharded state, 1-bit downlink", "CDAdam", dict(lr=ADAM_LR, shard_state=True)),
+    "cdadam_sharded_bf16": ("CD-Adam sharded state, bf16 downlink", "CDAdam",
+                            dict(lr=ADAM_LR, shard_state=True, downlink="bf16")),
 }
+#: run by scripts/bench_sharded.py, not by default
+SHARDED_METHODS = ("cdadam_sharded", "cdadam_sharded_bf16")
+DEFAULT_METHODS = [m for m in METHODS if m not in SHARDED_METHODS]
 FREEZE_FRACTION = 0.15
 
 
@@ -260,7 +266,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma-separated, from: {', '.join(METHODS)}")
     ap.add_argument("--rate", default="1gbit", help="link rate in tc syntax (default 1gbit)")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--steps", type=int, default=400, help="training steps per method (default 400)")
@@ -290,20 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not 0.0 < args.target < 1.0:
         ap.error(f"--target {args.target}: an accuracy in (0, 1), e.g. 0.8")
     started, load_before = time.time(), os.getloadavg()[0]
-    cls = LoopbackCluster if args.loopback else Cluster
-    with tempfile.TemporaryDirectory(prefix="bench-tta-") as tmp:
-        cfg = {k: getattr(args, k) for k in ("steps", "batch", "hidden", "evals", "seed", "timeout")}
-        cfg.update(methods=methods, out=tmp)
-        cfg_path = os.path.join(tmp, "config.json")
-        with open(cfg_path, "w") as f:
-            json.dump(cfg, f)
-        with cls(args.ranks, args.rate) as cluster:
-            print(f"bench_tta: {cluster.describe()}", file=sys.stderr, flush=True)
-            cluster.run([sys.executable, os.path.abspath(__file__), "--worker", cfg_path], timeout=args.timeout,
-                        env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-            shaped = cluster.shaped
-        with open(os.path.join(tmp, "results.json")) as f:
-            results = json.load(f)
+    results, shaped = run_methods(methods, args)
     net = f"{args.rate} links" if shaped else f"loopback (NOT shaped; asked for {args.rate})"
     params = results[0]["params"]
     what = (f"Fashion-MNIST, MLP 784-{args.hidden}-{args.hidden}-10 ({params:,} parameters), {args.ranks} ranks, "
@@ -313,6 +307,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "note": machine_note(started, load_before)}
     print(f"\n{what}\n{summary_table(results, args.target, shaped)}")
     return save_and_publish(result, args.out, publish, not args.no_write)
+
+
+def run_methods(methods: Sequence[str], args) -> tuple:
+    """Train ``methods`` on a fresh cluster of ``args.ranks`` ranks at ``args.rate``: (results, shaped)."""
+    cls = LoopbackCluster if args.loopback else Cluster
+    with tempfile.TemporaryDirectory(prefix="bench-tta-") as tmp:
+        cfg = {k: getattr(args, k) for k in ("steps", "batch", "hidden", "evals", "seed", "timeout")}
+        cfg.update(methods=list(methods), out=tmp)
+        cfg_path = os.path.join(tmp, "config.json")
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f)
+        with cls(args.ranks, args.rate) as cluster:
+            print(f"bench_tta: {cluster.describe()}", file=sys.stderr, flush=True)
+            cluster.run([sys.executable, os.path.abspath(__file__), "--worker", cfg_path], timeout=args.timeout,
+                        env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+            shaped = cluster.shaped
+        with open(os.path.join(tmp, "results.json")) as f:
+            return json.load(f), shaped
 
 
 def publish(result: dict) -> None:

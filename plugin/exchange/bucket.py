@@ -74,6 +74,7 @@ class BucketExchange:
         self.worker, self.server, self.direction, self.state = worker, server, direction, state
         self.error_scale, self.seed, self.stats, self.work = error_scale, seed, stats, work
         self.owner = owner  # a sharded exchange's update rule on this rank's chunk
+        self.updating = 0.0  # of the stages' time, in ``owner``
         self.n = comm.world_size
         self.device = x.device
         self.busy = 0.0  # seconds in the stages, waits for collectives included
@@ -84,6 +85,13 @@ class BucketExchange:
     def seed_for(self, side: int, chunk: int) -> int:
         """The seed of one side (0 worker, 1 server) of one chunk."""
         return (self.seed * 2 + side) * (self.n + 1) + chunk
+
+    def update(self, chunk: slice, g: torch.Tensor) -> torch.Tensor:
+        """The owner's update rule on its chunk (sharded exchanges): the model change there."""
+        t = time.perf_counter()
+        out = self.owner(chunk, g, self.state)
+        self.updating += time.perf_counter() - t
+        return out
 
     def wait(self) -> torch.Tensor:
         t = time.perf_counter()
@@ -132,7 +140,8 @@ class BucketExchange:
         """The averaged result; records the bucket in ``stats``."""
         result = self._finish()
         if self.stats is not None:
-            self.stats.record(self.up, self.down, 4 * self.layout.numel, self.busy - self.waiting, self.waiting)
+            self.stats.record(self.up, self.down, 4 * self.layout.numel, self.busy - self.waiting - self.updating,
+                              self.waiting, self.updating)
         return result
 
     del _timed

@@ -120,8 +120,8 @@ class OneWay:
 class Sharded:
     """``downlink``: the codec of the model change; ``error_feedback``: keep the owner's error
     on it (``downlink_error``); ``owner_keys``: the update rule's state, kept for the chunk.
-    The stages call ``ex.owner(chunk, aggregate, state)``, which runs the update rule on the
-    owner's chunk and returns the model change (x_old - x_new) there."""
+    The stages call ``ex.update(chunk, aggregate)``, which runs the update rule on the owner's
+    chunk and returns the model change (x_old - x_new) there."""
 
     two_way = True
     start = staticmethod(TwoWay.start)
@@ -150,7 +150,7 @@ class Sharded:
         sl, pieces = lay.chunk(me), lay.chunk_pieces[me]
         a = ex.compressor.decode_mean(received, pieces, ex.seed_for(0, me),
                                       ex.work.scratch("sum", lay.chunk_numel(me), ex.device))
-        delta = ex.owner(sl, ex.server.accumulate(a, ex.state), ex.state)
+        delta = ex.update(sl, ex.server.accumulate(a, ex.state))
         rule = FeedbackStep(ex.state["downlink_error"], 1.0, "ef") if self.error_feedback else FeedbackStep(None, 0.0, "none")
         payload = self.downlink.encode_fused(delta, pieces, rule, seed=ex.seed_for(1, me))
         return ex.comm.all_gather_async(_fit(payload, self.chunk_nbytes(lay)))
