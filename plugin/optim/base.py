@@ -189,9 +189,18 @@ class CompressedOptimizer(Optimizer):
 
     def reset_compression_state(self) -> None:
         """Zero every error and Markov sequence (e.g. after changing world size)."""
+        self._warn_sharded_reset()
         self.compression.reset(self.global_step)
 
+    def _warn_sharded_reset(self) -> None:
+        if self.sharded:
+            warnings.warn(f"{type(self).__name__}: resetting the compression state of a sharded optimizer restarts "
+                          f"the chunk owners' update-rule state ({', '.join(self.rule_state)}) from zero too",
+                          stacklevel=3)
+
     def load_state_dict(self, state_dict, reset_compression_state: bool = False):
+        if reset_compression_state:
+            self._warn_sharded_reset()
         saved = self.compression.saved(state_dict, reset_compression_state)
         super().load_state_dict(state_dict)
         # torch casts per-parameter state to the parameter's dtype: restore the saved fp32

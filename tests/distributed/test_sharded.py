@@ -227,3 +227,15 @@ def test_sharded_wire_bytes_are_one_bit_both_ways():
     assert wire["up"] == wire["down"] == 65536 // 8 + 4 * 64  # a bit per element, a scale per block
     cast = taciturn.CDAdam(params, shard_state=True, downlink="bf16").exchanges["grad"].wire_bytes()
     assert cast["up"] == wire["up"] and cast["down"] == 2 * 65536
+
+
+def test_resetting_a_sharded_state_warns_that_the_moments_restart():
+    model = _model()
+    opt = taciturn.CDAdam(model.parameters(), shard_state=True)
+    model(torch.randn(2, 40)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    assert opt.state["taciturn"]["grad.0.exp_avg"].any()
+    with pytest.warns(UserWarning, match="restarts the chunk owners' update-rule state"):
+        opt.load_state_dict(saved, reset_compression_state=True)
+    assert not opt.state["taciturn"]["grad.0.exp_avg"].any() and opt.global_step == 1
