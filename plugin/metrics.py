@@ -13,7 +13,9 @@ class CommStats:
     ``fp32_bytes``: what one direction costs uncompressed (4 bytes per element), so
     ``compression_ratio = fp32_bytes / bytes_up``. ``update_time``: seconds a sharded step's
     chunk owner spent in the update rule inside the exchange (0 unsharded), which
-    ``compress_time`` does not count.
+    ``compress_time`` does not count. ``bytes_intra``: bytes handed to the collectives inside a
+    node (the two-level exchange's fp32/bf16 reduce-scatter and all-gather); ``bytes_up`` and
+    ``bytes_down`` are then what crosses nodes.
     """
 
     steps: int = 0
@@ -24,18 +26,21 @@ class CommStats:
     compress_time: float = 0.0
     collective_time: float = 0.0
     update_time: float = 0.0
+    bytes_intra: int = 0
     last: dict = field(default_factory=dict)
 
     def record(self, bytes_up: int, bytes_down: int, fp32_bytes: int, compress_time: float,
-               collective_time: float, update_time: float = 0.0) -> None:
+               collective_time: float, update_time: float = 0.0, bytes_intra: int = 0) -> None:
         self.bytes_up += bytes_up
         self.bytes_down += bytes_down
         self.fp32_bytes += fp32_bytes
         self.compress_time += compress_time
         self.collective_time += collective_time
         self.update_time += update_time
+        self.bytes_intra += bytes_intra
         step = dict(bytes_up=bytes_up, bytes_down=bytes_down, fp32_bytes=fp32_bytes,
-                    compress_time=compress_time, collective_time=collective_time, update_time=update_time)
+                    compress_time=compress_time, collective_time=collective_time, update_time=update_time,
+                    bytes_intra=bytes_intra)
         if self.last.get("_open"):
             for k, v in step.items():
                 self.last[k] += v

@@ -62,6 +62,15 @@ class Communicator:
         """Overwrite ``t`` in place with rank ``src``'s and return it."""
         raise NotImplementedError
 
+    def split(self, parts: List[List[int]]) -> "Communicator":
+        """The communicator of the part of ``parts`` (a partition of this communicator's ranks,
+        the same on every rank) that holds this rank; its ranks are numbered in part order.
+        Every rank calls it with the same partitions in the same order."""
+        raise NotImplementedError(f"the {self.name} communicator cannot make sub-groups")
+
+    def _part(self, parts: List[List[int]]) -> List[int]:
+        return next(p for p in parts if self.rank in p)
+
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In-place reduction of ``t`` over ranks; ``op`` is ``sum``, ``max`` or ``min``."""
         raise NotImplementedError
@@ -86,6 +95,9 @@ class LocalCommunicator(Communicator):
 
     def all_reduce(self, t, op="sum"):
         return t
+
+    def split(self, parts):
+        return self
 
 
 def gather_objects(comm: Communicator, obj) -> list:

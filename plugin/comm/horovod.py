@@ -49,6 +49,18 @@ class HorovodCommunicator(Communicator):
         self._calls = itertools.count()
         self._ops = {"sum": hvd.Sum, "max": hvd.Max, "min": hvd.Min}
 
+    def split(self, parts):
+        """A Horovod process set per part (``hvd.add_process_set``, which needs
+        HOROVOD_DYNAMIC_PROCESS_SETS=1 in horovodrun's environment); every rank adds every part."""
+        hvd = _hvd()
+        ranks = self.process_set.ranks if self.process_set.ranks is not None else list(range(hvd.size()))
+        try:
+            sets = [hvd.add_process_set([ranks[r] for r in part]) for part in parts]
+        except ValueError as err:
+            raise ValueError(f"Horovod refused a process set for the two-level exchange ({err}): launch with "
+                             "HOROVOD_DYNAMIC_PROCESS_SETS=1 (horovodrun --dynamic-process-sets)") from err
+        return HorovodCommunicator(sets[parts.index(self._part(parts))], prefix=f"{self.prefix}.split{next(self._calls)}")
+
     def _name(self, kind: str) -> str:
         return f"{self.prefix}.{kind}.{next(self._calls)}"
 

@@ -22,6 +22,10 @@ class MPICommunicator(Communicator):
         self.rank = self.comm.Get_rank()
         self.world_size = self.comm.Get_size()
 
+    def split(self, parts):
+        mine = self._part(parts)
+        return MPICommunicator(self.comm.Split(parts.index(mine), mine.index(self.rank)))
+
     @staticmethod
     def _np(t: torch.Tensor):
         if t.device.type != "cpu":

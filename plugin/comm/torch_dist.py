@@ -58,6 +58,17 @@ class TorchDistCommunicator(Communicator):
         if self.backend == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
 
+    def split(self, parts):
+        """A new group over this rank's part (only its members synchronise, so other parts, or
+        other groups of a larger job, may build theirs at their own pace)."""
+        mine = self._part(parts)
+        ranks = dist.get_process_group_ranks(self.group) if self.group is not None else list(range(self.world_size))
+        kwargs = {"timeout": datetime.timedelta(seconds=self.timeout)} if self.timeout is not None else {}
+        sub = TorchDistCommunicator(dist.new_group(ranks=[ranks[r] for r in mine], use_local_synchronization=True,
+                                                   **kwargs))
+        sub.timeout = self.timeout
+        return sub
+
     @contextlib.contextmanager
     def _guard(self, what: str):
         start = time.monotonic()

@@ -21,8 +21,11 @@ from ..feedback import Feedback, State
 from ..layout import BucketLayout
 from ..metrics import CommStats
 from ..segments import Segments
+from ..wire import Pieces
 from .bucket import BucketExchange, Workspace
+from ..topology import node_parts
 from .direction import Sharded, direction, init_state
+from .two_level import TwoLevelBucket
 
 #: ``downlink`` values of a sharded exchange: the model change compressed by the exchange's own
 #: codec with error feedback on it, or cast to bf16 / sent in fp32 (exact ZeRO-1 semantics)
@@ -63,12 +66,19 @@ class Exchange:
     the update rule's state ``owner_keys`` for its chunk, ``allreduce`` takes the update rule as
     ``owner_update`` and returns the model change instead of the average. The server rule then
     only accumulates (Markov's H); the model change gets error feedback unless the server
-    rule is ``none`` or the downlink is a cast."""
+    rule is ``none`` or the downlink is a cast.
+
+    ``ranks_per_node=L`` > 1 (checked by ``taciturn.topology.check_topology``) makes it two-level:
+    each bucket is reduce-scattered inside the node in ``intra_node_dtype`` (fp32 or bf16), this
+    rank's shard goes through the pipeline among the ranks of its local rank, and the results
+    are all-gathered inside the node. ``layouts`` are then this rank's shards'; ``node_layouts``
+    the buckets' over the node."""
 
     def __init__(self, sizes: Sequence[int], compressor: Compressor, worker: Feedback, server: Feedback,
                  comm: Communicator, two_way: bool = True, bucket_cap_mb: Optional[float] = 25.0,
                  groups: Optional[Sequence[int]] = None, workspace: Optional[Workspace] = None,
-                 downlink: Optional[str] = None, owner_keys: Sequence[str] = ()):
+                 downlink: Optional[str] = None, owner_keys: Sequence[str] = (), ranks_per_node: int = 1,
+                 intra_node_dtype: str = "fp32"):
         if bucket_cap_mb is not None and not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} must be > 0 (megabytes of fp32 per bucket, "
                              "default 25)")
@@ -91,8 +101,25 @@ class Exchange:
         cap = max(1, sum(self.sizes)) if bucket_cap_mb is None else max(1, int(bucket_cap_mb * 2 ** 20) // 4)
         self.groups = list(groups) if groups is not None else [0] * len(self.sizes)
         self.buckets = bucket_ranges(self.sizes, cap, self.groups)
-        self.layouts = [BucketLayout(tuple(self.sizes[i] for i in b), comm.world_size, compressor)
-                        for b in self.buckets]
+        self.ranks_per_node = ranks_per_node
+        if ranks_per_node > 1:
+            if downlink is not None:
+                raise ValueError("the two-level exchange (ranks_per_node > 1) does not combine with sharded state "
+                                 "(shard_state=True) yet: use one of them")
+            if intra_node_dtype not in ("fp32", "bf16"):
+                raise ValueError(f"intra_node_dtype={intra_node_dtype!r} must be 'fp32' or 'bf16'")
+            nodes, locals_ = node_parts(comm.world_size, ranks_per_node)
+            self.intra, self.inter = comm.split(nodes), comm.split(locals_)
+            self.intra_cast = make_compressor("identity" if intra_node_dtype == "fp32" else "bf16")
+            self.node_layouts = [BucketLayout(tuple(self.sizes[i] for i in b), ranks_per_node, compressor)
+                                 for b in self.buckets]
+            self.layouts = [BucketLayout(self._shard_sizes(b, lay), self.inter.world_size, compressor)
+                            for b, lay in zip(self.buckets, self.node_layouts)]
+        else:
+            self.intra, self.inter = None, comm
+            self.layouts = [BucketLayout(tuple(self.sizes[i] for i in b), comm.world_size, compressor)
+                            for b in self.buckets]
+        self.intra_node_dtype = intra_node_dtype
         if workspace is None:
             scratch = Workspace()
             self.workspaces = [scratch.sibling() for _ in self.buckets]
@@ -103,21 +130,40 @@ class Exchange:
     def numel(self) -> int:
         return sum(self.sizes)
 
+    def _shard_sizes(self, bucket: range, node: BucketLayout) -> Tuple[int, ...]:
+        """The lengths of the bucket's tensors' parts inside this rank's shard (its segments)."""
+        lo, hi = node.cuts[self.intra.rank], node.cuts[self.intra.rank + 1]
+        out, start = [], 0
+        for i in bucket:
+            a, b = max(lo, start), min(hi, start + self.sizes[i])
+            if a < b:
+                out.append(b - a)
+            start += self.sizes[i]
+        return tuple(out) or (0,)
+
     def init_state(self, device=None) -> List[State]:
         """Zero feedback state of every bucket, for this rank."""
-        return [init_state(self.worker, self.server, lay, self.direction, self.comm.rank, device)
+        return [init_state(self.worker, self.server, lay, self.direction, self.inter.rank, device)
                 for lay in self.layouts]
 
     def signature(self) -> tuple:
         """What a saved compression state must match: compressor, rules, direction, buckets."""
         sig = (repr(self.compressor), self.worker.name, self.server.name, self.two_way,
                [lay.numel for lay in self.layouts])
+        if self.ranks_per_node > 1:
+            sig += (f"ranks_per_node={self.ranks_per_node} intra={self.intra_node_dtype}",)
         return sig if self.downlink is None else sig + (f"sharded downlink={self.downlink}",)
 
     def wire_bytes(self) -> dict:
-        """Exact bytes per step handed to the collectives by one rank, per direction."""
-        up, down = self.direction.wire_bytes(self.layouts, self.comm.world_size)
-        return {"up": up, "down": down, "fp32": 4 * self.numel}
+        """Exact bytes per step handed to the collectives by one rank, per direction (two-level:
+        across nodes, and ``intra`` inside the node)."""
+        up, down = self.direction.wire_bytes(self.layouts, self.inter.world_size)
+        out = {"up": up, "down": down, "fp32": 4 * sum(lay.numel for lay in self.layouts)}
+        if self.ranks_per_node > 1:
+            L = self.ranks_per_node
+            out["intra"] = sum(2 * L * max(self.intra_cast.nbytes(Pieces.from_lengths([lay.chunk_numel(k)]))
+                                           for k in range(L)) for lay in self.node_layouts)
+        return out
 
     def _views(self, idx: range, flat: torch.Tensor, shapes) -> List[torch.Tensor]:
         out, offset = [], 0
@@ -163,11 +209,14 @@ class Exchange:
         for b, x, state in zip(chosen, inputs, states):
             scale = error_scale if isinstance(error_scale, (int, float)) else error_scale[self.groups[self.buckets[b][0]]]
             index, count = seed_slot if seed_slot is not None else (b, len(self.buckets))
-            exchanges.append(BucketExchange(x, self.layouts[b], self.compressor, self.worker, self.server,
-                                            self.direction, state, self.comm, error_scale=scale,
-                                            seed=bucket_seed(step, index, count), stats=stats,
-                                            work=self.workspaces[b],
-                                            owner=None if owner_update is None else functools.partial(owner_update, b)))
+            bucket = functools.partial(BucketExchange, layout=self.layouts[b], compressor=self.compressor,
+                                       worker=self.worker, server=self.server, direction=self.direction, state=state,
+                                       comm=self.inter, error_scale=scale, seed=bucket_seed(step, index, count),
+                                       stats=stats, work=self.workspaces[b],
+                                       owner=None if owner_update is None else functools.partial(owner_update, b))
+            exchanges.append(bucket(x) if self.intra is None else
+                             TwoLevelBucket(x, self.node_layouts[b], self.intra, self.intra_cast, bucket,
+                                            self.workspaces[b]))
         # Stage by stage over the buckets: every bucket is compressed and its all_to_all started
         # before the first server phase, and every server phase has started its all_gather
         # before the first result is decoded, so each collective travels while this rank works
@@ -198,7 +247,8 @@ class Exchange:
                 inputs.append(Segments([t.reshape(-1) for t in mine]))
                 shapes.append([t.shape for t in mine])
             return inputs, shapes
-        if len(tensors) == len(chosen) and all(t.numel() == self.layouts[b].numel for b, t in zip(chosen, tensors)):
+        numel = self.layouts if self.intra is None else self.node_layouts
+        if len(tensors) == len(chosen) and all(t.numel() == numel[b].numel for b, t in zip(chosen, tensors)):
             return list(tensors), None
         raise ValueError(f"the exchange's buckets {list(chosen)} hold {count} tensors: pass those tensors, or one flat "
                          f"tensor per bucket; got {len(tensors)} tensors")

@@ -31,6 +31,7 @@ from ..feedback import make_feedback
 from ..metrics import CommStats
 from ..presets import Preset
 from ..state import CompressionState
+from ..topology import check_topology
 
 TACITURN_KEY = "taciturn"
 _log = logging.getLogger("taciturn")
@@ -63,7 +64,8 @@ class CompressedOptimizer(Optimizer):
     def __init__(self, params, defaults: dict, exchanges: Dict[str, Preset], *, process_group=None,
                  bucket_cap_mb: float = 25.0, broadcast_parameters: bool = True, check_consistency: bool = True,
                  nonfinite: str = "skip", check_divergence_every: Optional[int] = None,
-                 timeout: Optional[float] = None, shard_state: bool = False, downlink: str = "1bit"):
+                 timeout: Optional[float] = None, shard_state: bool = False, downlink: str = "1bit",
+                 ranks_per_node=1, intra_node_dtype: str = "fp32"):
         """Options every preset takes:
 
         process_group: None (the initialised default torch.distributed group, else world size 1),
@@ -91,6 +93,10 @@ class CompressedOptimizer(Optimizer):
             compressed by the preset's codec with error feedback on it (none for presets
             without server feedback), ``"bf16"`` or ``"fp32"`` the model change itself (exact
             ZeRO-1: the unsharded trajectory up to rounding).
+        ranks_per_node: L > 1 (or ``"auto"``: the launcher's local world size) runs the two-level
+            exchange (ALGORITHMS.md): fp32 (``intra_node_dtype="bf16"``: bf16) reduce-scatter inside
+            each node of L consecutive ranks, the compressed pipeline between nodes, all-gather
+            inside; bad topologies are refused on every rank before any collective.
         """
         if nonfinite not in ("skip", "raise", "off"):
             raise ValueError(f"nonfinite={nonfinite!r} must be 'skip', 'raise' or 'off'")
@@ -127,11 +133,14 @@ class CompressedOptimizer(Optimizer):
         sizes = [p.numel() for _, p in self._trainable]
         groups = [gi for gi, _ in self._trainable]
         self.sharded = self._check_sharding(shard_state, downlink, exchanges)
+        if ranks_per_node != 1 or (check_consistency and self.comm.world_size > 1):
+            ranks_per_node = check_topology(self.comm, ranks_per_node, type(self).__name__)
         self.exchanges: Dict[str, Exchange] = {
             name: Exchange(sizes, preset.make_compressor(), make_feedback(preset.worker), make_feedback(preset.server),
                            self.comm, preset.two_way, bucket_cap_mb, groups,
                            downlink=downlink if self.sharded else None,
-                           owner_keys=self.rule_state if self.sharded else ())
+                           owner_keys=self.rule_state if self.sharded else (), ranks_per_node=ranks_per_node,
+                           intra_node_dtype=intra_node_dtype)
             for name, preset in exchanges.items()}
         _warn_oversized_blocks(self.exchanges.values(), max(sizes))
         if check_consistency and self.comm.world_size > 1:
