@@ -48,7 +48,7 @@ def _problem(views: List[Tuple], n: int) -> Optional[str]:
     size = sizes[0]
     if n % size:
         return f"the world of {n} ranks is not a whole number of nodes of ranks_per_node={size}"
-    for r, (_, local, host) in enumerate(views):
+    for r, (_, local, host) in enumerate(views if size > 1 else ()):  # one rank per node: any placement
         if local is not None and local != r % size:
             return (f"rank {r} is local rank {local} of its node, not {r % size}: the ranks of a node must be "
                     f"consecutive (rank r on node r // {size}); launch them so, or pass ranks_per_node=1")

@@ -166,3 +166,23 @@ def _refusal_rank(rank, world, case):
 def test_bad_topologies_are_refused_on_every_rank(run_ranks, case, world, text):
     messages = run_ranks(_refusal_rank, world, case, timeout=60)
     assert all(m is not None and text in m and "Every rank raises this" in m for m in messages), messages
+
+
+def _launcher_rank(rank, world):
+    import os
+
+    os.environ.update(LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    ok = taciturn.CDAdam(torch.nn.Linear(4, 3).parameters()).comm.world_size  # one rank per node: always fine
+    os.environ["LOCAL_RANK"] = str((rank + 1) % world)  # a launcher that placed the ranks out of order
+    try:
+        taciturn.CDAdam(torch.nn.Linear(4, 3).parameters(), ranks_per_node="auto")
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    return ok, refused
+
+
+def test_auto_reads_the_launcher_and_refuses_ranks_out_of_order(run_ranks):
+    for ok, refused in run_ranks(_launcher_rank, 2, timeout=60):
+        assert ok == 2
+        assert refused is not None and "rank 0 is local rank 1 of its node, not 0" in refused
