@@ -171,10 +171,14 @@ METHODS: Dict[str, Method] = {
     "cdadam_sharded_bf16": Method("CDAdam sharded state, bf16 downlink", "taciturn",
                                   _taciturn("CDAdam", lr=ADAM_LR, shard_state=True, downlink="bf16")),
     "deepspeed_zero2": Method("DeepSpeed ZeRO-2 + its AdamW (fp32 reduce-scatter)", "deepspeed", _deepspeed_zero(2)),
+    "cdadam_two_level": Method("CDAdam two-level (fp32 inside nodes, 1-bit between)", "taciturn",
+                               _taciturn("CDAdam", lr=ADAM_LR, ranks_per_node="auto")),
 }
 #: the sharded-state methods run by scripts/bench_sharded.py, not by default
 SHARDED_METHODS = ("cdadam_sharded", "cdadam_sharded_bf16", "deepspeed_zero2")
-DEFAULT_METHODS = [m for m in METHODS if m not in ("local", "horovod_fp32", *SHARDED_METHODS)]
+#: run by scripts/bench_two_level.py on a two-tier cluster, not by default
+TWO_LEVEL_METHODS = ("cdadam_two_level",)
+DEFAULT_METHODS = [m for m in METHODS if m not in ("local", "horovod_fp32", *SHARDED_METHODS, *TWO_LEVEL_METHODS)]
 ONE_BIT = ("cdadam", "onebitadam", "distefsgd")
 
 
@@ -303,7 +307,8 @@ def measure(name: str, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
             row = {"step": t2 - t0, "fwd_bwd": t1 - t0, "opt": t2 - t1}
             if stats is not None:
                 row.update(compress=stats.last["compress_time"], collective=stats.last["collective_time"],
-                           bytes_up=stats.last["bytes_up"], bytes_down=stats.last["bytes_down"])
+                           bytes_up=stats.last["bytes_up"], bytes_down=stats.last["bytes_down"],
+                           bytes_intra=stats.last.get("bytes_intra", 0))
             rows.append(row)
     dist.barrier()
     after = link_counters()
@@ -384,7 +389,8 @@ def summarize(per_rank: List[dict], size: str, n: int, rate: str, shaped: bool, 
                "step": statistics.median(max(r["rows"][i]["step"] for r in ranks) for i in range(steps)),
                "fwd_bwd": med("fwd_bwd"), "opt": med("opt"), "payload": max(r["payload"] for r in ranks)}
         if METHODS[name].family == "taciturn":
-            row.update(compress=med("compress"), collective=med("collective"))
+            row.update(compress=med("compress"), collective=med("collective"), bytes_up=med("bytes_up"),
+                       bytes_down=med("bytes_down"), bytes_intra=med("bytes_intra"))
         if shaped:
             row["wire"] = max(max(r["tx"], r["rx"]) for r in ranks) / steps
         out.append(row)
@@ -420,8 +426,9 @@ def derive(rows: List[dict]) -> List[dict]:
     return rows
 
 
-def run_cell(n: int, rate: str, sizes: Sequence[str], methods: Sequence[str], args) -> List[dict]:
-    """Build one cluster (n ranks at ``rate``), run every size and method in it, tear it down."""
+def run_cell(n: int, rate: str, sizes: Sequence[str], methods: Sequence[str], args, **cluster) -> List[dict]:
+    """Build one cluster (n ranks at ``rate``; ``cluster``: more of ``Cluster``'s options, e.g. a
+    two-tier topology), run every size and method in it, tear it down."""
     cls = LoopbackCluster if args.loopback else Cluster
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         cfg = {"sizes": list(sizes), "methods": ["local", *methods], "warmup": args.warmup, "steps": args.steps,
@@ -429,7 +436,7 @@ def run_cell(n: int, rate: str, sizes: Sequence[str], methods: Sequence[str], ar
         cfg_path = os.path.join(tmp, "config.json")
         with open(cfg_path, "w") as f:
             json.dump(cfg, f)
-        with cls(n, rate) as cluster:
+        with cls(n, rate, **cluster) as cluster:
             print(f"bench_step: {cluster.describe()}; sizes {', '.join(sizes)}", file=sys.stderr, flush=True)
             cluster.run([sys.executable, os.path.abspath(__file__), "--worker", cfg_path], timeout=args.timeout,
                         env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})

@@ -9,6 +9,16 @@ bridge -> rank), like a switch with R ports. Ranks run inside their namespaces t
 ``ip netns exec`` with MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE / LOCAL_RANK and
 GLOO_SOCKET_IFNAME set, so ``torch.distributed.init_process_group("gloo")`` just works.
 
+Two tiers (``ranks_per_node=L`` > 1, CLI ``--nodes N --ranks-per-node L``): the world_size = N L
+ranks form N nodes of L consecutive ranks (rank r is local rank r % L of node r // L, as torchrun
+places them). In the bridge namespace each node has a bridge of its own (``n<k>``) that its L ranks'
+veths join, shaped at ``intra_rate`` in both directions; a veth pair per node (``u<k>`` on the node
+bridge, ``d<k>`` on the core bridge ``br0``) is the node's uplink, shaped at ``rate`` in both
+directions, so traffic between nodes crosses rank link -> uplink -> uplink -> rank link and the L
+ranks of a node share one uplink. All ranks stay in the one subnet, each reaching every other.
+``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` / ``GROUP_RANK`` are then r % L, L and r // L. (With L = 1,
+the flat layout, they stay what they always were: the rank itself and the world size.)
+
 Everything is torn down on exit, on failure and on SIGINT / SIGTERM / SIGHUP. Names carry a
 per-run prefix (``tcn<pid>``); leftovers of a run with the same prefix, and of runs whose
 process is gone (killed with SIGKILL), are removed before a new cluster is built.
@@ -20,6 +30,8 @@ CLI::
 
     python scripts/netcluster.py run -n 2 --rate 1gbit -- python3 train.py ...
     python scripts/netcluster.py check -n 2 --rate 1gbit --mb 100   # 100 MB gloo allreduce, ~0.84 s
+    python scripts/netcluster.py check --nodes 2 --ranks-per-node 2 --inter-rate 1gbit \
+        --intra-rate 10gbit --mb 100    # also times an allreduce within a node vs across nodes
     python scripts/netcluster.py cleanup                              # remove stale namespaces
 
 As a module (``sys.path`` holding scripts/)::
@@ -27,6 +39,8 @@ As a module (``sys.path`` holding scripts/)::
     from netcluster import Cluster
     with Cluster(2, "1gbit") as cluster:
         results = cluster.run([sys.executable, "train.py"], timeout=600)
+    with Cluster(4, "1gbit", ranks_per_node=2, intra_rate="10gbit") as cluster:   # 2 nodes of 2
+        ...
 """
 from __future__ import annotations
 
@@ -152,6 +166,10 @@ class RankResult:
 class Cluster:
     """``world_size`` ranks joined by links of ``rate`` (see the module docstring).
 
+    ``ranks_per_node=L`` > 1 makes two tiers: world_size / L nodes whose ranks reach their node's
+    bridge over links of ``intra_rate`` (default: ``rate``) and whose bridges are joined by
+    uplinks of ``rate``. ``L = 1`` (the default) is the flat layout; ``intra_rate`` is then unused.
+
     Use it as a context manager: entering builds the namespaces (or falls back to loopback),
     leaving tears them down, and SIGINT / SIGTERM / SIGHUP inside the block unwind through it.
     ``shaped`` tells which of the two it got; ``reason`` says why it fell back.
@@ -160,12 +178,23 @@ class Cluster:
     """
 
     def __init__(self, world_size: int, rate: str = "1gbit", prefix: Optional[str] = None,
-                 fallback: bool = True, loopback: bool = False, log=sys.stderr):
+                 fallback: bool = True, loopback: bool = False, log=sys.stderr, *, ranks_per_node: int = 1,
+                 intra_rate: Optional[str] = None):
         if not isinstance(world_size, int) or not 1 <= world_size <= 250:
             raise ValueError(f"world_size={world_size!r}: give an int in [1, 250]")
+        if not isinstance(ranks_per_node, int) or isinstance(ranks_per_node, bool) or ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node={ranks_per_node!r}: give a positive int")
+        if world_size % ranks_per_node:
+            raise ValueError(f"world_size={world_size} is not a multiple of ranks_per_node={ranks_per_node}: "
+                             "every node holds the same number of ranks")
         parse_rate(rate)
+        if intra_rate is not None:
+            parse_rate(intra_rate)
         self.world_size = world_size
         self.rate = rate
+        self.ranks_per_node = ranks_per_node
+        self.nodes = world_size // ranks_per_node
+        self.intra_rate = intra_rate or rate
         self.prefix = prefix or f"tcn{os.getpid()}"
         if not re.fullmatch(r"[A-Za-z0-9_.]{1,40}", self.prefix):
             raise ValueError(f"prefix={self.prefix!r}: use 1-40 letters, digits, '_' or '.'")
@@ -188,6 +217,27 @@ class Cluster:
     def rank_ns(self, rank: int) -> str:
         return f"{self.prefix}-r{rank}"
 
+    @property
+    def two_tier(self) -> bool:
+        return self.ranks_per_node > 1
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    def node_ranks(self, node: int) -> List[int]:
+        """The ranks of node ``node``: L consecutive ones."""
+        return list(range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node))
+
+    @staticmethod
+    def node_bridge(node: int) -> str:
+        """Node ``node``'s bridge in the bridge namespace (two tiers); its uplink is the veth pair
+        ``uplink(node)`` = (port on the node bridge, port on the core bridge br0)."""
+        return f"n{node}"
+
+    @staticmethod
+    def uplink(node: int) -> Tuple[str, str]:
+        return f"u{node}", f"d{node}"
+
     def address(self, rank: int) -> str:
         return self.address_for(rank) if self.shaped else "127.0.0.1"
 
@@ -200,15 +250,28 @@ class Cluster:
         return IFNAME if self.shaped else "lo"
 
     def env(self, rank: int) -> Dict[str, str]:
-        """The variables rank ``rank`` runs with (torchrun's names plus the gloo interface)."""
-        return {"MASTER_ADDR": self.address(0), "MASTER_PORT": str(self.port), "RANK": str(rank),
-                "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(rank),
-                "LOCAL_WORLD_SIZE": str(self.world_size), "GLOO_SOCKET_IFNAME": self.ifname,
-                "TP_SOCKET_IFNAME": self.ifname, "TACITURN_NET": self.describe()}
+        """The variables rank ``rank`` runs with (torchrun's names plus the gloo interface). Two
+        tiers: LOCAL_RANK = rank % L, LOCAL_WORLD_SIZE = L, GROUP_RANK = rank // L (its node);
+        flat: LOCAL_RANK = rank, LOCAL_WORLD_SIZE = world_size (one machine), as always."""
+        env = {"MASTER_ADDR": self.address(0), "MASTER_PORT": str(self.port), "RANK": str(rank),
+               "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(self.world_size), "GLOO_SOCKET_IFNAME": self.ifname,
+               "TP_SOCKET_IFNAME": self.ifname, "TACITURN_NET": self.describe()}
+        if self.two_tier:
+            env.update(LOCAL_RANK=str(rank % self.ranks_per_node), LOCAL_WORLD_SIZE=str(self.ranks_per_node),
+                       GROUP_RANK=str(self.node_of(rank)))
+        return env
 
     def describe(self) -> str:
+        if self.shaped and self.two_tier:
+            return (f"{self.world_size} network namespaces as {self.nodes} nodes x {self.ranks_per_node} ranks: "
+                    f"{self.intra_rate} links within a node, {self.rate} uplinks between nodes (tc tbf, both "
+                    "directions)")
         if self.shaped:
             return f"{self.world_size} network namespaces, {self.rate} links (tc tbf, both directions)"
+        if self.two_tier:
+            return (f"{self.world_size} processes on loopback (unshaped; {self.nodes} nodes x "
+                    f"{self.ranks_per_node} ranks in LOCAL_RANK / LOCAL_WORLD_SIZE only)")
         return f"{self.world_size} processes on loopback (unshaped)"
 
     # ------------------------------------------------------------------ life cycle
@@ -248,8 +311,9 @@ class Cluster:
         self.reason = problem
         self.port = _free_port()
         self._ready = True
+        rates = f"{self.intra_rate} within / {self.rate} between nodes" if self.two_tier else self.rate
         print(f"netcluster: {problem}; falling back to {self.world_size} processes on loopback: the links are "
-              f"NOT shaped to {self.rate}, timings show this machine's loopback", file=self.log, flush=True)
+              f"NOT shaped to {rates}, timings show this machine's loopback", file=self.log, flush=True)
 
     def _unavailable(self) -> Optional[str]:
         if self.loopback:
@@ -282,15 +346,32 @@ class Cluster:
             f.write("\n".join(lines) + "\n")
 
     def _build(self) -> None:
-        br, shape = self.bridge_ns, tbf_args(self.rate)
+        """Flat: every rank's veth joins br0, shaped at ``rate``. Two tiers: every rank's veth
+        joins its node's bridge n<k>, shaped at ``intra_rate``; each node bridge reaches br0 (the
+        core) over its uplink u<k> -- d<k>, shaped at ``rate``. Every interface lives in a
+        namespace of this cluster (none in the host's), so deleting those removes them all."""
+        br = self.bridge_ns
+        shape = tbf_args(self.intra_rate if self.two_tier else self.rate)
         self._add_ns(br)
         _sh("ip", "-n", br, "link", "add", "br0", "type", "bridge")
         _sh("ip", "-n", br, "link", "set", "br0", "up")
+        if self.two_tier:
+            uplink = tbf_args(self.rate)
+            for k in range(self.nodes):
+                node, (up, down) = self.node_bridge(k), self.uplink(k)
+                _sh("ip", "-n", br, "link", "add", node, "type", "bridge")
+                _sh("ip", "-n", br, "link", "set", node, "up")
+                _sh("ip", "-n", br, "link", "add", up, "type", "veth", "peer", "name", down)
+                _sh("ip", "-n", br, "link", "set", up, "master", node, "up")
+                _sh("ip", "-n", br, "link", "set", down, "master", "br0", "up")
+                _sh("tc", "-n", br, "qdisc", "add", "dev", up, "root", *uplink)    # node -> core
+                _sh("tc", "-n", br, "qdisc", "add", "dev", down, "root", *uplink)  # core -> node
         for r in range(self.world_size):
             ns, port = self.rank_ns(r), f"r{r}"
+            master = self.node_bridge(self.node_of(r)) if self.two_tier else "br0"
             self._add_ns(ns, r)
             _sh("ip", "link", "add", "name", IFNAME, "netns", ns, "type", "veth", "peer", "name", port, "netns", br)
-            _sh("ip", "-n", br, "link", "set", port, "master", "br0", "up")
+            _sh("ip", "-n", br, "link", "set", port, "master", master, "up")
             _sh("ip", "-n", ns, "addr", "add", f"{self.address_for(r)}/24", "dev", IFNAME)
             _sh("ip", "-n", ns, "link", "set", IFNAME, "up")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -408,8 +489,26 @@ def _raise_on_signal(signum, frame):
 
 
 # ---------------------------------------------------------------------- shaping check
-def _allreduce_rank(mb: float, repeats: int) -> None:
-    """One rank of ``check``: time a gloo allreduce of ``mb`` MB of fp32; rank 0 prints JSON."""
+def _timed_allreduce(x, repeats: int, group=None, member: bool = True) -> List[float]:
+    """``repeats`` timed allreduces of ``x`` within ``group`` (every rank calls this; those not in
+    the group only keep the barriers, so one tier is timed at a time)."""
+    import torch.distributed as dist
+
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        if member:
+            t0 = time.perf_counter()
+            dist.all_reduce(x, group=group)
+            times.append(time.perf_counter() - t0)
+    dist.barrier()
+    return times
+
+
+def _allreduce_rank(mb: float, repeats: int, ranks_per_node: int = 1) -> None:
+    """One rank of ``check``: time a gloo allreduce of ``mb`` MB of fp32; rank 0 prints JSON.
+    With ``ranks_per_node=L`` > 1 also among the L ranks of node 0 (``intra``) and among the
+    first rank of every node (``inter``), one group at a time; rank 0 is in both."""
     import torch
     import torch.distributed as dist
 
@@ -417,28 +516,74 @@ def _allreduce_rank(mb: float, repeats: int) -> None:
     dist.init_process_group("gloo")
     x = torch.ones(int(mb * 10 ** 6) // 4)
     dist.all_reduce(x)
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        dist.all_reduce(x)
-        times.append(time.perf_counter() - t0)
-    if dist.get_rank() == 0:
-        print(json.dumps({"bytes": x.numel() * 4, "times": times}))
+    out = {"bytes": x.numel() * 4, "times": _timed_allreduce(x, repeats)}
+    rank, n, size = dist.get_rank(), dist.get_world_size(), ranks_per_node
+    if size > 1:
+        # every rank creates every group, in the same order (new_group is collective)
+        tiers = [("intra", list(range(size)))]
+        if n // size > 1:
+            tiers.append(("inter", list(range(0, n, size))))
+        for name, ranks in tiers:
+            group = dist.new_group(ranks)
+            member = rank in ranks
+            if member:
+                dist.all_reduce(x[:1024], group=group)  # connect before timing
+            out[name] = {"ranks": ranks, "times": _timed_allreduce(x, repeats, group, member)}
+    if rank == 0:
+        print(json.dumps(out))
     dist.destroy_process_group()
 
 
-def measure_allreduce(cluster: Cluster, mb: float = 100.0, repeats: int = 3, timeout: float = 300) -> dict:
+def _median(times: Sequence[float]) -> float:
+    return sorted(times)[len(times) // 2]
+
+
+def measure_allreduce(cluster: Cluster, mb: float = 100.0, repeats: int = 3, timeout: float = 300,
+                      tiers: bool = True) -> dict:
     """Time a gloo allreduce of ``mb`` MB between the cluster's ranks; the median and the
-    physical limit of the link (``allreduce_limit``)."""
+    physical limit of the link (``allreduce_limit``).
+
+    Two tiers (and ``tiers``): also ``intra`` (the ranks of node 0) and ``inter`` (one rank per
+    node), each ``{"ranks", "times", "median", "limit", "rate"}`` with ``rate`` the slowest link
+    on the way: ``intra_rate`` within a node, min(``rate``, ``intra_rate``) between nodes. The
+    world's ``limit`` is then the ring's over its slowest link; how gloo lays the ring over the
+    nodes decides how near it gets."""
+    size = cluster.ranks_per_node if tiers else 1
     res = cluster.run([sys.executable, os.path.abspath(__file__), "_allreduce", "--mb", str(mb),
-                       "--repeats", str(repeats)], timeout=timeout, capture=True)
+                       "--repeats", str(repeats), "--ranks-per-node", str(size)], timeout=timeout, capture=True)
     data = json.loads(res[0].stdout.strip().splitlines()[-1])
-    times = sorted(data["times"])
-    median = times[len(times) // 2]
-    return {"world_size": cluster.world_size, "rate": cluster.rate, "shaped": cluster.shaped, "bytes": data["bytes"],
-            "times": data["times"], "median": median,
-            "limit": allreduce_limit(data["bytes"], cluster.world_size, cluster.rate)}
+    slowest = cluster.rate
+    if cluster.two_tier and parse_rate(cluster.intra_rate) < parse_rate(cluster.rate):
+        slowest = cluster.intra_rate
+    out = {"world_size": cluster.world_size, "rate": cluster.rate, "shaped": cluster.shaped, "bytes": data["bytes"],
+           "times": data["times"], "median": _median(data["times"]),
+           "limit": allreduce_limit(data["bytes"], cluster.world_size, slowest)}
+    if cluster.two_tier:
+        out.update(ranks_per_node=cluster.ranks_per_node, nodes=cluster.nodes, intra_rate=cluster.intra_rate)
+    for name, rate in (("intra", cluster.intra_rate), ("inter", slowest)):
+        if name in data:
+            tier = data[name]
+            out[name] = {**tier, "median": _median(tier["times"]), "rate": rate,
+                         "limit": allreduce_limit(data["bytes"], len(tier["ranks"]), rate)}
+    return out
+
+
+def _layout(ap: argparse.ArgumentParser, args) -> Tuple[int, int]:
+    """(world size, ranks per node) from -n / --nodes / --ranks-per-node."""
+    size = args.ranks_per_node
+    if size < 1:
+        ap.error(f"--ranks-per-node {size}: give a positive number")
+    if args.nodes is not None:
+        if args.nodes < 1:
+            ap.error(f"--nodes {args.nodes}: give a positive number")
+        world = args.nodes * size
+        if args.world_size is not None and args.world_size != world:
+            ap.error(f"-n {args.world_size} disagrees with --nodes {args.nodes} x --ranks-per-node {size} = {world}")
+        return world, size
+    world = args.world_size if args.world_size is not None else 2 * size
+    if world % size:
+        ap.error(f"-n {world} is not a multiple of --ranks-per-node {size}")
+    return world, size
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -447,8 +592,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_p = sub.add_parser("run", help="run a command once per rank: run -n 2 --rate 1gbit -- CMD ...")
     chk_p = sub.add_parser("check", help="verify the shaping: time a gloo allreduce between the namespaces")
     for p in (run_p, chk_p):
-        p.add_argument("-n", "--world-size", type=int, default=2)
-        p.add_argument("--rate", default="1gbit", help=f"tc rate of every link ({', '.join(RATES)})")
+        p.add_argument("-n", "--world-size", type=int, default=None,
+                       help="number of ranks (default 2; with --nodes: nodes x ranks-per-node)")
+        p.add_argument("--nodes", type=int, default=None, help="number of nodes (two tiers with --ranks-per-node)")
+        p.add_argument("--ranks-per-node", type=int, default=1,
+                       help="ranks per node (default 1: the flat layout, every rank on its own link)")
+        p.add_argument("--inter-rate", "--rate", dest="rate", default="1gbit",
+                       help=f"tc rate of every link (flat) or of every node's uplink ({', '.join(RATES)})")
+        p.add_argument("--intra-rate", default=None,
+                       help="tc rate of each rank's link into its node (two tiers; default: --inter-rate)")
         p.add_argument("--prefix", default=None, help="namespace name prefix (default tcn<pid>)")
         p.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to loopback")
         p.add_argument("--loopback", action="store_true", help="run on unshaped loopback (a baseline)")
@@ -461,36 +613,77 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wrk_p = sub.add_parser("_allreduce", help=argparse.SUPPRESS)
     wrk_p.add_argument("--mb", type=float, required=True)
     wrk_p.add_argument("--repeats", type=int, required=True)
+    wrk_p.add_argument("--ranks-per-node", type=int, default=1)
     args = ap.parse_args(argv)
 
     if args.cmd == "_allreduce":
-        _allreduce_rank(args.mb, args.repeats)
+        _allreduce_rank(args.mb, args.repeats, args.ranks_per_node)
         return 0
     if args.cmd == "cleanup":
         removed = cleanup(args.prefix)
         print(f"netcluster: removed {len(removed)} namespace(s)" + (f": {' '.join(removed)}" if removed else ""))
         return 0
+    world, size = _layout(ap, args)
+    try:
+        make = lambda: Cluster(world, args.rate, args.prefix, not args.no_fallback, args.loopback,
+                               ranks_per_node=size, intra_rate=args.intra_rate)
+        make()  # argument errors before anything is built
+    except ValueError as e:
+        ap.error(str(e))
     if args.cmd == "run":
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
         if not command:
             ap.error("run needs a command after --, e.g. run -n 2 -- python3 train.py")
-        with Cluster(args.world_size, args.rate, args.prefix, not args.no_fallback, args.loopback) as cluster:
+        with make() as cluster:
             print(f"netcluster: {cluster.describe()}", file=sys.stderr, flush=True)
             results = cluster.run(command, timeout=args.timeout, check=False)
         return max((r.returncode or 0 for r in results), key=abs)
-    with Cluster(args.world_size, args.rate, args.prefix, not args.no_fallback, args.loopback) as cluster:
+    with make() as cluster:
         m = measure_allreduce(cluster, args.mb, args.repeats)
     ratio = m["median"] / m["limit"]
     print(f"netcluster check: {m['world_size']} ranks, {cluster.describe()}")
     print(f"  gloo allreduce of {m['bytes'] / 1e6:.0f} MB fp32: median {m['median']:.3f} s over {args.repeats} "
           f"(all: {', '.join(f'{t:.3f}' for t in m['times'])})")
-    print(f"  link limit 2(n-1)/n x bytes / rate = {m['limit']:.3f} s; measured / limit = {ratio:.2f}")
+    if not cluster.two_tier:
+        print(f"  link limit 2(n-1)/n x bytes / rate = {m['limit']:.3f} s; measured / limit = {ratio:.2f}")
+        if not m["shaped"]:
+            print("  NOT shaped (loopback fallback): the ratio says nothing about the link")
+            return 0
+        ok = 0.9 <= ratio <= 1.5
+        print("  shaping holds" if ok else "  WARNING: the measured time is not near the link limit (a busy CPU, "
+              "or tbf not holding the rate)")
+        return 0 if ok else 1
+    print(f"  ring limit over the slowest link 2(n-1)/n x bytes / rate = {m['limit']:.3f} s; measured / limit = "
+          f"{ratio:.2f} (how gloo lays its ring over the nodes decides this one)")
+    for name, what in (("intra", "within node 0"), ("inter", "across nodes, one rank per node")):
+        if name in m:
+            t = m[name]
+            print(f"  {name}: allreduce {what} (ranks {', '.join(map(str, t['ranks']))}): median {t['median']:.3f} s "
+                  f"(all: {', '.join(f'{x:.3f}' for x in t['times'])}); limit at {t['rate']} {t['limit']:.3f} s, "
+                  f"measured / limit = {t['median'] / t['limit']:.2f}")
+    if "intra" in m and "inter" in m:
+        print(f"  inter / intra time = {m['inter']['median'] / m['intra']['median']:.2f} "
+              f"(the intra link is {parse_rate(cluster.intra_rate) / parse_rate(cluster.rate):g}x the inter link)")
     if not m["shaped"]:
-        print("  NOT shaped (loopback fallback): the ratio says nothing about the link")
+        print("  NOT shaped (loopback fallback): the tiers say nothing about the links")
         return 0
-    ok = 0.9 <= ratio <= 1.5
-    print("  shaping holds" if ok else "  WARNING: the measured time is not near the link limit (a busy CPU, "
-          "or tbf not holding the rate)")
+    ok, problems = True, []
+    if "inter" in m:
+        inter_ratio = m["inter"]["median"] / m["inter"]["limit"]
+        if not 0.9 <= inter_ratio <= 1.5:
+            problems.append("the cross-node allreduce is not near its link limit (a busy CPU, or tbf not holding "
+                            "the rate)")
+        if "intra" in m and parse_rate(cluster.intra_rate) > parse_rate(cluster.rate) \
+                and m["intra"]["median"] >= m["inter"]["median"]:
+            problems.append("the within-node allreduce is not faster than the cross-node one")
+    if "intra" in m and m["intra"]["median"] / m["intra"]["limit"] > 1.5:
+        print("  note: the within-node allreduce is slower than its link allows (on few CPU cores a fast link is "
+              "CPU-bound)")
+    for problem in problems:
+        ok = False
+        print(f"  WARNING: {problem}")
+    if ok:
+        print("  shaping holds: both tiers as set" if "inter" in m else "  shaping holds")
     return 0 if ok else 1
 
 

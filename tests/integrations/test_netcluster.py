@@ -198,3 +198,123 @@ def test_cleanup_removes_namespaces_of_dead_runs():
             netcluster._kill_namespace(alive)
     finally:
         netcluster._kill_namespace(ns)
+
+
+# ---------------------------------------------------------------------- two tiers
+# a tiny gloo job: every rank reports its torchrun variables and the sum of 1..4 over the world
+GLOO_JOB = [sys.executable, "-c", """
+import json, os, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+x = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(x)
+keys = ('RANK', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'GROUP_RANK', 'WORLD_SIZE')
+os.write(1, (json.dumps({**{k: os.environ.get(k) for k in keys}, 'sum': x.item()}) + '\\n').encode())
+dist.destroy_process_group()
+"""]
+
+
+def test_two_tier_arguments_and_env():
+    with pytest.raises(ValueError, match="not a multiple of ranks_per_node=2"):
+        netcluster.Cluster(3, "1gbit", ranks_per_node=2)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        netcluster.Cluster(4, "1gbit", ranks_per_node=0)
+    with pytest.raises(ValueError, match="1gbit"):
+        netcluster.Cluster(4, "1gbit", ranks_per_node=2, intra_rate="fast")
+    cluster = netcluster.Cluster(6, "100mbit", ranks_per_node=3, intra_rate="1gbit")
+    assert cluster.nodes == 2 and [cluster.node_of(r) for r in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert cluster.node_ranks(1) == [3, 4, 5]
+    envs = [cluster.env(r) for r in range(6)]
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "2", "0", "1", "2"]
+    assert {e["LOCAL_WORLD_SIZE"] for e in envs} == {"3"} and {e["WORLD_SIZE"] for e in envs} == {"6"}
+    assert [e["GROUP_RANK"] for e in envs] == ["0", "0", "0", "1", "1", "1"]
+    # the flat layout (ranks_per_node=1, the default) keeps its variables as they were
+    flat = netcluster.Cluster(2, "1gbit")
+    assert flat.ranks_per_node == 1 and flat.intra_rate == "1gbit" and not flat.two_tier
+    assert [(flat.env(r)["LOCAL_RANK"], flat.env(r)["LOCAL_WORLD_SIZE"]) for r in range(2)] == [("0", "2"), ("1", "2")]
+    assert "GROUP_RANK" not in flat.env(0)
+    assert netcluster.Cluster(4, "1gbit", ranks_per_node=2).intra_rate == "1gbit"  # intra defaults to rate
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-n", "3", "--ranks-per-node", "2"], "not a multiple"),
+    (["-n", "3", "--nodes", "2", "--ranks-per-node", "2"], "disagrees"),
+    (["--nodes", "2", "--intra-rate", "1 GB/s"], "invalid rate"),
+], ids=["not-a-multiple", "disagree", "bad-rate"])
+def test_two_tier_cli_refuses_bad_layouts(args, message):
+    res = subprocess.run([sys.executable, SCRIPT, "run", *args, "--", *PRINT_ENV], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_two_tier_on_loopback_sets_local_ranks():
+    with netcluster.Cluster(4, "1gbit", loopback=True, ranks_per_node=2, intra_rate="10gbit") as cluster:
+        assert "2 nodes x 2 ranks" in cluster.describe()
+        rows = [json.loads(r.stdout) for r in cluster.run(GLOO_JOB, capture=True, timeout=120)]
+    assert [(r["RANK"], r["LOCAL_RANK"], r["LOCAL_WORLD_SIZE"]) for r in rows] == \
+        [("0", "0", "2"), ("1", "1", "2"), ("2", "0", "2"), ("3", "1", "2")]
+    assert {r["sum"] for r in rows} == {10.0}
+
+
+def _host_links():
+    return {line.split()[0].split("@")[0] for line in netcluster._sh("ip", "-br", "link").stdout.splitlines()}
+
+
+@needs_netns
+def test_two_tier_2x2_is_shaped_per_tier_and_torn_down():
+    prefix = _prefix("t")
+    links_before = _host_links()
+    with netcluster.Cluster(4, "50mbit", prefix=prefix, ranks_per_node=2, intra_rate="1gbit") as cluster:
+        assert cluster.shaped and len(_ours(prefix)) == 5  # 4 ranks and the bridges' namespace
+        assert "2 nodes x 2 ranks" in cluster.describe() and "1gbit links within a node" in cluster.describe()
+        br = cluster.bridge_ns
+        # each rank's link, both ends, at the intra-node rate, joined to its node's bridge
+        for r in range(4):
+            qd = netcluster._sh("tc", "-n", cluster.rank_ns(r), "qdisc", "show", "dev", "tcn0").stdout
+            assert "tbf" in qd and "rate 1Gbit" in qd
+            qd = netcluster._sh("tc", "-n", br, "qdisc", "show", "dev", f"r{r}").stdout
+            assert "tbf" in qd and "rate 1Gbit" in qd
+            assert f"master n{r // 2}" in netcluster._sh("ip", "-n", br, "link", "show", f"r{r}").stdout
+        # each node's uplink, both directions, at the inter-node rate, into the core bridge
+        for k in range(2):
+            for dev, master in ((f"u{k}", f"n{k}"), (f"d{k}", "br0")):
+                qd = netcluster._sh("tc", "-n", br, "qdisc", "show", "dev", dev).stdout
+                assert "tbf" in qd and "rate 50Mbit" in qd
+                assert f"master {master}" in netcluster._sh("ip", "-n", br, "link", "show", dev).stdout
+        # every rank reaches every other (one subnet): gloo's allreduce over all 4, and the local ranks
+        rows = [json.loads(r.stdout) for r in cluster.run(GLOO_JOB, capture=True, timeout=120)]
+        assert [(r["RANK"], r["LOCAL_RANK"], r["LOCAL_WORLD_SIZE"], r["GROUP_RANK"]) for r in rows] == \
+            [("0", "0", "2", "0"), ("1", "1", "2", "0"), ("2", "0", "2", "1"), ("3", "1", "2", "1")]
+        assert {r["sum"] for r in rows} == {10.0}
+        m = netcluster.measure_allreduce(cluster, mb=2, repeats=2, timeout=180)
+    assert not _ours(prefix)
+    assert _host_links() <= links_before  # nothing was ever made in the host's namespace
+    assert m["intra"]["ranks"] == [0, 1] and m["inter"]["ranks"] == [0, 2]
+    # 2 MB between two nodes at 50 Mbit: 0.32 s at least; within a node at 1 Gbit it is 20x less
+    assert m["inter"]["limit"] == pytest.approx(0.32) and m["intra"]["limit"] == pytest.approx(0.016)
+    assert 0.9 * m["inter"]["limit"] <= m["inter"]["median"] <= 4 * m["inter"]["limit"], m
+    assert m["inter"]["median"] > 2 * m["intra"]["median"], m
+
+
+@needs_netns
+def test_two_tier_failed_rank_tears_down():
+    prefix = _prefix("f")
+    code = "import os, sys, time; sys.exit(3) if os.environ['RANK'] == '3' else time.sleep(120)"
+    with pytest.raises(RuntimeError, match="rank 3 exited with 3"):
+        with netcluster.Cluster(4, "100mbit", prefix=prefix, ranks_per_node=2, intra_rate="1gbit") as cluster:
+            assert len(_ours(prefix)) == 5
+            cluster.run([sys.executable, "-c", code], timeout=60)
+    assert not _ours(prefix)
+
+
+@needs_netns
+def test_two_tier_check_cli():
+    """``check --nodes 2 --ranks-per-node 2``: the within-node allreduce beats the cross-node one."""
+    prefix = _prefix("k")
+    res = subprocess.run([sys.executable, SCRIPT, "check", "--nodes", "2", "--ranks-per-node", "2", "--inter-rate",
+                          "50mbit", "--intra-rate", "1gbit", "--mb", "2", "--repeats", "2", "--prefix", prefix],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "intra: allreduce within node 0 (ranks 0, 1)" in res.stdout
+    assert "inter: allreduce across nodes, one rank per node (ranks 0, 2)" in res.stdout
+    assert "shaping holds" in res.stdout
+    assert not _ours(prefix)
