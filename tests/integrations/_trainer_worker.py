@@ -126,6 +126,9 @@ def main():
     torch.set_num_threads(1)
     results = run_plain(out) if route == "plain" else run_deepspeed(out, sys.argv[3])
     torch.save(results, os.path.join(out, f"rank{int(os.environ['RANK'])}.pt"))
+    # the README's advice: a gloo collective the script (here Hugging Face / accelerate) issues last can
+    # abort torch at exit; taciturn drains only its own
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

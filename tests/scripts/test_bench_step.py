@@ -90,7 +90,7 @@ def test_bench_tta_quick(tmp_path):
     tta = _load("bench_tta")
     data, stdout = _run("bench_tta.py", tmp_path / "tta.json")
     results = {r["method"]: r for r in data["results"]}
-    assert list(results) == list(tta.METHODS) and not data["shaped"]
+    assert list(results) == list(tta.DEFAULT_METHODS) and not data["shaped"]
     for r in results.values():
         curve = r["curve"]
         assert [p["step"] for p in curve] == [0, 30, 60]
