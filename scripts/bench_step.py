@@ -173,11 +173,13 @@ METHODS: Dict[str, Method] = {
     "deepspeed_zero2": Method("DeepSpeed ZeRO-2 + its AdamW (fp32 reduce-scatter)", "deepspeed", _deepspeed_zero(2)),
     "cdadam_two_level": Method("CDAdam two-level (fp32 inside nodes, 1-bit between)", "taciturn",
                                _taciturn("CDAdam", lr=ADAM_LR, ranks_per_node="auto")),
+    "cdadam_two_level_bf16": Method("CDAdam two-level (bf16 inside nodes, 1-bit between)", "taciturn",
+                                    _taciturn("CDAdam", lr=ADAM_LR, ranks_per_node="auto", intra_node_dtype="bf16")),
 }
 #: the sharded-state methods run by scripts/bench_sharded.py, not by default
 SHARDED_METHODS = ("cdadam_sharded", "cdadam_sharded_bf16", "deepspeed_zero2")
 #: run by scripts/bench_two_level.py on a two-tier cluster, not by default
-TWO_LEVEL_METHODS = ("cdadam_two_level",)
+TWO_LEVEL_METHODS = ("cdadam_two_level", "cdadam_two_level_bf16")
 DEFAULT_METHODS = [m for m in METHODS if m not in ("local", "horovod_fp32", *SHARDED_METHODS, *TWO_LEVEL_METHODS)]
 ONE_BIT = ("cdadam", "onebitadam", "distefsgd")
 
