@@ -4,7 +4,8 @@ for saving, checking and restoring them.
 The state is per rank (each worker's errors or Markov sequences, each rank's server chunk),
 so a saved state is valid only for the rank that saved it, in a world of the same size, with
 the same compression settings; anything else is refused with the reason and the fix. The
-optimizers and the Horovod wrapper keep it as one flat dict in ``optimizer.state[key]``
+optimizers keep it as one flat dict in ``optimizer.state[p][key]`` of their first trainable
+parameter p, the Horovod wrapper in ``optimizer.state[key]``
 (``"<exchange>.<bucket>.<name>"`` -> fp32 tensor, plus ``step``, ``world_size``, ``signature``
 and, for the Horovod wrapper, ``rank``), so ``optimizer.state_dict()`` carries it; the DDP hook keeps its per-bucket
 tensors in its own state object and checks them with ``mismatch``.
@@ -47,17 +48,35 @@ class CompressionState:
     rank and then each rank's own compression state from its own file."""
 
     def __init__(self, optimizer, key: str, exchanges: Dict[str, Exchange], comm: Communicator, device,
-                 owner: str, rank_bound: bool = False):
+                 owner: str, rank_bound: bool = False, anchor: Optional[torch.Tensor] = None):
         self.optimizer, self.key, self.exchanges, self.comm = optimizer, key, exchanges, comm
-        self.device, self.owner, self.rank_bound = device, owner, rank_bound
+        self.device, self.owner, self.rank_bound, self.anchor = device, owner, rank_bound, anchor
+
+    def _holder(self) -> dict:
+        """Where the flat dict lives: under ``key`` in the ``anchor`` parameter's state (so that
+        every value of ``optimizer.state`` is a parameter's, as code written for torch's
+        optimizers expects), or under ``key`` in ``optimizer.state`` itself."""
+        return self.optimizer.state if self.anchor is None else self.optimizer.state[self.anchor]
 
     @property
     def flat(self) -> dict:
-        return self.optimizer.state[self.key]
+        return self._holder()[self.key]
 
     @flat.setter
     def flat(self, value: dict) -> None:
-        self.optimizer.state[self.key] = value
+        self._holder()[self.key] = value
+
+    def _packed(self, state_dict: dict) -> Optional[dict]:
+        """The flat dict inside an optimizer ``state_dict`` (either place ``_holder`` may put it)."""
+        state = state_dict.get("state", {})
+        if self.anchor is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            index = next(i for i, p in enumerate(params) if p is self.anchor)
+            ids = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
+            found = state.get(ids[index], {}).get(self.key) if index < len(ids) else None
+            if found is not None:
+                return found
+        return state.get(self.key)
 
     @property
     def step(self) -> int:
@@ -106,7 +125,7 @@ class CompressionState:
     def saved(self, state_dict: dict, reset: bool) -> Optional[dict]:
         """The compression state inside an optimizer ``state_dict``, checked: refused (raises)
         when absent or another rank's, world's or settings', unless ``reset``."""
-        saved = state_dict.get("state", {}).get(self.key)
+        saved = self._packed(state_dict)
         if reset:
             return saved
         if saved is None:
@@ -121,6 +140,8 @@ class CompressionState:
     def restore(self, saved: Optional[dict], reset: bool) -> None:
         """Take ``saved`` (from ``saved()``) as this rank's state: its tensors as fp32 copies on
         this device, or with ``reset`` (or nothing saved) zeros at its step."""
+        if self.anchor is not None:
+            self.optimizer.state.pop(self.key, None)  # a checkpoint of the older layout, loaded by torch as is
         if reset or saved is None:
             self.reset(int(saved.get("step", 0)) if saved else 0)
             return

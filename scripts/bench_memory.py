@@ -3,7 +3,7 @@
 
 The state of an optimizer is every tensor it keeps between steps: the per-parameter
 ``opt.state[p]`` (moments, momentum, master or synced copies) plus, for taciturn, the
-compression state in ``opt.state["taciturn"]`` (errors and Markov sequences, one flat tensor
+compression state in ``opt.compression.flat`` (errors and Markov sequences, one flat tensor
 per bucket: full length on every worker, one chunk of about 1/n on its server, full length
 for Markov's shared result).
 
@@ -36,7 +36,6 @@ from _bench import machine_note, peak_rss_mb, reset_peak_rss, rss_mb, run_ranks,
 
 import taciturn  # noqa: E402
 from taciturn.comm import Communicator  # noqa: E402
-from taciturn.optim.base import TACITURN_KEY  # noqa: E402
 
 #: label -> (factory name, keyword arguments, steps to run: OneBitAdam passes its freeze)
 METHODS = {
@@ -103,8 +102,8 @@ def _nbytes(values) -> int:
 
 def state_bytes(opt) -> tuple:
     """(per-parameter state bytes, taciturn compression state bytes) held by ``opt`` now."""
-    per_param = sum(_nbytes(st.values()) for key, st in opt.state.items() if key != TACITURN_KEY)
-    compression = _nbytes(opt.state[TACITURN_KEY].values()) if TACITURN_KEY in opt.state else 0
+    per_param = sum(_nbytes(st.values()) for st in opt.state.values())  # the compression dict is no tensor
+    compression = _nbytes(opt.compression.flat.values()) if hasattr(opt, "compression") else 0
     return per_param, compression
 
 

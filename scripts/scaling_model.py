@@ -111,10 +111,18 @@ class Topology:
 class Rates:
     """Compression rates in elements per second: ``encode`` (1-bit Markov encode with its
     state update; also ZeRO++'s quantisation), ``decode`` (also dequantisation), ``cast``
-    (the bf16 / fp32 shard copies of the two-level exchange)."""
+    (the bf16 / fp32 shard copies of the two-level exchange). ``pipeline`` = (a, b), when
+    measured: the pipeline's own seconds per element of a bucket over n ranks, a + b / n,
+    in place of e (1 + 1/n) / encode + 2 e / decode."""
     encode: float
     decode: float
     cast: float
+    pipeline: Optional[Tuple[float, float]] = None
+
+    def slowed(self, factor: float) -> "Rates":
+        """Every rate divided by ``factor`` (ranks sharing too few cores)."""
+        pipe = None if self.pipeline is None else (self.pipeline[0] * factor, self.pipeline[1] * factor)
+        return Rates(self.encode / factor, self.decode / factor, self.cast / factor, pipe)
 
 
 def steps(kind: str, n: int) -> int:
@@ -184,7 +192,10 @@ class Cost:
 
 
 def onebit_compression(e: float, n: int, rates: Rates) -> float:
-    """Worker encode e, server decode n chunks (e) + encode e / n, worker decode e."""
+    """Worker encode e, server decode n chunks (e) + encode e / n, worker decode e (or the
+    measured a + b / n seconds per element)."""
+    if rates.pipeline is not None:
+        return e * (rates.pipeline[0] + rates.pipeline[1] / n)
     return e * (1 + 1 / n) / rates.encode + 2 * e / rates.decode
 
 
@@ -393,12 +404,20 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def measure_codec(numel: int = 5_000_000, reps: int = 7) -> dict:
-    """1-thread rates of taciturn's block_sign with Markov feedback (fused path, as the pipeline
-    runs it) and of the identity cast, on one bucket-sized buffer."""
+PIPE_NUMEL, PIPE_RANKS, PIPE_TWO_LEVEL = 5_001_932, (2, 4, 8), (4, 2)  # one bucket of the checks' MLP
+
+
+def measure_codec(numel: int = PIPE_NUMEL, reps: int = 12) -> dict:
+    """1-thread timings on one bucket-sized buffer: taciturn's block_sign encode with Markov
+    feedback (fused, as the pipeline runs it) and decode, the identity cast; and the
+    pipeline's own compute (``Exchange.allreduce`` over an echo communicator: every stage's
+    work at n ranks, no wire) flat at ``PIPE_RANKS`` and two-level at ``PIPE_TWO_LEVEL``."""
     import torch
     from taciturn import make_compressor
+    from taciturn.comm import Communicator
+    from taciturn.exchange.exchange import Exchange
     from taciturn.feedback import make_feedback
+    from taciturn.metrics import CommStats
     from taciturn.wire import Pieces
 
     torch.set_num_threads(1)
@@ -413,22 +432,66 @@ def measure_codec(numel: int = 5_000_000, reps: int = 7) -> dict:
     ident = make_compressor("identity")
     ipieces = Pieces.from_lengths([numel])
     raw = ident.encode(x, ipieces)
-    cast = _median_time(lambda: ident.encode(x, ipieces), reps) + _median_time(
-        lambda: ident.decode(raw, ipieces, out=out), reps)
-    return {"numel": numel, "encode_s": enc, "decode_s": dec, "cast_s": cast / 2, "payload": payload.numel(),
-            "threads": 1}
+    cast = (_median_time(lambda: ident.encode(x, ipieces), reps)
+            + _median_time(lambda: ident.decode(raw, ipieces, out=out), reps)) / 2
+
+    class Echo(Communicator):
+        """Rank 0 of n whose collectives hand back its own data n times: the pipeline's
+        compute at n ranks, without the wire."""
+        name = "echo"
+
+        def __init__(self, n):
+            self.world_size, self.rank = n, 0
+
+        def all_to_all(self, chunks):
+            return torch.stack([chunks[0]] * self.world_size)
+
+        def all_gather(self, t):
+            return torch.stack([t] * self.world_size)
+
+        def split(self, parts):
+            return Echo(len(next(p for p in parts if 0 in p)))
+
+    def pipeline(n, L=1):
+        ex = Exchange([numel], make_compressor("block_sign"), make_feedback("markov"), make_feedback("markov"),
+                      Echo(n), bucket_cap_mb=None, ranks_per_node=L)
+        states, stats, rows = ex.init_state(), CommStats(), []
+        for step in range(reps + 1):
+            ex.allreduce([x], states, step=step, stats=stats)
+            rows.append((stats.last["compress_time"], stats.last["collective_time"]))
+        return [statistics.median(r[i] for r in rows[1:]) for i in (0, 1)]
+
+    pipeline(PIPE_RANKS[0])  # warm-up: the first exchanges of a process are slower (allocation, caches)
+    flat = {str(n): pipeline(n)[0] for n in PIPE_RANKS}
+    n2, L2 = PIPE_TWO_LEVEL
+    inner, intra = pipeline(n2, L2)
+    return {"numel": numel, "encode_s": enc, "decode_s": dec, "cast_s": cast, "payload": payload.numel(),
+            "threads": 1, "pipeline_s": flat, "two_level": {"n": n2, "L": L2, "inner_s": inner, "intra_s": intra}}
 
 
 def codec_rates(codec: dict) -> Rates:
-    n = codec["numel"]
-    return Rates(n / codec["encode_s"], n / codec["decode_s"], n / codec["cast_s"])
+    """This CPU's rates: the pipeline's measured a + b / n per element (least squares over
+    the echo timings, b >= 0), the two-level cast rate from its intra-node compute."""
+    import numpy as np
+
+    e = codec["numel"]
+    ns = sorted(int(n) for n in codec["pipeline_s"])
+    t = np.array([codec["pipeline_s"][str(n)] / e for n in ns])
+    A = np.array([[1.0, 1.0 / n] for n in ns])
+    (a, b), *_ = np.linalg.lstsq(A, t, rcond=None)
+    if b < 0:
+        a, b = float(t.mean()), 0.0
+    tl = codec["two_level"]
+    cast = (3 + 1 / tl["L"]) * e / tl["intra_s"]
+    return Rates(e / codec["encode_s"], e / codec["decode_s"], cast, (float(a), float(b)))
 
 
 def collective_worker(cfg_path: str) -> None:
     """One rank: time gloo all_reduce (fp32) and taciturn's all_to_all / all_gather (uint8
     chunks, the communicator the pipeline uses) at each size, in the world group and, with
-    two tiers, in node 0 alone ("intra"), among local rank 0 of every node alone ("inter")
-    and among every local rank's group at once ("inter_concurrent"). Rank 0 prints JSON."""
+    two tiers, in node 0 alone ("intra") and in every node at once ("intra_concurrent"), among
+    local rank 0 of every node alone ("inter") and among every local rank's group at once
+    ("inter_concurrent"). Rank 0 prints JSON."""
     from datetime import timedelta
 
     import torch
@@ -445,8 +508,8 @@ def collective_worker(cfg_path: str) -> None:
         nodes = [dist.new_group(list(range(k * L, (k + 1) * L))) for k in range(n // L)]
         across = [dist.new_group(list(range(l, n, L))) for l in range(L)]
         mine_node, mine_across = nodes[rank // L], across[rank % L]
-        scopes += [("intra", mine_node, rank // L == 0), ("inter", mine_across, rank % L == 0),
-                   ("inter_concurrent", mine_across, True)]
+        scopes += [("intra", mine_node, rank // L == 0), ("intra_concurrent", mine_node, True),
+                   ("inter", mine_across, rank % L == 0), ("inter_concurrent", mine_across, True)]
     points = []
     for scope, grp, member in scopes:
         comm = TorchDistCommunicator(grp)
@@ -578,12 +641,13 @@ def fit_tier(points: Sequence[dict]) -> Tuple[Tier, dict]:
 
 
 def fits(points: Sequence[dict]) -> dict:
-    """The three tiers fitted here: flat 1 Gbit links (world groups of the flat clusters), and
-    of the two-tier cluster the 10 Gbit links inside a node and the 1 Gbit uplinks."""
+    """The tiers fitted here: flat 1 Gbit links (world groups of the flat clusters), and of the
+    two-tier cluster the 10 Gbit links inside a node (node 0 alone, and every node at once:
+    on one machine all links are the same 2 cores' work) and the 1 Gbit uplinks."""
     pick = lambda cluster, scope: [p for p in points if p["cluster"] == cluster and p["scope"] == scope]
     out = {}
     for name, pts in (("flat", pick("2", "world") + pick("4", "world")), ("intra", pick("2x2", "intra")),
-                      ("inter", pick("2x2", "inter"))):
+                      ("intra_all", pick("2x2", "intra_concurrent")), ("inter", pick("2x2", "inter"))):
         if pts:
             tier, err = fit_tier(pts)
             out[name] = {"tier": tier, "error": err, "points": len(pts)}
@@ -593,8 +657,8 @@ def fits(points: Sequence[dict]) -> dict:
 def held_out(points: Sequence[dict], tiers: Dict[str, Tier]) -> List[dict]:
     """Collectives of the two-tier cluster that no fit saw: the world group (all 4 ranks across
     the uplinks) and the inter-node groups of every local rank at once, predicted by the
-    two-tier rules from the fitted intra and inter tiers."""
-    topo = Topology(2, 2, tiers["inter"], tiers["intra"])
+    two-tier rules from the fitted tiers (inter, and intra with every node busy)."""
+    topo = Topology(2, 2, tiers["inter"], tiers.get("intra_all", tiers["intra"]))
     out = []
     for p in points:
         if p["cluster"] != "2x2" or p["scope"] not in ("world", "inter_concurrent"):
@@ -610,10 +674,9 @@ def model_check(row: dict, tiers: Dict[str, Tier], cpu: Rates, buckets: Dict[str
     """The model of one measured bench_step row (its cluster, method, buckets; compression at
     this CPU's 1-thread rates, slowed by cores / ranks when the ranks outnumber the cores)."""
     n = row["n"]
-    share = min(1.0, cores / n)
-    rates = Rates(cpu.encode * share, cpu.decode * share, cpu.cast * share)
-    if row["cluster"] == "2x2":
-        topo = Topology(2, 2, tiers["inter"], tiers["intra"])
+    rates = cpu.slowed(max(1.0, n / cores))
+    if row["cluster"] == "2x2":  # every node's links busy at once, as in the steps
+        topo = Topology(2, 2, tiers["inter"], tiers.get("intra_all", tiers["intra"]))
     else:
         topo = Topology(n, 1, tiers["flat"], tiers["flat"])
     if row["method"] == "ddp_fp32":
@@ -645,9 +708,10 @@ def _pct(x: float) -> str:
 
 
 def fit_table(fitted: dict) -> str:
-    names = {"flat": "flat 1 Gbit links (n = 2, 4)", "intra": "two-tier: 10 Gbit links inside a node (2 ranks)",
+    names = {"flat": "flat 1 Gbit links (n = 2, 4)", "intra": "two-tier: 10 Gbit links inside node 0 alone",
+             "intra_all": "two-tier: 10 Gbit links inside both nodes at once",
              "inter": "two-tier: 1 Gbit uplink (one rank per node, 2 nodes)"}
-    nominal = {"flat": 1, "intra": 10, "inter": 1}
+    nominal = {"flat": 1, "intra": 10, "intra_all": 10, "inter": 1}
     body = [[names[k], f"{1e6 * v['tier'].alpha:.0f}", f"{v['tier'].bandwidth / 1e6:.1f}",
              f"{v['tier'].bandwidth / (nominal[k] * GBIT):.2f}", v["points"],
              *(f"{100 * v['error'][kind]:.0f} %" if kind in v["error"] else "" for kind in (*KINDS, "all sizes"))]
@@ -813,9 +877,21 @@ def render_text(result: Optional[dict], quick: bool = False) -> str:
             f"all_reduce fp32, taciturn's all_to_all / all_gather of uint8 chunks at "
             f"{', '.join(f'{s:g}' for s in SIZES_MB)} MB, median of {len(result['points'][0]['times'])}):", "",
             fit_table(analysis["fits"]), "",
-            f"Compression on this CPU (1 thread, {codec['numel'] / 1e6:g}M elements, block_sign Markov, fused): "
-            f"encode {cpu.encode / 1e9:.2f} G elements/s ({4 * cpu.encode / 1e9:.1f} GB/s of fp32), decode "
-            f"{cpu.decode / 1e9:.2f} G/s, fp32 cast {cpu.cast / 1e9:.2f} G/s.", ""]
+            f"Compression on this CPU (1 thread, one bucket of {codec['numel'] / 1e6:g}M elements, block_sign "
+            f"Markov, fused kernels): encode {cpu.encode / 1e9:.2f} G elements/s ({4 * cpu.encode / 1e9:.1f} GB/s "
+            f"of fp32), decode {cpu.decode / 1e9:.2f} G/s. The pipeline's own compute (Exchange.allreduce over an "
+            "echo communicator: worker encode, server decode + re-encode, decode of the gathered chunks, state "
+            "updates, no wire) at n = " + ", ".join(
+                f"{n}: {1e3 * t:.2f} ms ({codec['numel'] / t / 1e9:.2f} G elements/s)"
+                for n, t in codec["pipeline_s"].items())
+            + f"; fitted per element {1e9 * cpu.pipeline[0]:.3f} + {1e9 * cpu.pipeline[1]:.3f} / n ns, which is "
+            "what the checks use (the codec rates alone give "
+            f"{1e9 * (1 / cpu.encode + 2 / cpu.decode):.3f} + {1e9 / cpu.encode:.3f} / n ns). Two-level at "
+            f"{codec['two_level']['n']} ranks in nodes of {codec['two_level']['L']}: inter-node 1-bit compute "
+            f"{1e3 * codec['two_level']['inner_s']:.2f} ms, intra-node fp32 shard casts "
+            f"{1e3 * codec['two_level']['intra_s']:.2f} ms per bucket (a cast rate of {cpu.cast / 1e9:.2f} G/s "
+            "in the model's (3 + 1/L) e / cast). On the ranks of a check the compression time is multiplied by "
+            "ranks / cores when the ranks outnumber the cores.", ""]
         if analysis.get("held_out"):
             text += ["Held out (two-tier collectives no fit saw, predicted from the intra and inter fits):", "",
                      held_out_table(analysis["held_out"]), ""]

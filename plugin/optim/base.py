@@ -9,7 +9,8 @@ with the functional update rules in ``functional.py``.
 
 State: per-parameter state (``exp_avg``, ``max_exp_avg_sq``, ``momentum_buffer``,
 ``master_param``...) lives in ``self.state[p]`` as in torch. The compression state (errors,
-Markov sequences) lives in ``self.state["taciturn"]`` (``taciturn.state``), with the step
+Markov sequences) lives in ``self.state[p]["taciturn"]`` of the first trainable parameter p
+(``self.compression.flat``; every value of ``self.state`` stays a parameter's), with the step
 counter and the rank and world size it was made for. It is per rank (each worker has its own
 errors, each rank serves its own chunk): every rank saves and loads its own ``state_dict()``.
 """
@@ -150,7 +151,7 @@ class CompressedOptimizer(Optimizer):
                 self.comm.broadcast(p.data, 0)
         self.compression = CompressionState(self, TACITURN_KEY, self.exchanges, self.comm,
                                             self._trainable[0][1].device, type(self).__name__,
-                                            rank_bound=self.sharded)
+                                            rank_bound=self.sharded, anchor=self._trainable[0][1])
         self.compression.reset()
 
     def _check_sharding(self, shard_state: bool, downlink: str, exchanges: Dict[str, Preset]) -> bool:

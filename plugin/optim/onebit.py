@@ -6,7 +6,7 @@ import logging
 import torch
 
 from ..presets import preset
-from .base import TACITURN_KEY, CompressedOptimizer, check_range
+from .base import CompressedOptimizer, check_range
 from .functional import amsgrad_, frozen_adam_
 
 #: per-parameter state after the freeze: True where the frozen variance is exactly 0
@@ -131,7 +131,7 @@ class OneBitAdam(CompressedOptimizer):
     @property
     def _frozen(self) -> bool:
         """Whether the variance is frozen (set at the freeze, carried by checkpoints)."""
-        return bool(self.state[TACITURN_KEY].get("frozen", False))
+        return bool(self.compression.flat.get("frozen", False))
 
     @property
     def adam_freeze_key(self) -> bool:
@@ -166,7 +166,7 @@ class OneBitAdam(CompressedOptimizer):
                     self.param_state(p, "exp_avg_sq")[0].copy_(st.pop("max_exp_avg_sq"))
         masked = self._mask_zero_variance()
         self.compression.free("warmup")
-        self.state[TACITURN_KEY]["frozen"] = True
+        self.compression.flat["frozen"] = True
         if masked:
             _log.info("OneBitAdam: variance frozen at step %d; the momentum of %d element(s) whose variance is 0 "
                       "is masked to 0 (mask_zero_variance=True)", self.global_step, masked)
@@ -176,7 +176,7 @@ class OneBitAdam(CompressedOptimizer):
         compression state and the momentum's error feedback (made for the momenta of the
         phase that ends) restart from zero; ``warmup="cdadam"`` restarts its running max from
         the frozen variance (which was that max); the masks are dropped until the next freeze."""
-        self.state[TACITURN_KEY] = {**self.state[TACITURN_KEY], **self.compression.zeros("warmup"),
+        self.compression.flat = {**self.compression.flat, **self.compression.zeros("warmup"),
                                     **self.compression.zeros("momentum"), "frozen": False}
         for _, p in self._trainable:
             st = self.state[p]

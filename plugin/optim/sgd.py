@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..presets import preset
-from .base import TACITURN_KEY, CompressedOptimizer, check_range
+from .base import CompressedOptimizer, check_range
 from .functional import momentum_, weight_decay_
 
 
@@ -36,9 +36,9 @@ class DistEFSGD(CompressedOptimizer):
 
     def lr_ratios(self):
         """s = lr_{t-1}/lr_t per param group (0 at the first step); remembers this step's lr."""
-        prev = self.state[TACITURN_KEY].get("prev_lr") or [0.0] * len(self.param_groups)
+        prev = self.compression.flat.get("prev_lr") or [0.0] * len(self.param_groups)
         ratios = [p / g["lr"] if g["lr"] > 0 else 0.0 for p, g in zip(prev, self.param_groups)]
-        self.state[TACITURN_KEY]["prev_lr"] = [float(g["lr"]) for g in self.param_groups]
+        self.compression.flat["prev_lr"] = [float(g["lr"]) for g in self.param_groups]
         return ratios
 
     def worker_direction(self, p, g, group):

@@ -152,7 +152,7 @@ def _optimizer_rank(rank, world, names):
                   if case.groups else model.parameters())
         opt = taciturn.create_optimizer(case.optimizer, params, lr=LR, bucket_cap_mb=BUCKET_MB, **case.kwargs)
         out[name] = train(model, opt, rank, case.halve_lr_at)
-        out[name]["state"] = {k: v.clone() for k, v in opt.state_dict()["state"]["taciturn"].items()
+        out[name]["state"] = {k: v.clone() for k, v in next(v["taciturn"] for v in opt.state_dict()["state"].values() if "taciturn" in v).items()
                               if torch.is_tensor(v)}
     return out
 

@@ -148,7 +148,7 @@ def test_other_world_size_refused_unless_reset(jobs, name):
     with pytest.raises(ValueError, match=r"world size 3.*1 ranks.*reset_compression_state=True"):
         opt.load_state_dict(saved["optimizer"])
     opt.load_state_dict(saved["optimizer"], reset_compression_state=True)
-    st = opt.state["taciturn"]
+    st = opt.compression.flat
     assert st["world_size"] == 1 and opt.global_step == SAVE_AT
     for key, value in st.items():
         if torch.is_tensor(value):

@@ -160,7 +160,7 @@ def _bytes_rank(rank, world):
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-        tensors = [t for t in opt.state["taciturn"].values() if torch.is_tensor(t)]
+        tensors = [t for t in opt.compression.flat.values() if torch.is_tensor(t)]
         tensors += [t for p in params for t in opt.state[p].values() if torch.is_tensor(t)]
         out[sharded] = sum(t.numel() * t.element_size() for t in tensors) / sum(p.numel() for p in params)
     return out
@@ -235,7 +235,7 @@ def test_resetting_a_sharded_state_warns_that_the_moments_restart():
     model(torch.randn(2, 40)).sum().backward()
     opt.step()
     saved = opt.state_dict()
-    assert opt.state["taciturn"]["grad.0.exp_avg"].any()
+    assert opt.compression.flat["grad.0.exp_avg"].any()
     with pytest.warns(UserWarning, match="restarts the chunk owners' update-rule state"):
         opt.load_state_dict(saved, reset_compression_state=True)
-    assert not opt.state["taciturn"]["grad.0.exp_avg"].any() and opt.global_step == 1
+    assert not opt.compression.flat["grad.0.exp_avg"].any() and opt.global_step == 1

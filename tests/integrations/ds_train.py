@@ -109,7 +109,7 @@ def params_of(engine):
 
 
 def compression_state(opt):
-    return {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in opt.state["taciturn"].items()}
+    return {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in opt.compression.flat.items()}
 
 
 def same_state(a: dict, b: dict) -> bool:
@@ -371,7 +371,7 @@ def scenario_onebit_basic(precision: str, steps: int = 25) -> dict:
     opt = tds.taciturn_optimizer(engine)
     before = eval_loss(engine)
     sent = sent_bytes(engine, steps)
-    return {"first": before, "last": eval_loss(engine), "sent": sent, "frozen": opt.state["taciturn"]["frozen"],
+    return {"first": before, "last": eval_loss(engine), "sent": sent, "frozen": opt.compression.flat["frozen"],
             "finite": finite(engine), "skipped_steps": engine.skipped_steps,
             "global_steps": engine.global_steps, "taciturn_steps": opt.global_step,
             "wrapper": type(engine.optimizer).__name__, "param_dtype": str(model_dtype(engine)),
@@ -389,8 +389,12 @@ def scenario_onebit_mask(precision: str = "fp16", steps: int = 25) -> dict:
     master = opt.param_groups[0]["params"][0]  # the wrapper's fp32 copy of the first weight
     exp_avg = opt.state[master]["exp_avg"]
     flat = exp_avg.flatten()  # DeepSpeed 0.16's fused fp16 wrapper hands the optimizer flat groups
+    # the upstream test's own loop: every value of optimizer.state is a parameter's, with its exp_avg
+    upstream = all(torch.allclose(v["exp_avg"], v["exp_avg"].mul(mask) if v["exp_avg"].numel() == mask.numel()
+                                  and v["exp_avg"].dim() == 1 else v["exp_avg"], atol=1e-7)
+                   for v in engine.optimizer.state.values())
     return {"masked_exp_avg_zero": torch.equal(flat * mask, flat), "kept_row_moves": bool(flat[mask.bool()].all()),
-            "frozen": opt.state["taciturn"]["frozen"], "finite": finite(engine)}
+            "frozen": opt.compression.flat["frozen"], "finite": finite(engine), "upstream_state_loop": upstream}
 
 
 def scenario_onebit_checkpoint(precision: str = "fp16") -> dict:
@@ -403,7 +407,7 @@ def scenario_onebit_checkpoint(precision: str = "fp16") -> dict:
     for _ in range(5):
         train_step(first)
     saved = tds.taciturn_optimizer(first)
-    out = {"saved_frozen": saved.state["taciturn"]["frozen"], "saved_step": saved.global_step}
+    out = {"saved_frozen": saved.compression.flat["frozen"], "saved_step": saved.global_step}
     first.save_checkpoint(directory, tag="five")
     out["mask_kept_after_save"] = torch.equal(first.optimizer.param_groups[0]["exp_avg_mask"], mask1)
 
@@ -411,16 +415,16 @@ def scenario_onebit_checkpoint(precision: str = "fp16") -> dict:
     second.load_checkpoint(directory, tag="five")
     opt = tds.taciturn_optimizer(second)
     out.update(mask_running_after_load=torch.equal(opt.param_groups[0]["exp_avg_mask"], mask2),
-               resumed_frozen=opt.state["taciturn"]["frozen"], resumed_step=opt.global_step)
+               resumed_frozen=opt.compression.flat["frozen"], resumed_step=opt.global_step)
 
     # the issue's case: a later phase resumes the step-5 checkpoint with freeze_step 20
     third = build_precision(upstream_onebit_config(precision, freeze_step=20), model, masked_groups(model, None))
     for _ in range(25):
         train_step(third)
     opt = tds.taciturn_optimizer(third)
-    out["third_frozen_before_load"] = opt.state["taciturn"]["frozen"]
+    out["third_frozen_before_load"] = opt.compression.flat["frozen"]
     third.load_checkpoint(directory, tag="five")
-    out.update(third_freeze_step=opt.freeze_step, third_frozen_after_load=opt.state["taciturn"]["frozen"],
+    out.update(third_freeze_step=opt.freeze_step, third_frozen_after_load=opt.compression.flat["frozen"],
                third_mask=any("exp_avg_mask" in g for g in opt.param_groups))
     out.update(sent_after_load=sent_bytes(third, 21 - opt.global_step), fp32_bytes=4 * sum(p.numel() for p in model.parameters()),
                finite=finite(third))
@@ -445,7 +449,7 @@ def scenario_onebit_overflow(precision: str = "fp16") -> dict:
     resumed = build_precision(upstream_onebit_config(precision), mlp(seed=5))
     resumed.load_checkpoint(directory, tag="every_step")
     return {"skipped_steps": engine.skipped_steps, "injected_skipped_untouched": injected,
-            "taciturn_steps": opt.global_step, "frozen": opt.state["taciturn"]["frozen"], "finite": finite(engine),
+            "taciturn_steps": opt.global_step, "frozen": opt.compression.flat["frozen"], "finite": finite(engine),
             "resumed_state_equal": same_state(compression_state(opt), compression_state(tds.taciturn_optimizer(resumed)))}
 
 
@@ -555,8 +559,8 @@ def scenario_zero0() -> dict:
 
 def state_bytes(opt) -> float:
     """Bytes per parameter of every tensor the optimizer keeps between steps on this rank."""
-    tensors = [t for t in opt.state["taciturn"].values() if torch.is_tensor(t)]
-    tensors += [t for st in opt.state.values() if isinstance(st, dict) and st is not opt.state["taciturn"]
+    tensors = [t for t in opt.compression.flat.values() if torch.is_tensor(t)]
+    tensors += [t for st in opt.state.values() if isinstance(st, dict) and st is not opt.compression.flat
                 for t in st.values() if torch.is_tensor(t)]
     numel = sum(p.numel() for g in opt.param_groups for p in g["params"])
     return sum(t.numel() * t.element_size() for t in tensors) / numel

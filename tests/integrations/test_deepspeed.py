@@ -321,6 +321,7 @@ def test_upstream_onebit_adam_basic(runs, precision):
 def check_onebit_mask(r):
     assert r["finite"] and r["frozen"]
     assert r["masked_exp_avg_zero"] and r["kept_row_moves"]
+    assert r["upstream_state_loop"]  # TestOneBitAdamExpAvgMask reads v["exp_avg"] of every optimizer.state value
 
 
 def test_upstream_onebit_adam_flat_exp_avg_mask(runs):

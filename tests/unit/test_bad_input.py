@@ -82,13 +82,13 @@ def test_bad_input_is_refused_with_a_clear_message(make, exc, message):
 def test_sparse_gradient_refused_at_step_without_touching_state():
     emb = torch.nn.Embedding(10, 4, sparse=True)
     opt = taciturn.CDAdam(emb.parameters(), lr=1e-2)
-    before = {k: v.clone() for k, v in opt.state["taciturn"].items() if torch.is_tensor(v)}
+    before = {k: v.clone() for k, v in opt.compression.flat.items() if torch.is_tensor(v)}
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients .* use nn.Embedding\\(sparse=False\\)"):
         opt.step()
     assert opt.global_step == 0
     for k, v in before.items():
-        assert torch.equal(opt.state["taciturn"][k], v)
+        assert torch.equal(opt.compression.flat[k], v)
 
 
 def test_block_size_larger_than_every_tensor_warns_and_trains_as_one_block_per_tensor():
@@ -116,14 +116,14 @@ def test_nonfinite_gradient_skips_step_and_keeps_state():
     opt = taciturn.CDAdam(ps, lr=1e-2)
     ps[0].grad = torch.ones(6)
     opt.step()
-    snapshot = {k: v.clone() for k, v in opt.state["taciturn"].items() if torch.is_tensor(v)}
+    snapshot = {k: v.clone() for k, v in opt.compression.flat.items() if torch.is_tensor(v)}
     weights = ps[0].detach().clone()
     ps[0].grad = torch.tensor([1.0, float("nan"), 0, 0, 0, 0])
     opt.step()
     assert opt.global_step == 1 and opt.stats.skipped_steps == 1
     assert torch.equal(ps[0], weights)
     for k, v in snapshot.items():
-        assert torch.equal(opt.state["taciturn"][k], v)
+        assert torch.equal(opt.compression.flat[k], v)
 
 
 def test_nonfinite_skip_warnings_are_rate_limited(caplog):

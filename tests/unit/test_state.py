@@ -276,8 +276,8 @@ def test_optimizer_reset_compression_state_keeps_the_global_step():
         opt.zero_grad()
         model(torch.randn(5, 4)).pow(2).sum().backward()
         opt.step()
-    flat = opt.state[KEY]
+    flat = opt.compression.flat
     assert opt.global_step == 3 and any(v.any() for v in tensors(flat).values())
     opt.reset_compression_state()
-    assert opt.global_step == 3 and sorted(tensors(opt.state[KEY])) == sorted(tensors(flat))
-    assert not any(v.any() for v in tensors(opt.state[KEY]).values())
+    assert opt.global_step == 3 and sorted(tensors(opt.compression.flat)) == sorted(tensors(flat))
+    assert not any(v.any() for v in tensors(opt.compression.flat).values())
