@@ -136,3 +136,23 @@ def test_refuses_checkpoint_with_other_compression_settings():
     other.load_state_dict(opt.state_dict(), reset_compression_state=True)
     assert other.global_step == 2
     assert not any(v.any() for v in other.compression.flat.values() if torch.is_tensor(v))
+
+
+def test_compression_state_sits_in_a_parameter_state_and_the_older_layout_loads():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    opt = taciturn.CDAdam(model.parameters(), lr=1e-2, block_size=4, process_group="local")
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(3, 6)).pow(2).sum().backward()
+        opt.step()
+    assert all(isinstance(k, torch.Tensor) for k in opt.state)  # every value is a parameter's
+    assert all("exp_avg" in v for v in opt.state.values())
+    sd = opt.state_dict()
+    old = {**sd, "state": {k: {n: t for n, t in v.items() if n != "taciturn"} for k, v in sd["state"].items()}}
+    old["state"]["taciturn"] = opt.compression.flat  # the layout of earlier releases
+    fresh = taciturn.CDAdam(torch.nn.Linear(6, 4).parameters(), lr=1e-2, block_size=4, process_group="local")
+    fresh.load_state_dict(old)
+    assert "taciturn" not in fresh.state and fresh.global_step == 2
+    for k, v in opt.compression.flat.items():
+        assert torch.equal(fresh.compression.flat[k], v) if torch.is_tensor(v) else fresh.compression.flat[k] == v
