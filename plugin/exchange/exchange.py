@@ -21,15 +21,19 @@ from ..feedback import Feedback, State
 from ..layout import BucketLayout
 from ..metrics import CommStats
 from ..segments import Segments
-from ..wire import Pieces
-from .bucket import BucketExchange, Workspace
 from ..topology import node_parts
+from .bucket import BucketExchange, Workspace
 from .direction import Sharded, direction, init_state
-from .two_level import TwoLevelBucket
+from .two_level import TwoLevelBucket, shard_pieces
 
 #: ``downlink`` values of a sharded exchange: the model change compressed by the exchange's own
 #: codec with error feedback on it, or cast to bf16 / sent in fp32 (exact ZeRO-1 semantics)
 DOWNLINKS = ("1bit", "bf16", "fp32")
+
+
+def _cast(precision: str) -> Compressor:
+    """The cast codec of a full-precision leg: ``"fp32"`` or ``"bf16"``."""
+    return make_compressor("identity" if precision == "fp32" else precision)
 
 
 def bucket_ranges(sizes: Sequence[int], cap_elems: int, groups: Optional[Sequence[int]] = None) -> List[range]:
@@ -95,7 +99,7 @@ class Exchange:
                 raise ValueError(f"downlink={downlink!r} must be one of {DOWNLINKS}")
             if not two_way:
                 raise ValueError("a sharded exchange needs the two-way pipeline (the chunk owners run the update rule)")
-            codec = self.compressor if downlink == "1bit" else make_compressor("identity" if downlink == "fp32" else "bf16")
+            codec = self.compressor if downlink == "1bit" else _cast(downlink)
             self.direction = Sharded(codec, downlink == "1bit" and server.name != "none", owner_keys)
         self.bucket_cap_mb = bucket_cap_mb
         cap = max(1, sum(self.sizes)) if bucket_cap_mb is None else max(1, int(bucket_cap_mb * 2 ** 20) // 4)
@@ -110,9 +114,10 @@ class Exchange:
                 raise ValueError(f"intra_node_dtype={intra_node_dtype!r} must be 'fp32' or 'bf16'")
             nodes, locals_ = node_parts(comm.world_size, ranks_per_node)
             self.intra, self.inter = comm.split(nodes), comm.split(locals_)
-            self.intra_cast = make_compressor("identity" if intra_node_dtype == "fp32" else "bf16")
+            self.intra_cast = _cast(intra_node_dtype)
             self.node_layouts = [BucketLayout(tuple(self.sizes[i] for i in b), ranks_per_node, compressor)
                                  for b in self.buckets]
+            self.shards = [shard_pieces(lay, self.intra_cast) for lay in self.node_layouts]
             self.layouts = [BucketLayout(self._shard_sizes(b, lay), self.inter.world_size, compressor)
                             for b, lay in zip(self.buckets, self.node_layouts)]
         else:
@@ -159,10 +164,8 @@ class Exchange:
         across nodes, and ``intra`` inside the node)."""
         up, down = self.direction.wire_bytes(self.layouts, self.inter.world_size)
         out = {"up": up, "down": down, "fp32": 4 * sum(lay.numel for lay in self.layouts)}
-        if self.ranks_per_node > 1:
-            L = self.ranks_per_node
-            out["intra"] = sum(2 * L * max(self.intra_cast.nbytes(Pieces.from_lengths([lay.chunk_numel(k)]))
-                                           for k in range(L)) for lay in self.node_layouts)
+        if self.ranks_per_node > 1:  # each rank's L shards out, the L results in
+            out["intra"] = sum(2 * self.ranks_per_node * nbytes for _, nbytes in self.shards)
         return out
 
     def _views(self, idx: range, flat: torch.Tensor, shapes) -> List[torch.Tensor]:
@@ -215,8 +218,8 @@ class Exchange:
                                        stats=stats, work=self.workspaces[b],
                                        owner=None if owner_update is None else functools.partial(owner_update, b))
             exchanges.append(bucket(x) if self.intra is None else
-                             TwoLevelBucket(x, self.node_layouts[b], self.intra, self.intra_cast, bucket,
-                                            self.workspaces[b]))
+                             TwoLevelBucket(x, self.node_layouts[b], *self.shards[b], self.intra, self.intra_cast,
+                                            bucket, self.workspaces[b]))
         # Stage by stage over the buckets: every bucket is compressed and its all_to_all started
         # before the first server phase, and every server phase has started its all_gather
         # before the first result is decoded, so each collective travels while this rank works

@@ -10,7 +10,7 @@ the L results are all-gathered. Only step (2) is compressed.
 from __future__ import annotations
 
 import time
-from typing import Callable, Union
+from typing import Callable, List, Tuple, Union
 
 import torch
 
@@ -20,17 +20,25 @@ from ..layout import BucketLayout
 from ..segments import Segments
 from ..wire import Pieces
 from .bucket import BucketExchange, Workspace
+from .direction import _fit
+
+
+def shard_pieces(node: BucketLayout, cast: Cast) -> Tuple[List[Pieces], int]:
+    """Each shard of a bucket as one piece of ``cast``, and the padded payload size of them all."""
+    pieces = [Pieces.from_lengths([node.chunk_numel(k)]) for k in range(node.world_size)]
+    return pieces, max(cast.nbytes(p) for p in pieces)
 
 
 class TwoLevelBucket:
     """``node``: the bucket's layout over the L ranks of a node (its chunks are the shards);
-    ``inner``: builds the inter-node ``BucketExchange`` of this rank's shard from its node mean."""
+    ``pieces``: each shard as one piece of ``cast``, whose payloads are padded to ``nbytes``
+    (``shard_pieces``); ``inner``: builds the inter-node ``BucketExchange`` of this rank's shard
+    from its node mean."""
 
-    def __init__(self, x: Union[torch.Tensor, Segments], node: BucketLayout, intra: Communicator, cast: Cast,
-                 inner: Callable[[torch.Tensor], BucketExchange], work: Workspace):
-        self.x, self.node, self.intra, self.cast, self.make_inner, self.work = x, node, intra, cast, inner, work
-        self.pieces = [Pieces.from_lengths([node.chunk_numel(k)]) for k in range(intra.world_size)]
-        self.nbytes = max(cast.nbytes(p) for p in self.pieces)
+    def __init__(self, x: Union[torch.Tensor, Segments], node: BucketLayout, pieces: List[Pieces], nbytes: int,
+                 intra: Communicator, cast: Cast, inner: Callable[[torch.Tensor], BucketExchange], work: Workspace):
+        self.x, self.node, self.pieces, self.nbytes = x, node, pieces, nbytes
+        self.intra, self.cast, self.make_inner, self.work = intra, cast, inner, work
         self.ex: BucketExchange = None
 
     def _flat(self) -> torch.Tensor:
@@ -40,12 +48,7 @@ class TwoLevelBucket:
         return x.reshape(-1).float()
 
     def _encode(self, v: torch.Tensor, k: int) -> torch.Tensor:
-        payload = self.cast.encode(v, self.pieces[k])
-        if payload.numel() == self.nbytes:
-            return payload
-        out = payload.new_zeros(self.nbytes)
-        out[:payload.numel()] = payload
-        return out
+        return _fit(self.cast.encode(v, self.pieces[k]), self.nbytes)
 
     def start(self) -> None:
         flat, me, t = self._flat(), self.intra.rank, time.perf_counter()

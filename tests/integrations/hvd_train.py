@@ -83,6 +83,17 @@ def train_step(opt, m, x, y):
     opt.step()
 
 
+def lockstep(rank, ref, m_ref, opt, m, steps: int = 3) -> list:
+    """Train the reference and the tested pair on the same batches; their max difference per step."""
+    diffs = []
+    for t in range(steps):
+        x, y = batch(t, rank)
+        train_step(ref, m_ref, x, y)
+        train_step(opt, m, x, y)
+        diffs.append(max_diff(m, m_ref))
+    return diffs
+
+
 # ----------------------------------------------------------------------------- scenarios
 
 def parity_cdadam(rank):
@@ -224,12 +235,7 @@ def presets(rank):
                                          worker_feedback=spec.worker, server_feedback=spec.server,
                                          two_way=spec.two_way, bucket_cap_mb=SMALL_BUCKETS)
         opt = wrap(m, compression=preset, bucket_cap_mb=SMALL_BUCKETS)
-        diffs = []
-        for t in range(3):
-            x, y = batch(t, rank)
-            train_step(ref, m_ref, x, y)
-            train_step(opt, m, x, y)
-            diffs.append(max_diff(m, m_ref))
+        diffs = lockstep(rank, ref, m_ref, opt, m)
         met = opt.metrics()
         out[name] = {"diffs": diffs, "bytes_up": met["taciturn/bytes_up"], "bytes_down": met["taciturn/bytes_down"],
                      "wire": opt.exchange.wire_bytes(), "spread": rank_spread(m)}
@@ -343,13 +349,7 @@ def core_on_horovod(rank):
         m_ref, m = model(), model()
         ref = taciturn.CDAdam(m_ref.parameters(), lr=LR, **kw)
         opt = taciturn.CDAdam(m.parameters(), lr=LR, process_group="horovod", **kw)
-        diffs = []
-        for t in range(3):
-            x, y = batch(t, rank)
-            train_step(ref, m_ref, x, y)
-            train_step(opt, m, x, y)
-            diffs.append(max_diff(m, m_ref))
-        out[label] = diffs
+        out[label] = lockstep(rank, ref, m_ref, opt, m)
     return {**out, "comm": type(opt.comm).__name__, "world_size": opt.comm.world_size, "sharded": opt.sharded}
 
 
@@ -361,13 +361,7 @@ def process_set(rank, solo):
     else:
         ref = local_amsgrad(m_ref)
     opt = wrap(m, compression=thvd.Compression.cdadam, process_set=solo)
-    diffs = []
-    for t in range(3):
-        x, y = batch(t, rank)
-        train_step(ref, m_ref, x, y)
-        train_step(opt, m, x, y)
-        diffs.append(max_diff(m, m_ref))
-    return {"diffs": diffs, "included": bool(solo.included()),
+    return {"diffs": lockstep(rank, ref, m_ref, opt, m), "included": bool(solo.included()),
             "world_size": opt.comm.world_size if opt.comm is not None else None}
 
 
