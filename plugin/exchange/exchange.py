@@ -76,7 +76,8 @@ class Exchange:
     each bucket is reduce-scattered inside the node in ``intra_node_dtype`` (fp32 or bf16), this
     rank's shard goes through the pipeline among the ranks of its local rank, and the results
     are all-gathered inside the node. ``layouts`` are then this rank's shards'; ``node_layouts``
-    the buckets' over the node."""
+    the buckets' over the node. With ``downlink`` too, the owners serve chunks of the shards (a
+    rank keeps the rule's state for 1/n of each bucket) and the nodes all-gather the model change."""
 
     def __init__(self, sizes: Sequence[int], compressor: Compressor, worker: Feedback, server: Feedback,
                  comm: Communicator, two_way: bool = True, bucket_cap_mb: Optional[float] = 25.0,
@@ -107,9 +108,6 @@ class Exchange:
         self.buckets = bucket_ranges(self.sizes, cap, self.groups)
         self.ranks_per_node = ranks_per_node
         if ranks_per_node > 1:
-            if downlink is not None:
-                raise ValueError("the two-level exchange (ranks_per_node > 1) does not combine with sharded state "
-                                 "(shard_state=True) yet: use one of them")
             if intra_node_dtype not in ("fp32", "bf16"):
                 raise ValueError(f"intra_node_dtype={intra_node_dtype!r} must be 'fp32' or 'bf16'")
             nodes, locals_ = node_parts(comm.world_size, ranks_per_node)
@@ -216,7 +214,7 @@ class Exchange:
                                        worker=self.worker, server=self.server, direction=self.direction, state=state,
                                        comm=self.inter, error_scale=scale, seed=bucket_seed(step, index, count),
                                        stats=stats, work=self.workspaces[b],
-                                       owner=None if owner_update is None else functools.partial(owner_update, b))
+                                       owner=None if owner_update is None else self._owner(owner_update, b))
             exchanges.append(bucket(x) if self.intra is None else
                              TwoLevelBucket(x, self.node_layouts[b], *self.shards[b], self.intra, self.intra_cast,
                                             bucket, self.workspaces[b]))
@@ -237,6 +235,14 @@ class Exchange:
         for b, res, bucket_shapes in zip(chosen, results, shapes):
             out.extend(self._views(self.buckets[b], res, bucket_shapes))
         return out
+
+    def _owner(self, owner_update: Callable, b: int) -> Callable:
+        """Bucket ``b``'s update rule on a chunk given in the coordinates of the exchange's layout
+        (two-level: of this rank's shard, moved here into the bucket's)."""
+        if self.intra is None:
+            return functools.partial(owner_update, b)
+        at = self.node_layouts[b].chunk(self.intra.rank).start
+        return lambda chunk, g, st: owner_update(b, slice(at + chunk.start, at + chunk.stop), g, st)
 
     def _inputs(self, tensors: Sequence[torch.Tensor], chosen):
         """Each chosen bucket's input (its tensors in place, or the flat tensor given) and the

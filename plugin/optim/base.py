@@ -97,7 +97,9 @@ class CompressedOptimizer(Optimizer):
         ranks_per_node: L > 1 (or ``"auto"``: the launcher's local world size) runs the two-level
             exchange (ALGORITHMS.md): fp32 (``intra_node_dtype="bf16"``: bf16) reduce-scatter inside
             each node of L consecutive ranks, the compressed pipeline between nodes, all-gather
-            inside; bad topologies are refused on every rank before any collective.
+            inside; bad topologies are refused on every rank before any collective. With
+            ``shard_state=True`` the owners serve chunks of the shards: 4/L + 20/n bytes per
+            parameter for CD-Adam.
         """
         if nonfinite not in ("skip", "raise", "off"):
             raise ValueError(f"nonfinite={nonfinite!r} must be 'skip', 'raise' or 'off'")
