@@ -32,6 +32,9 @@ composition appears, its state is assembled from the slices where they live now,
 server state (each rank holds only its chunk of a bucket) is reassembled with one fp32
 all_reduce of that bucket, so the result is exactly what the old buckets would have produced.
 ``static_graph=True`` (buckets rebuilt after the second iteration) is followed the same way.
+Two-level (``ranks_per_node=L``): a rank's worker state is its shard of the bucket, reassembled
+with one fp32 all_reduce inside the node; its server state, a chunk of that shard, with one
+over the world.
 
 Checkpoints: ``state_dict()`` / ``load_state_dict()``, and the state pickles without its process
 group and model (like PowerSGD's); a state loaded from a pickle is re-attached with
@@ -56,7 +59,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from taciturn.comm import make_communicator
+from taciturn.comm import Communicator, make_communicator
 from taciturn.consistency import check_same
 from taciturn.exchange import Exchange, Workspace
 from taciturn.feedback import make_feedback
@@ -64,6 +67,7 @@ from taciturn.metrics import CommStats
 from taciturn.names import Registry
 from taciturn.presets import Preset, preset as lookup_preset
 from taciturn.state import mismatch, refusal
+from taciturn.topology import check_topology
 
 __all__ = ["PRESETS", "CompressionHookState", "compressed_hook", "register_compression_hook",
            "keep_gradients_local"]
@@ -88,8 +92,8 @@ class _Slot:
     offsets: Dict[str, int]
 
     @property
-    def layout(self):
-        return self.exchange.layouts[0]
+    def numel(self) -> int:
+        return self.exchange.numel
 
 
 def _reduced_parameters(model: DistributedDataParallel) -> List[Tuple[str, torch.Tensor]]:
@@ -122,7 +126,9 @@ class CompressionHookState:
     ``preset``: a name in ``PRESETS``; ``compressor``, ``worker_feedback``, ``server_feedback``
     and ``two_way`` override its parts; ``block_size`` (block_sign), ``ratio``/``k`` (topk,
     randk) and ``compressor_options`` configure the compressor. ``process_group``: None = the DDP
-    model's group, a ProcessGroup, or a taciturn Communicator.
+    model's group, a ProcessGroup, or a taciturn Communicator. ``ranks_per_node`` (an int, or
+    ``"auto"``: the launcher's local world size) > 1 runs the two-level exchange, with
+    ``intra_node_dtype`` (``"fp32"``/``"bf16"``) inside the nodes, as the optimizers do.
     ``check_consistency``: compare the configuration and parameters across ranks once, now.
     """
 
@@ -130,7 +136,7 @@ class CompressionHookState:
                  block_size: Optional[int] = 1024, ratio: Optional[float] = None, k: Optional[int] = None,
                  compressor_options: Optional[dict] = None, worker_feedback: Optional[str] = None,
                  server_feedback: Optional[str] = None, two_way: Optional[bool] = None,
-                 check_consistency: bool = True):
+                 ranks_per_node=1, intra_node_dtype: str = "fp32", check_consistency: bool = True):
         chosen = _HOOK_PRESETS.get(preset).configure(compressor, block_size=block_size, ratio=ratio, k=k,
                                                      options=compressor_options, worker=worker_feedback,
                                                      server=server_feedback, two_way=two_way)
@@ -141,6 +147,8 @@ class CompressionHookState:
             "worker_feedback": chosen.worker,
             "server_feedback": chosen.server,
             "two_way": chosen.two_way,
+            "ranks_per_node": ranks_per_node,
+            "intra_node_dtype": intra_node_dtype,
         }
         self._reset_runtime()
         self.bind(model, process_group, check_consistency=check_consistency)
@@ -153,6 +161,7 @@ class CompressionHookState:
         #: state keys that hold one rank's chunk of a bucket (the rest are full-length, per element)
         self.chunk_keys = tuple(self.server.server_keys) if self.two_way else ()
         self.comm = None
+        self.ranks_per_node = 1
         self.compressor = None
         self.stats = CommStats()
         #: scratch of the hook's exchanges, shared by the buckets (each result is copied out at once)
@@ -181,6 +190,8 @@ class CompressionHookState:
         chosen = Preset(self.config["compressor"], options=self.config["compressor_options"])
         # bound to the whole model: an absolute top-k k counts all of its elements
         self.compressor = chosen.make_compressor().bind(sum(p.numel() for _, p in named))
+        if self.config["ranks_per_node"] != 1 or (check_consistency and self.comm.world_size > 1):
+            self.ranks_per_node = check_topology(self.comm, self.config["ranks_per_node"], "CompressionHookState")
         if check_consistency and self.comm.world_size > 1:
             check_same(self.comm, "CompressionHookState", self._signature(), "model and hook")
         if self._pending is not None:
@@ -201,7 +212,8 @@ class CompressionHookState:
     def _new_slot(self, names: Tuple[str, ...], device) -> _Slot:
         sizes = [self._params[n].numel() for n in names]
         exchange = Exchange(sizes, self.compressor, self.worker, self.server, self.comm, self.two_way,
-                            bucket_cap_mb=None, workspace=self.work)
+                            bucket_cap_mb=None, workspace=self.work, ranks_per_node=self.ranks_per_node,
+                            intra_node_dtype=self.config["intra_node_dtype"])
         offsets, at = {}, 0
         for n, size in zip(names, sizes):
             offsets[n] = at
@@ -227,29 +239,40 @@ class CompressionHookState:
             return slot
         return self._rebucket(names, bucket.buffer().device)
 
+    def _spans(self, slot: _Slot) -> Dict[str, Tuple[slice, Optional[Communicator]]]:
+        """Per state key: the part of the bucket this rank's tensor holds, and the communicator
+        whose ranks hold the other parts between them, each element once (None: the tensor is
+        the whole bucket). Worker state covers the bucket (two-level: this rank's shard of it,
+        the node holds the rest); server state covers this rank's chunk (of its shard), and
+        the world serves the rest."""
+        ex = slot.exchange
+        shard, node = (slice(0, slot.numel), None) if ex.intra is None else \
+            (ex.node_layouts[0].chunk(ex.intra.rank), ex.intra)
+        chunk = ex.layouts[0].chunk(ex.inter.rank)
+        served = slice(shard.start + chunk.start, shard.start + chunk.stop)
+        return {key: (served, self.comm) if key in self.chunk_keys else (shard, node) for key in slot.state}
+
     def _rebucket(self, names: Tuple[str, ...], device) -> _Slot:
         slot = self._new_slot(names, device)
-        me = self.comm.rank
         moved = [n for n in names if n in self._owner]
-        gathered = {k: torch.zeros(slot.layout.numel, dtype=torch.float32, device=device) for k in self.chunk_keys}
-        for n in moved:
-            old, size = self._owner[n], self._params[n].numel()
-            lo_old, lo_new = old.offsets[n], slot.offsets[n]
-            for key, t in slot.state.items():
-                if key not in self.chunk_keys:
-                    t[lo_new:lo_new + size].copy_(old.state[key][lo_old:lo_old + size])
-            mine = old.layout.chunk(me)
-            start, stop = max(lo_old, mine.start), min(lo_old + size, mine.stop)
-            for key in self.chunk_keys:
-                if start < stop:
-                    gathered[key][lo_new + start - lo_old:lo_new + stop - lo_old].copy_(
-                        old.state[key][start - mine.start:stop - mine.start])
         if moved:
-            # Every element of the bucket was served by exactly one rank: the sum is the old value.
-            for key in self.chunk_keys:
-                self.comm.all_reduce(gathered[key], "sum")
-                self.rebucket_bytes += 4 * slot.layout.numel
-                slot.state[key].copy_(gathered[key][slot.layout.chunk(me)])
+            spans = self._spans(slot)
+            old_spans = {id(self._owner[n]): self._spans(self._owner[n]) for n in moved}
+            for key, t in slot.state.items():
+                whole = torch.zeros(slot.numel, dtype=torch.float32, device=device)
+                for n in moved:
+                    old, size = self._owner[n], self._params[n].numel()
+                    held = old_spans[id(old)][key][0]
+                    lo_old, lo_new = old.offsets[n], slot.offsets[n]
+                    start, stop = max(lo_old, held.start), min(lo_old + size, held.stop)
+                    if start < stop:
+                        whole[lo_new + start - lo_old:lo_new + stop - lo_old].copy_(
+                            old.state[key][start - held.start:stop - held.start])
+                span, group = spans[key]
+                if group is not None:  # each element was held by exactly one of its ranks: the sum is it
+                    group.all_reduce(whole, "sum")
+                    self.rebucket_bytes += 4 * slot.numel
+                t.copy_(whole[span])
         previous = {id(self._owner[n]): self._owner[n] for n in moved}
         for n in names:
             self._owner[n] = slot
@@ -339,9 +362,9 @@ def compressed_hook(state: "CompressionHookState", bucket: dist.GradBucket) -> t
     with the (decompressed) average, in the buffer's dtype."""
     buf = bucket.buffer()
     slot = state.slot_for(bucket)
-    if buf.numel() != slot.layout.numel:
+    if buf.numel() != slot.numel:
         raise RuntimeError(f"DDP bucket {bucket.index()} holds {buf.numel()} elements but its parameters have "
-                           f"{slot.layout.numel}: taciturn cannot follow this bucket layout (padded or "
+                           f"{slot.numel}: taciturn cannot follow this bucket layout (padded or "
                            "non-contiguous gradients); report it with your DDP settings")
     avg = slot.exchange.allreduce([buf], [slot.state], buckets=[0], step=state.step, stats=state.stats,
                                   seed_slot=(bucket.index(), len(state._params)))[0]

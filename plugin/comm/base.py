@@ -68,6 +68,15 @@ class Communicator:
         Every rank calls it with the same partitions in the same order."""
         raise NotImplementedError(f"the {self.name} communicator cannot make sub-groups")
 
+    def sub(self, parts: List[List[int]]) -> "Communicator":
+        """``split``, made once per partition: a later call with the same ``parts`` returns the
+        same communicator (exchanges built one after another share their sub-groups)."""
+        key = tuple(map(tuple, parts))
+        made = self.__dict__.setdefault("_subs", {})
+        if key not in made:
+            made[key] = self.split(parts)
+        return made[key]
+
     def _part(self, parts: List[List[int]]) -> List[int]:
         return next(p for p in parts if self.rank in p)
 

@@ -111,7 +111,7 @@ class Exchange:
             if intra_node_dtype not in ("fp32", "bf16"):
                 raise ValueError(f"intra_node_dtype={intra_node_dtype!r} must be 'fp32' or 'bf16'")
             nodes, locals_ = node_parts(comm.world_size, ranks_per_node)
-            self.intra, self.inter = comm.split(nodes), comm.split(locals_)
+            self.intra, self.inter = comm.sub(nodes), comm.sub(locals_)
             self.intra_cast = _cast(intra_node_dtype)
             self.node_layouts = [BucketLayout(tuple(self.sizes[i] for i in b), ranks_per_node, compressor)
                                  for b in self.buckets]
