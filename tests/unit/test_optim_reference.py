@@ -40,9 +40,11 @@ def test_matches_transcription(name):
     sim = case.sim(x0, 1, ref.compression_factory(ref.pipeline_layout(opt)))
     sim_xs, sim_points = ref.simulate(sim, model, ref.param_groups(model, case.groups), 1, STEPS, case.lr)
     assert not torch.equal(xs[-1], x0)
+    # The scales (mean |x| per block or tensor) are sums whose order follows the CPU's vector width
+    # (AVX2 vs AVX512): a drift of ~1e-7 per step over 20 steps, far below one sign flip (~lr).
     for t in range(STEPS):
-        torch.testing.assert_close(xs[t], sim_xs[t], rtol=1e-5, atol=1e-6, msg=lambda m: f"x, step {t}: {m}")
-        torch.testing.assert_close(points[t], sim_points[t][0], rtol=1e-5, atol=1e-6,
+        torch.testing.assert_close(xs[t], sim_xs[t], rtol=1e-5, atol=1e-5, msg=lambda m: f"x, step {t}: {m}")
+        torch.testing.assert_close(points[t], sim_points[t][0], rtol=1e-5, atol=1e-5,
                                    msg=lambda m: f"parameters, step {t}: {m}")
 
 
