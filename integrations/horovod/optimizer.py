@@ -45,6 +45,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
     compressed bucket, default 25). ``op``: ``hvd.Average`` (default) or ``hvd.Sum`` for the
     taciturn presets (any Horovod op for a Horovod Compressor, except Adasum).
     ``groups`` (an int, or lists of parameters) keeps each group in buckets of its own.
+    ``ranks_per_node`` (an int, or ``"auto"``: ``hvd.local_size()``) > 1 runs a taciturn preset
+    two-level (ALGORITHMS.md): ``intra_node_dtype`` (fp32 or bf16) inside each node of L
+    consecutive ranks, the compressed pipeline between nodes, on Horovod process sets (set
+    HOROVOD_DYNAMIC_PROCESS_SETS=1 for horovodrun, or ``hvd.init(process_sets="dynamic")``).
     ``param_groups``, ``state``, ``state_dict`` and every other attribute are the wrapped
     optimizer's.
     """
@@ -52,7 +56,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer, named_parameters=None, compression=Compression.cdadam,
                  backward_passes_per_step: int = 1, op=None, gradient_predivide_factor: float = 1.0,
                  num_groups: int = 0, groups=None, sparse_as_dense: bool = False, process_set=None,
-                 bucket_cap_mb: float = 25.0):
+                 bucket_cap_mb: float = 25.0, ranks_per_node=1, intra_node_dtype: str = "fp32"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, DistributedOptimizer):
@@ -72,6 +76,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self.is_taciturn:
             taciturn_path.check_arguments(self.compression, self.op, self.gradient_predivide_factor,
                                           _op_name(self.op))
+        if not self.is_taciturn and (ranks_per_node != 1 or intra_node_dtype != "fp32"):
+            raise ValueError(f"ranks_per_node={ranks_per_node!r} / intra_node_dtype={intra_node_dtype!r} apply to "
+                             f"taciturn's presets, not to a Horovod Compressor ({getattr(self.compression, '__name__', self.compression)}: "
+                             "Horovod's allreduce is hierarchical with HOROVOD_HIERARCHICAL_ALLREDUCE=1); use e.g. "
+                             "compression=Compression.cdadam, or leave them at their defaults")
         if num_groups:
             warnings.warn("num_groups is deprecated (as in Horovod): use groups=", DeprecationWarning, stacklevel=2)
             groups = num_groups if groups is None else groups
@@ -112,7 +121,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self.is_taciturn:
             self._path = taciturn_path.TaciturnPath(
                 self.compression, optimizer, self._params, [group_ids[i] for i in ranked], self._names,
-                self._prefix, self.process_set, self.comm, self.op, bucket_cap_mb, self.stats)
+                self._prefix, self.process_set, self.comm, self.op, bucket_cap_mb, self.stats,
+                (ranks_per_node, intra_node_dtype))
         else:
             self._path = passthrough.HorovodPath(self.compression, self._params, self._names, self._prefix,
                                                  self.process_set, self.op, self.gradient_predivide_factor,

@@ -16,6 +16,7 @@ from ...exchange import Exchange
 from ...feedback import make_feedback
 from ...metrics import CommStats
 from ...state import CompressionState, mismatch
+from ...topology import check_topology
 from .gradients import WireGradients
 
 STATE_KEY = "taciturn.horovod"
@@ -40,7 +41,7 @@ class TaciturnPath:
 
     def __init__(self, compression, optimizer: torch.optim.Optimizer, params: List[torch.Tensor],
                  group_ids: List[int], names: List[str], prefix: str, process_set, comm, op,
-                 bucket_cap_mb: float, stats: CommStats):
+                 bucket_cap_mb: float, stats: CommStats, topology=(1, "fp32")):
         self.compression = compression
         self._optimizer = optimizer
         self._params = params
@@ -51,6 +52,7 @@ class TaciturnPath:
         self._sum = op == hvd.Sum
         self._bucket_cap_mb = bucket_cap_mb
         self._stats = stats
+        self._topology = topology  # (ranks_per_node as given, intra_node_dtype)
         self._wire = WireGradients()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taciturn-hvd")
         self._build(comm)
@@ -61,9 +63,13 @@ class TaciturnPath:
     def _build(self, comm) -> None:
         chosen = self.compression.preset
         self.comm = comm
+        size, intra_dtype = self._topology
+        if size != 1:
+            size = check_topology(comm, size, "DistributedOptimizer")
         self.exchange = Exchange([p.numel() for p in self._params], chosen.make_compressor(),
                                  make_feedback(chosen.worker), make_feedback(chosen.server), comm,
-                                 chosen.two_way, self._bucket_cap_mb, self._group_ids)
+                                 chosen.two_way, self._bucket_cap_mb, self._group_ids, ranks_per_node=size,
+                                 intra_node_dtype=intra_dtype)
         self._state = CompressionState(self._optimizer, STATE_KEY, {"": self.exchange}, comm,
                                        self._params[0].device, "DistributedOptimizer", rank_bound=True)
         self._bucket_of = {self._params[i]: b for b, idx in enumerate(self.exchange.buckets) for i in idx}

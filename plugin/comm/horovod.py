@@ -51,14 +51,16 @@ class HorovodCommunicator(Communicator):
 
     def split(self, parts):
         """A Horovod process set per part (``hvd.add_process_set``, which needs
-        HOROVOD_DYNAMIC_PROCESS_SETS=1 in horovodrun's environment); every rank adds every part."""
+        ``hvd.init(process_sets="dynamic")`` or HOROVOD_DYNAMIC_PROCESS_SETS=1 in horovodrun's
+        environment); every rank adds every part."""
         hvd = _hvd()
         ranks = self.process_set.ranks if self.process_set.ranks is not None else list(range(hvd.size()))
         try:
-            sets = [hvd.add_process_set([ranks[r] for r in part]) for part in parts]
+            sets = [_process_set(hvd, [ranks[r] for r in part]) for part in parts]
         except ValueError as err:
             raise ValueError(f"Horovod refused a process set for the two-level exchange ({err}): launch with "
-                             "HOROVOD_DYNAMIC_PROCESS_SETS=1 (horovodrun --dynamic-process-sets)") from err
+                             "HOROVOD_DYNAMIC_PROCESS_SETS=1 in horovodrun's environment, or call "
+                             "hvd.init(process_sets=\"dynamic\")") from err
         return HorovodCommunicator(sets[parts.index(self._part(parts))], prefix=f"{self.prefix}.split{next(self._calls)}")
 
     def _name(self, kind: str) -> str:
@@ -93,3 +95,16 @@ class HorovodCommunicator(Communicator):
 
     def __getstate__(self):
         raise TypeError("a communicator holds a live Horovod process set and cannot be pickled")
+
+
+def _process_set(hvd, ranks):
+    """Horovod's process set of ``ranks``: the one that exists (Horovod refuses to add a second
+    of the same ranks, e.g. for another optimizer's two-level exchange), else a new one."""
+    from horovod.common import process_sets
+
+    for set_id, members in process_sets._basics._get_process_set_ids_and_ranks().items():
+        if list(members) == ranks:
+            found = hvd.ProcessSet(ranks)
+            found.process_set_id = set_id
+            return found
+    return hvd.add_process_set(ranks)

@@ -20,12 +20,12 @@ TIMEOUT = 240
 RANKS = 2
 
 
-def _horovodrun(args, script, out_dir, env_extra=None):
+def _horovodrun(args, script, out_dir, env_extra=None, np=RANKS):
     try:
         import horovod.torch  # noqa: F401
     except ImportError as e:
         pytest.fail(f"Horovod is not installed ({e}): run scripts/install_horovod.sh")
-    cmd = [sys.executable, "-m", "horovod.runner.launch", "-np", str(RANKS), *args,
+    cmd = [sys.executable, "-m", "horovod.runner.launch", "-np", str(np), *args,
            sys.executable, os.path.join(HERE, script), str(out_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     proc = subprocess.Popen(cmd, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -38,7 +38,7 @@ def _horovodrun(args, script, out_dir, env_extra=None):
         pytest.fail(f"horovodrun {' '.join(args)} {script} did not finish within {TIMEOUT} s:\n{output[-4000:]}")
     if proc.returncode != 0:
         pytest.fail(f"horovodrun {' '.join(args)} {script} exited with {proc.returncode}:\n{output[-6000:]}")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(RANKS)]
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(np)]
 
 
 CONTROLLERS = {
@@ -207,6 +207,27 @@ def test_bad_input_fails_early_with_the_fix(ranks):
         assert res["block_sizes"] == (256, 1024)
 
 
+@pytest.fixture(scope="module")
+def two_level_ranks(tmp_path_factory):
+    args, env = CONTROLLERS["gloo"]
+    # 4 ranks on 2 cores: a rank can stall past gloo's default 30 s while the others negotiate
+    return _horovodrun(args, "hvd_two_level.py", tmp_path_factory.mktemp("hvd-two-level"),
+                       {**env, "HOROVOD_DYNAMIC_PROCESS_SETS": "1", "HOROVOD_GLOO_TIMEOUT_SECONDS": "120"}, np=4)
+
+
+def test_two_level_on_process_sets_equals_the_torch_distributed_two_level_cdadam(two_level_ranks):
+    for res in scenario(two_level_ranks, "two_level"):
+        for dtype in ("fp32", "bf16"):
+            got = res[dtype]
+            assert got["diffs"] == [0.0] * 4 and got["spread"] == 0.0, dtype  # bit-identical, every rank
+            assert got["inter_world"] == 2 and got["intra"] > 0  # 2 nodes; traffic inside them measured
+
+
+def test_two_level_auto_reads_horovods_local_size(two_level_ranks):
+    for res in scenario(two_level_ranks, "auto"):
+        assert res["ranks_per_node"] == res["local_size"] == 4 and res["spread"] == 0.0
+
+
 def test_elastic_job_restores_the_commit_and_matches_uninterrupted_training(tmp_path):
     discover = tmp_path / "discover.sh"
     discover.write_text(f"#!/bin/sh\necho localhost:{RANKS}\n")
@@ -339,3 +360,6 @@ def test_arguments_are_checked_before_horovod_is_needed():
         thvd.DistributedOptimizer(torch.optim.SGD(net1.parameters(), lr=0.1), compression="onebit")
     with pytest.raises(RuntimeError, match=r"call hvd.init\(\) first"):
         thvd.DistributedOptimizer(torch.optim.SGD(net1.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="apply to taciturn's presets, not to a Horovod Compressor"):
+        thvd.DistributedOptimizer(torch.optim.SGD(net1.parameters(), lr=0.1), compression=thvd.Compression.none,
+                                  ranks_per_node=2)
