@@ -9,9 +9,10 @@ With ``{"optimizer": {"type": "CDAdam", "params": {...}}}`` the engine builds ta
 with the valid list) over the engine's data-parallel group, and switches the engine's own
 gradient allreduce off, so the compressed collective is the only gradient communication of
 a step. A type that DeepSpeed or torch.optim builds itself (``Adam``, ``AdamW``, ``SGD``,
-``Lamb``...) stays DeepSpeed's; ``OneBitAdam`` is always taciturn's (DeepSpeed removed its
-own in 0.19.7 and the 0.16 one has no CPU path). ``ZeroOneAdam`` / ``OneBitLamb`` are left
-to DeepSpeed where it still has them and get taciturn's "use X instead" error elsewhere.
+``Lamb``...) stays DeepSpeed's; ``OneBitAdam``, ``ZeroOneAdam`` and ``OneBitLamb`` are always
+taciturn's once this module is imported (the import is the opt-in: DeepSpeed removed its own in
+0.19.7, and 0.16's are GPU-only: their compressed backends need cupy or NCCL); to run DeepSpeed
+0.16's own on a GPU, do not import this module.
 
 Semantics inside the engine:
 - one compressed communication per optimizer step (``gradient_accumulation_steps`` micro
@@ -61,7 +62,7 @@ from typing import Optional
 import torch
 
 from ..checkpoint import rank_path
-from ..optim import CompressedOptimizer, OneBitAdam
+from ..optim import CompressedOptimizer, OneBitAdam, OneBitLamb, ZeroOneAdam
 from ..registry import check_kwargs, get_record, is_taciturn_optimizer
 
 try:
@@ -114,12 +115,16 @@ def _record(name):
         return None
 
 
+#: types taciturn builds even where DeepSpeed has its own (0.16's are GPU-only)
+_ALWAYS_OURS = (OneBitAdam, ZeroOneAdam, OneBitLamb)
+
+
 def _claims(engine, name) -> bool:
     """True when the JSON type ``name`` is built by taciturn rather than by DeepSpeed."""
     if engine.client_optimizer or not is_taciturn_optimizer(name):
         return False
     rec = _record(name)
-    if rec is not None and rec.cls is OneBitAdam:
+    if rec is not None and rec.cls in _ALWAYS_OURS:
         return True
     return not _ORIGINAL["_is_supported_optimizer"](engine, name)
 

@@ -11,7 +11,8 @@ from .layout import BucketLayout
 from .metrics import CommStats
 from .presets import PRESETS, Preset, preset
 from .optim import (SAEFSGD, SGD, AMSGrad, Adam, CDAdam, CompressedAMSGrad, CompressedOptimizer, DistEFSGD,
-                    EF21SGD, EFAMSGrad, NaiveAMSGrad, OneBitAdam, Signum, SparsAMS)
+                    EF21SGD, EFAMSGrad, NaiveAMSGrad, OneBitAdam, OneBitLamb, Signum, SparsAMS,
+                    ZeroOneAdam)
 from .registry import create_optimizer, list_optimizers
 from .checkpoint import load_checkpoint, save_checkpoint
 from .comm import CollectiveError
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = ["Compressor", "list_compressors", "make_compressor", "Communicator", "LocalCommunicator",
            "make_communicator", "make_feedback", "BucketLayout", "CommStats",
-           "Exchange", "Preset", "PRESETS", "preset", "CompressedOptimizer", "CDAdam", "SparsAMS", "DistEFSGD", "SAEFSGD", "OneBitAdam", "AMSGrad",
+           "Exchange", "Preset", "PRESETS", "preset", "CompressedOptimizer", "CDAdam", "SparsAMS", "DistEFSGD", "SAEFSGD", "OneBitAdam", "ZeroOneAdam", "OneBitLamb", "AMSGrad",
            "Adam", "SGD", "EFAMSGrad", "NaiveAMSGrad", "CompressedAMSGrad", "EF21SGD", "Signum",
            "create_optimizer", "list_optimizers", "save_checkpoint", "load_checkpoint", "CollectiveError"]

@@ -45,13 +45,14 @@ def first_difference(key: str, a, b) -> str:
 
 
 def any_nonfinite(comm: Communicator, tensors: Sequence[torch.Tensor]) -> List[int]:
-    """Ranks whose ``tensors`` hold a NaN or Inf (the same list on every rank)."""
-    bad = 0
-    if tensors:
-        sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
-        bad = int(not bool(torch.isfinite(sums).all()))
+    """Ranks whose ``tensors`` hold a NaN or Inf (the same list on every rank).
+
+    The flag stays on the tensors' device until the reduced flags are read: one host sync per
+    call (the decision to skip is the host's), none per tensor."""
     flags = torch.zeros(comm.world_size, dtype=torch.float32, device=comm.device)
-    flags[comm.rank] = bad
+    if tensors:
+        sums = torch.stack([t.sum(dtype=torch.float32).to(comm.device) for t in tensors])
+        flags[comm.rank] = (~torch.isfinite(sums)).any()
     comm.all_reduce(flags, "sum")
     return [r for r, f in enumerate(flags.tolist()) if f]
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import List
 
 from . import optim
-from .names import Registry, name_key
+from .names import Registry
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,12 @@ _RECORDS: List[OptimizerRecord] = [
                     ("saef",)),
     OptimizerRecord("OneBitAdam", optim.OneBitAdam, "1-bit Adam (Tang et al.), warm-up 'adam' or 'cdadam'",
                     ("onebit_adam", "1bitadam")),
+    OptimizerRecord("ZeroOneAdam", optim.ZeroOneAdam,
+                    "0/1 Adam (DeepSpeed's): thinning variance updates, then local steps between 1-bit syncs; "
+                    "warm-up 'adam' or 'cdadam'", ("zero_one_adam", "01adam", "zoadam")),
+    OptimizerRecord("OneBitLamb", optim.OneBitLamb,
+                    "1-bit LAMB (DeepSpeed's): LAMB warm-up, then frozen variance and coefficients, 1-bit momentum; "
+                    "warm-up 'lamb' or 'cdadam'", ("onebit_lamb", "1bitlamb")),
     OptimizerRecord("AMSGrad", optim.AMSGrad, "baseline: uncompressed AMSGrad (CD-Adam's update rule)"),
     OptimizerRecord("Adam", optim.Adam, "baseline: uncompressed Adam (torch's form)"),
     OptimizerRecord("SGD", optim.SGD, "baseline: uncompressed SGD(M)"),
@@ -44,12 +50,6 @@ _RECORDS: List[OptimizerRecord] = [
     OptimizerRecord("EF21SGD", optim.EF21SGD, "baseline: EF21 two-way (Markov) + SGD", ("ef21_sgd", "ef21")),
     OptimizerRecord("Signum", optim.Signum, "baseline: signum with majority vote", ("signsgd",)),
 ]
-
-_REMOVED = {
-    "zerooneadam": "ZeroOneAdam (0/1 Adam) is not implemented in taciturn yet; use \"OneBitAdam\" "
-                   "(optionally with \"warmup\": \"cdadam\") or \"CDAdam\"",
-    "onebitlamb": "OneBitLamb (1-bit LAMB) is not implemented in taciturn yet; use \"CDAdam\" or \"OneBitAdam\"",
-}
 
 BASE_KWARGS = tuple(n for n, p in inspect.signature(optim.CompressedOptimizer.__init__).parameters.items()
                     if p.kind == p.KEYWORD_ONLY)
@@ -64,12 +64,10 @@ def list_optimizers() -> List[str]:
 
 
 def is_taciturn_optimizer(name) -> bool:
-    return name in _OPTIMIZERS or (isinstance(name, str) and name_key(name) in _REMOVED)
+    return name in _OPTIMIZERS
 
 
 def get_record(name: str) -> OptimizerRecord:
-    if name_key(name) in _REMOVED:
-        raise ValueError(_REMOVED[name_key(name)])
     return _OPTIMIZERS.get(name)
 
 

@@ -7,7 +7,9 @@ half of the training set (``_datasets.shard``), batch 64 per rank, one torch thr
 rank, in one network namespace per rank joined by tc-tbf-shaped links (scripts/netcluster.py;
 ``--loopback`` or a machine without root: unshaped loopback, said so). Methods: CD-Adam,
 OneBitAdam with its two warm-ups (uncompressed Adam, or CD-Adam; frozen after 15 % of the steps),
-SPARS-AMS (top-1 %), dist-EF-blockSGDM (block sign, Nesterov momentum 0.9), SAEF (top-1 %,
+0/1 Adam with its two variance phases (DeepSpeed's: fp32 on the thinning variance steps, 1-bit
+between; or CD-Adam), frozen after 15 % of the steps, then local steps whose interval doubles
+every 10 % of the steps up to 16, SPARS-AMS (top-1 %), dist-EF-blockSGDM (block sign, Nesterov momentum 0.9), SAEF (top-1 %,
 momentum 0.9), uncompressed AMSGrad and SGDM, and what users run instead: DDP with torch's
 PowerSGD hook (rank 1) and torch's AMSGrad; constant learning rates (1e-3 for the Adam
 family, 0.05 for the SGD family).
@@ -46,11 +48,14 @@ from netcluster import Cluster  # noqa: E402
 
 SECTION = "bench_tta"
 ADAM_LR, SGD_LR = 1e-3, 0.05
-# name -> (label, registry name, keyword arguments); OneBitAdam's freeze_step is set per run
+# name -> (label, registry name, keyword arguments); OneBitAdam's freeze_step and 0/1 Adam's
+# var_freeze_step / local_step_scaler are set per run
 METHODS: Dict[str, tuple] = {
     "cdadam": ("CD-Adam", "CDAdam", dict(lr=ADAM_LR)),
     "onebitadam_adam": ("OneBitAdam (warm-up Adam)", "OneBitAdam", dict(lr=ADAM_LR, warmup="adam")),
     "onebitadam_cdadam": ("OneBitAdam (warm-up CD-Adam)", "OneBitAdam", dict(lr=ADAM_LR, warmup="cdadam")),
+    "zerooneadam_adam": ("0/1 Adam (variance phase Adam)", "ZeroOneAdam", dict(lr=ADAM_LR, warmup="adam")),
+    "zerooneadam_cdadam": ("0/1 Adam (variance phase CD-Adam)", "ZeroOneAdam", dict(lr=ADAM_LR, warmup="cdadam")),
     "sparsams": ("SPARS-AMS (top-1%)", "SparsAMS", dict(lr=ADAM_LR)),
     "distefsgd": ("dist-EF-blockSGDM", "DistEFSGD", dict(lr=SGD_LR, momentum=0.9, nesterov=True)),
     "saefsgd": ("SAEF (top-1%)", "SAEFSGD", dict(lr=SGD_LR, momentum=0.9)),
@@ -65,6 +70,7 @@ METHODS: Dict[str, tuple] = {
 SHARDED_METHODS = ("cdadam_sharded", "cdadam_sharded_bf16")
 DEFAULT_METHODS = [m for m in METHODS if m not in SHARDED_METHODS]
 FREEZE_FRACTION = 0.15
+LOCAL_STEP_FRACTION = 0.1
 
 
 # ---------------------------------------------------------------------- inside a rank
@@ -118,6 +124,11 @@ def train(name: str, cfg: dict, data: tuple) -> dict:
     kwargs = dict(kwargs)
     if registry_name == "OneBitAdam":
         kwargs["freeze_step"] = max(1, round(FREEZE_FRACTION * cfg["steps"]))
+    if registry_name == "ZeroOneAdam":
+        # the variance thins out as in DeepSpeed (var_update_scaler 16); after the freeze the
+        # interval between synchronisations doubles every LOCAL_STEP_FRACTION of the run, up to 16
+        kwargs.update(var_freeze_step=max(1, round(FREEZE_FRACTION * cfg["steps"])),
+                      local_step_scaler=max(1, round(LOCAL_STEP_FRACTION * cfg["steps"])), local_step_clipper=16)
     model = mlp(cfg["seed"], (784, cfg["hidden"], cfg["hidden"], 10))
     if registry_name == "powersgd":
         model, opt, stats, count = powersgd(model, **kwargs)
@@ -337,8 +348,10 @@ def publish(result: dict) -> None:
         f"`python scripts/bench_tta.py {' '.join(result['argv'])}`".replace(" `", "`"), "",
         f"{result['what']}. Every method starts from the same weights and sees the same batches; learning rates are "
         f"constant ({ADAM_LR:g} for the Adam family, {SGD_LR:g} with momentum 0.9 for the SGD family); "
-        f"OneBitAdam freezes its variance after {result['freeze']} steps; top-k keeps 1 %. Test accuracy on the "
-        "whole test set (split between the ranks, the synced model for SAEF). Wall time: rank 0's training steps, "
+        f"OneBitAdam and 0/1 Adam freeze their variance after {result['freeze']} steps (0/1 Adam then takes local "
+        f"steps, the interval between synchronisations doubling every {round(LOCAL_STEP_FRACTION * 100)} % of the "
+        "steps up to 16); top-k keeps 1 %. Test accuracy on the whole test set (split between the ranks, the synced "
+        "model for SAEF and 0/1 Adam). Wall time: rank 0's training steps, "
         "evaluations excluded. MB per rank: what each rank hands to and receives from the collectives "
         "(`opt.stats`; one-way SPARS-AMS counts its own payload in what its all_gather returns; PowerSGD: the "
         "buffers its allreduces hand over and get back, by its own rule for which tensors it compresses, "

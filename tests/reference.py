@@ -362,9 +362,10 @@ class OneBitAdam(CDAdam):
     """
 
     def __init__(self, x0, n, C: Compression, freeze_step, warmup="adam", warmup_C: Compression = None,
-                 betas=(0.9, 0.999), eps=1e-8):
+                 betas=(0.9, 0.999), eps=1e-8, variance_floor=0.1):
         super().__init__(x0, n, warmup_C, betas, eps)
         self.C_momentum, self.freeze_step, self.warmup, self.eps = C, freeze_step, warmup, eps
+        self.variance_floor = variance_floor
         self.e = [self.zeros() for _ in range(n)]
         self.e_server = self.zeros()
         self.t = 0
@@ -380,6 +381,8 @@ class OneBitAdam(CDAdam):
         else:
             if self.t == self.freeze_step and self.warmup == "cdadam":
                 self.v = self.v_hat
+            if self.t == self.freeze_step and self.variance_floor:
+                self.v = self.floored(self.v)
             sent = []
             for i in range(self.n):
                 p = self.b1 * self.m + (1 - self.b1) * g[i] + self.e[i]
@@ -390,6 +393,20 @@ class OneBitAdam(CDAdam):
             self.e_server = p_server - self.m
             self.x = self.x - lr * self.m / (torch.sqrt(self.v) + self.eps)
         self.t += 1
+
+
+    def floored(self, v):
+        """taciturn's ``variance_floor``: in every block of the momentum compressor (blocks of
+        ``block_size`` inside each tensor for block_sign, else whole tensors), each non-zero
+        v_i becomes max(v_i, variance_floor * mean of the block's v)."""
+        C, out = self.C_momentum, v.clone()
+        for a, b in C.tensors:
+            size = C.block_size if C.name == "block_sign" and C.block_size is not None else b - a
+            for lo in range(a, b, size):
+                block = v[lo:min(lo + size, b)]
+                floor = self.variance_floor * block.mean()
+                out[lo:lo + block.numel()] = torch.where(block > 0, torch.maximum(block, floor), block)
+        return out
 
 
 # ---------------------------------------------------------------------- the workload

@@ -16,6 +16,7 @@ errors, each rank serves its own chunk): every rank saves and loads its own ``st
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -305,6 +306,23 @@ class CompressedOptimizer(Optimizer):
         """The tensors that must be bit-identical on every rank after a step (the parameters)."""
         return [p for _, p in self._trainable]
 
+    @contextlib.contextmanager
+    def synced_weights(self):
+        """Within the block the parameters hold the synced model (``synced_tensors()``, identical
+        on every rank): a no-op where that is the parameters themselves; where each rank holds
+        its own (SAEF's step ahead, 0/1 Adam between synchronisations) they are restored after."""
+        pairs = [(p, s) for (_, p), s in zip(self._trainable, self.synced_tensors()) if s is not p]
+        saved = [p.detach().clone() for p, _ in pairs]
+        with torch.no_grad():
+            for p, s in pairs:
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (p, _), v in zip(pairs, saved):
+                    p.copy_(v)
+
     def check_divergence(self) -> None:
         """Raise if any rank's parameters differ from rank 0's, naming the first tensor."""
         names = []
@@ -342,4 +360,5 @@ def _index_of(params: list, p: torch.Tensor) -> int:
     return next(i for i, q in enumerate(params) if q is p)
 
 
-_FP32_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "master_param", "synced_param")
+_FP32_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_sq_fresh", "max_exp_avg_sq", "momentum_buffer", "master_param",
+              "synced_param", "momentum_accumulator")

@@ -11,6 +11,10 @@ from .functional import amsgrad_, frozen_adam_
 
 #: per-parameter state after the freeze: True where the frozen variance is exactly 0
 ZERO_VARIANCE_MASK = "zero_variance_mask"
+#: per-parameter state after the freeze: the variance floor fraction applied to it (a float)
+VARIANCE_FLOORED = "variance_floored"
+#: default ``variance_floor`` (scripts/bench_accuracy.py, BENCHMARKS.md "Accuracy parity")
+DEFAULT_VARIANCE_FLOOR = 0.1
 _log = logging.getLogger("taciturn")
 
 
@@ -36,13 +40,29 @@ class OneBitAdam(CompressedOptimizer):
     made for its flattened fp16 groups). Any other size is refused when the group is added,
     naming both accepted sizes.
 
+    ``variance_floor`` (default 0.1): at the freeze, every non-zero frozen variance is raised
+    to at least ``variance_floor`` times the mean variance of its block, the blocks of the
+    momentum's compressor (``block_size`` elements inside each tensor for ``block_sign``, the
+    last one shorter; the whole tensor for the other compressors):
+    v = max(v, variance_floor * mean_b(v)) where v > 0 (the mean over the block's elements,
+    zeros included; exact zeros are left to ``mask_zero_variance``). Why: the 1-bit momentum
+    gives every element of a block +-the block's scale, so an element whose variance is tiny but
+    not zero (a weight reading from a ReLU unit that rarely fired in the warm-up) moves by about
+    lr * scale / sqrt(v) per step; with uncompressed Adam's warm-up these steps blow the model up
+    within a few steps of the freeze (scripts/bench_tta.py, BENCHMARKS.md "Accuracy parity").
+    The floor bounds every step by about lr / sqrt(variance_floor) times the block's ratio of
+    scale to root-mean variance. ``variance_floor=0`` is Tang et al.'s (and DeepSpeed's)
+    exact form. The floor is applied once per freeze (``state[p]["variance_floored"]`` records
+    the fraction used, so a repeated freeze leaves v alone); the floored variance is the frozen
+    ``exp_avg_sq``, saved in checkpoints as it is.
+
     ``mask_zero_variance`` (default True): at the freeze, the elements whose frozen variance is
     exactly 0 (gradient always 0 during the warm-up: input features that are always 0, ReLU
     units that never fired, unused embedding rows) get their averaged momentum masked to 0 for
     the rest of the run, on top of any ``exp_avg_mask``. Without it the 1-bit momentum of such an
     element is +-scale, never 0, and the update moves it by about lr * scale / eps every step
     (DeepSpeed's behaviour, where ``exp_avg_mask`` is the only remedy). Tiny but non-zero
-    variances are not masked and can still blow up the same way. The mask is a bool tensor
+    variances are not masked: ``variance_floor`` is their remedy. The mask is a bool tensor
     ``state[p]["zero_variance_mask"]``, kept for the parameters that have such elements; loading
     a checkpoint re-derives it from the frozen variance under the running script's setting, as
     the running script's ``exp_avg_mask`` wins over the checkpoint's.
@@ -69,7 +89,7 @@ class OneBitAdam(CompressedOptimizer):
     def __init__(self, params, lr=1e-3, freeze_step=100000, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  warmup="adam", compressor="block_sign", block_size=1024, ratio=None, k=None, compressor_options=None,
                  cuda_aware=False, comm_backend_name=None, amsgrad=False, bias_correction=False,
-                 mask_zero_variance=True, **kwargs):
+                 mask_zero_variance=True, variance_floor=DEFAULT_VARIANCE_FLOOR, **kwargs):
         if amsgrad:
             raise ValueError("OneBitAdam: amsgrad=True is not supported (1-bit Adam freezes the variance)")
         if bias_correction:
@@ -82,6 +102,7 @@ class OneBitAdam(CompressedOptimizer):
         if not isinstance(mask_zero_variance, bool):
             raise ValueError(f"OneBitAdam: mask_zero_variance={mask_zero_variance!r} must be True or False")
         check_range("eps", eps, 0.0)
+        _check_floor(variance_floor)
         if comm_backend_name is not None and "process_group" not in kwargs:
             kwargs["process_group"] = _backend(comm_backend_name)
         warm = preset("identity") if warmup == "adam" else preset("cdadam").configure(block_size=block_size)
@@ -89,8 +110,11 @@ class OneBitAdam(CompressedOptimizer):
                                                           options=compressor_options)
         exchanges = {"warmup": warm, "momentum": momentum}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, freeze_step=freeze_step,
-                        mask_zero_variance=mask_zero_variance)
+                        mask_zero_variance=mask_zero_variance, variance_floor=float(variance_floor))
         self.warmup = warmup
+        #: the blocks of the variance floor: the momentum compressor's blocks, or whole tensors
+        opts = dict(momentum.options)
+        self._floor_block = opts.get("block_size") if momentum.compressor == "block_sign" else None
         self.cuda_aware = cuda_aware
         super().__init__(params, defaults, exchanges, **kwargs)
 
@@ -105,6 +129,7 @@ class OneBitAdam(CompressedOptimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        _check_floor(self.param_groups[-1].get("variance_floor", 0.0), len(self.param_groups) - 1)
         _exp_avg_mask_views(self.param_groups[-1], len(self.param_groups) - 1)
 
     def load_state_dict(self, state_dict, reset_compression_state: bool = False):
@@ -160,10 +185,8 @@ class OneBitAdam(CompressedOptimizer):
         Repeating it is harmless (a checkpoint without the ``frozen`` flag, a compression state
         reset): the frozen variance, hence the mask, does not change."""
         if self.warmup == "cdadam":
-            for _, p in self._trainable:
-                st = self.state[p]
-                if "max_exp_avg_sq" in st:
-                    self.param_state(p, "exp_avg_sq")[0].copy_(st.pop("max_exp_avg_sq"))
+            _freeze_running_max(self)
+        self._floor_variance()
         masked = self._mask_zero_variance()
         self.compression.free("warmup")
         self.compression.flat["frozen"] = True
@@ -181,8 +204,21 @@ class OneBitAdam(CompressedOptimizer):
         for _, p in self._trainable:
             st = self.state[p]
             st.pop(ZERO_VARIANCE_MASK, None)
+            st.pop(VARIANCE_FLOORED, None)
             if self.warmup == "cdadam" and "exp_avg_sq" in st:
                 st["max_exp_avg_sq"] = st["exp_avg_sq"].clone()
+
+    def _floor_variance(self) -> None:
+        """``variance_floor`` on the frozen variance of every parameter not floored yet in this
+        freeze (``state[p]["variance_floored"]`` is then the fraction used)."""
+        for gi, p in self._trainable:
+            st = self.state[p]
+            if VARIANCE_FLOORED in st:
+                continue
+            fraction = float(self.param_groups[gi].get("variance_floor", 0.0))
+            if fraction > 0:
+                floor_variance_(self.param_state(p, "exp_avg_sq")[0], fraction, self._floor_block)
+            st[VARIANCE_FLOORED] = fraction
 
     def _mask_zero_variance(self) -> int:
         """Set ``state[p]["zero_variance_mask"]`` where the frozen variance is exactly 0, in the
@@ -207,12 +243,7 @@ class OneBitAdam(CompressedOptimizer):
             b1, b2 = group["betas"]
             m, v = self.param_state(p, "exp_avg", "exp_avg_sq")
             if self.warmup == "cdadam":
-                vmax = self.param_state(p, "max_exp_avg_sq")[0]
-                x = self.master(p)
-                if group["weight_decay"]:
-                    x.mul_(1 - group["lr"] * group["weight_decay"])
-                amsgrad_(x, g, m, v, vmax, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"])
-                self.write_back(p, x)
+                _cdadam_update(self, p, g, group)
             else:
                 m.mul_(b1).add_(g, alpha=1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -251,20 +282,70 @@ class OneBitAdam(CompressedOptimizer):
         self.write_back(p, x)
 
 
+def _cdadam_update(opt: CompressedOptimizer, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
+    """One CD-Adam warm-up step of ``p`` from its Markov-compressed gradient ``g``: decoupled
+    weight decay, then AMSGrad (``exp_avg``, ``exp_avg_sq``, running max ``max_exp_avg_sq``)."""
+    b1, b2 = group["betas"]
+    m, v, vmax = opt.param_state(p, "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    x = opt.master(p)
+    if group["weight_decay"]:
+        x.mul_(1 - group["lr"] * group["weight_decay"])
+    amsgrad_(x, g, m, v, vmax, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"])
+    opt.write_back(p, x)
+
+
+def floor_variance_(v: torch.Tensor, fraction: float, block_size=None) -> torch.Tensor:
+    """In place: v = max(v, fraction * mean_b(v)) where v > 0, b the block of ``block_size``
+    elements of the flattened ``v`` holding the element (the last block shorter; None: one
+    block), the mean over all of the block's elements. Zeros stay 0. Returns ``v``."""
+    flat = v.view(-1)
+    d = flat.numel()
+    if d == 0 or fraction <= 0:
+        return v
+    size = d if block_size is None else min(int(block_size), d)
+    full = d // size * size
+    floor = torch.empty_like(flat)
+    if full:
+        body = flat[:full].view(-1, size)
+        floor[:full].view(-1, size).copy_(body.mean(dim=1, keepdim=True).expand_as(body))
+    if full < d:
+        floor[full:] = flat[full:].mean()
+    floor.mul_(fraction)
+    flat.copy_(torch.where(flat > 0, torch.maximum(flat, floor), flat))
+    return v
+
+
+def _check_floor(value, group=None) -> None:
+    where = "" if group is None else f" (param group {group})"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"OneBitAdam: variance_floor={value!r}{where} must be a number in [0, 1] (a fraction of "
+                         "the block's mean frozen variance; 0 = Tang et al.'s exact form)")
+
+
+def _freeze_running_max(opt: CompressedOptimizer) -> None:
+    """At the end of a CD-Adam warm-up: its running max becomes the frozen ``exp_avg_sq`` (and
+    is freed). Parameters without a running max (already frozen) are left as they are."""
+    for _, p in opt._trainable:
+        st = opt.state[p]
+        if "max_exp_avg_sq" in st:
+            opt.param_state(p, "exp_avg_sq")[0].copy_(st.pop("max_exp_avg_sq"))
+
+
 #: param group keys taken from the running script, not the checkpoint, by load_state_dict
-_RUNNING_CONFIG = ("freeze_step", "exp_avg_mask", "mask_zero_variance")
+_RUNNING_CONFIG = ("freeze_step", "exp_avg_mask", "mask_zero_variance", "variance_floor")
 
 
-def _exp_avg_mask_views(group: dict, index: int):
+def _exp_avg_mask_views(group: dict, index: int, owner: str = "OneBitAdam"):
     """The group's ``exp_avg_mask`` as one tensor per parameter of the group (None without a
     mask): the mask itself when it has the shape of every parameter, else the parameters'
-    slices of the flat mask. Any other size is a ValueError naming the two accepted ones."""
+    slices of the flat mask. Any other size is a ValueError (from ``owner``) naming the two
+    accepted ones."""
     mask = group.get("exp_avg_mask")
     if mask is None:
         return None
     params = group["params"]
     if not torch.is_tensor(mask):
-        raise ValueError(f"OneBitAdam: param group {index}'s exp_avg_mask is a {type(mask).__name__}; give a tensor "
+        raise ValueError(f"{owner}: param group {index}'s exp_avg_mask is a {type(mask).__name__}; give a tensor "
                          "of 0s and 1s")
     if all(mask.shape == p.shape for p in params):
         return [mask] * len(params)
@@ -272,15 +353,16 @@ def _exp_avg_mask_views(group: dict, index: int):
     if mask.numel() == sum(sizes):
         return [piece.view(p.shape) for piece, p in zip(mask.reshape(-1).split(sizes), params)]
     shapes = dict.fromkeys(tuple(p.shape) for p in params)  # in group order, once each
-    raise ValueError(f"OneBitAdam: param group {index}'s exp_avg_mask has shape {tuple(mask.shape)} "
+    raise ValueError(f"{owner}: param group {index}'s exp_avg_mask has shape {tuple(mask.shape)} "
                      f"({mask.numel()} elements), which fits neither the shape of the group's parameters "
                      f"({', '.join(map(str, shapes))}) nor the group's {len(params)} parameter(s) flattened and "
                      f"concatenated in order ({sum(sizes)} elements, e.g. torch.flatten(mask) of a one-parameter "
                      "group); give one of those")
 
 
-def _backend(name: str):
-    """Map DeepSpeed's ``comm_backend_name`` to a communicator spec available on this machine."""
+def _backend(name: str, owner: str = "OneBitAdam"):
+    """Map DeepSpeed's ``comm_backend_name`` to a communicator spec available on this machine
+    (``owner`` names the optimizer in the messages)."""
     key = str(name).lower()
     if key == "mpi":
         return "mpi"
@@ -289,10 +371,10 @@ def _backend(name: str):
 
         running = dist.get_backend() if dist.is_initialized() else None
         if key == "nccl" and running not in (None, "nccl") and dist.get_rank() == 0:
-            _log.warning("OneBitAdam: comm_backend_name='nccl' (optimizer.params.comm_backend_name in a DeepSpeed "
-                         "config) names NCCL, but this job's torch.distributed process group runs %s: OneBitAdam "
+            _log.warning("%s: comm_backend_name='nccl' (optimizer.params.comm_backend_name in a DeepSpeed "
+                         "config) names NCCL, but this job's torch.distributed process group runs %s: %s "
                          "communicates through that %s group. Set comm_backend_name to %r to silence this.",
-                         running, running, running)
+                         owner, running, owner, running, running)
         return None
-    raise ValueError(f"OneBitAdam: comm_backend_name={name!r} must be 'nccl', 'compressed', 'gloo' (torch.distributed) "
+    raise ValueError(f"{owner}: comm_backend_name={name!r} must be 'nccl', 'compressed', 'gloo' (torch.distributed) "
                      "or 'mpi' (mpi4py)")

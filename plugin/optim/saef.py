@@ -1,7 +1,6 @@
 """SAEF: step-ahead error feedback on the model difference (Xu et al., Algorithm 1)."""
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -92,17 +91,3 @@ class SAEFSGD(CompressedOptimizer):
 
     def synced_tensors(self):
         return [self.state[p]["synced_param"] for _, p in self._trainable]
-
-    @contextlib.contextmanager
-    def synced_weights(self):
-        """Within the block the parameters hold the synced model x (identical on all ranks)."""
-        saved = [p.detach().clone() for _, p in self._trainable]
-        with torch.no_grad():
-            for _, p in self._trainable:
-                p.copy_(self.state[p]["synced_param"])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for (_, p), v in zip(self._trainable, saved):
-                    p.copy_(v)

@@ -93,8 +93,10 @@ def _optimizer_cases() -> dict:
         "CompressedAMSGrad/topk_two_way": Case("CompressedAMSGrad", dict(compressor="topk", ratio=0.1, two_way=True)),
         "CompressedAMSGrad/scaled_sign": Case("CompressedAMSGrad", dict(compressor="scaled_sign")),
         "CompressedAMSGrad/ef_ef": Case("CompressedAMSGrad", dict(worker_feedback="ef", server_feedback="ef")),
-        "OneBitAdam/adam_freeze3": Case("OneBitAdam", dict(warmup="adam", freeze_step=3)),
-        "OneBitAdam/cdadam_freeze3": Case("OneBitAdam", dict(warmup="cdadam", freeze_step=3, block_size=50)),
+        # variance_floor=0: the golden runs predate the floor (Tang et al.'s exact frozen variance)
+        "OneBitAdam/adam_freeze3": Case("OneBitAdam", dict(warmup="adam", freeze_step=3, variance_floor=0.0)),
+        "OneBitAdam/cdadam_freeze3": Case("OneBitAdam", dict(warmup="cdadam", freeze_step=3, block_size=50,
+                                                             variance_floor=0.0)),
         "SAEFSGD/error_avg_period=3": Case("SAEFSGD", dict(ratio=0.1, error_avg_period=3)),
         "SAEFSGD/single_way": Case("SAEFSGD", dict(ratio=0.1, two_way=False)),
         "DistEFSGD/lr_change": Case("DistEFSGD", dict(momentum=0.9), halve_lr_at=4),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +30,15 @@ import taciturn.integrations.deepspeed as tds
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 DIM_IN, DIM_HIDDEN, DIM_OUT = 16, 32, 4
 #: overrides that fit the configs' schedules to runs of tens of steps (freeze_step 400 -> 10)
-SHORT_RUN = {"onebit_adam_cdadam_warmup.json": {"freeze_step": 10}, "onebit_adam.json": {"freeze_step": 10}}
+SHORT_RUN = {"onebit_adam_cdadam_warmup.json": {"freeze_step": 10}, "onebit_adam.json": {"freeze_step": 10},
+             "zero_one_adam.json": {"var_freeze_step": 10, "var_update_scaler": 2, "local_step_scaler": 8,
+                                    "local_step_clipper": 4},
+             "onebit_lamb_bert.json": {"freeze_step": 10, "lr": 0.01}}
+#: top-level keys of configs made for large clusters, scaled to these 60-step 2-rank runs (None: removed)
+SHORT_CONFIG = {"onebit_lamb_bert.json": {
+    "train_batch_size": None, "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 5,
+                                                 "warmup_type": "linear"}}}}
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather_single", "all_gather", "all_to_all_single", "all_to_all", "broadcast",
                "reduce_scatter_tensor", "reduce_scatter", "reduce", "gather", "scatter", "send", "recv", "isend",
                "irecv", "batch_isend_irecv")
@@ -39,6 +48,8 @@ COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather_single", "all
 def load_config(name: str, **params) -> dict:
     with open(os.path.join(CONFIGS, name)) as f:
         cfg = json.load(f)
+    for key, value in SHORT_CONFIG.get(name, {}).items():
+        cfg.pop(key) if value is None else cfg.__setitem__(key, value)
     cfg["optimizer"]["params"].update(SHORT_RUN.get(name, {}))
     cfg["optimizer"]["params"].update(params)
     return cfg
@@ -179,13 +190,21 @@ def taciturn_logs():
         logger.removeHandler(handler)
 
 
-#: the config of DeepSpeed's own 1-bit Adam tests (tests/unit/runtime/half_precision/onebit/test_onebit.py)
-def upstream_onebit_config(precision: str, **params) -> dict:
+#: the schedule params of DeepSpeed's own tests of each type (tests/unit/runtime/half_precision/onebit/test_onebit.py)
+UPSTREAM_SCHEDULES = {"OneBitAdam": {"freeze_step": 2},
+                      "ZeroOneAdam": {"var_freeze_step": 4, "var_update_scaler": 1, "local_step_scaler": 1,
+                                      "local_step_clipper": 2},
+                      "OneBitLamb": {"max_coeff": 0.3, "min_coeff": 0.01, "freeze_step": 2, "coeff_beta": 0.9,
+                                     "factor_max": 1.0, "factor_min": 0.5, "factor_threshold": 0.1}}
+
+
+#: the config of DeepSpeed's own 1-bit Adam / 0/1 Adam tests
+def upstream_onebit_config(precision: str, optimizer: str = "OneBitAdam", **params) -> dict:
     from deepspeed.accelerator import get_accelerator
 
     return {"train_batch_size": 2, "steps_per_print": 1000, "gradient_clipping": 1.0,
-            "optimizer": {"type": "OneBitAdam", "params": {
-                "lr": 0.00015, "weight_decay": 0.01, "freeze_step": 2, "cuda_aware": False,
+            "optimizer": {"type": optimizer, "params": {
+                "lr": 0.00015, "weight_decay": 0.01, **UPSTREAM_SCHEDULES[optimizer], "cuda_aware": False,
                 "comm_backend_name": get_accelerator().communication_backend_name(), **params}},
             "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
             "bf16": {"enabled": precision == "bf16"}}
@@ -365,14 +384,27 @@ def finite(engine) -> bool:
     return all(torch.isfinite(p).all().item() for p in params_of(engine))
 
 
-def scenario_onebit_basic(precision: str, steps: int = 25) -> dict:
-    """DeepSpeed's TestOneBitAdamBasic (fp32, fp16; bf16 too): its config, 25 steps."""
-    engine = build_precision(upstream_onebit_config(precision))
+def frozen(opt) -> bool:
+    """DeepSpeed's flag of the compressed phase: OneBitAdam's adam_freeze_key, ZeroOneAdam's
+    freeze_key, OneBitLamb's lamb_freeze_key."""
+    for name in ("freeze_key", "lamb_freeze_key", "adam_freeze_key"):
+        if hasattr(opt, name):
+            return getattr(opt, name)
+    raise TypeError(f"{type(opt).__name__} has no compressed phase")
+
+
+def digest(tensors) -> str:
+    return hashlib.sha256(b"".join(t.detach().float().cpu().numpy().tobytes() for t in tensors)).hexdigest()
+
+
+def scenario_onebit_basic(precision: str, optimizer: str = "OneBitAdam", steps: int = 25) -> dict:
+    """DeepSpeed's TestOneBitAdamBasic / TestZeroOneAdamBasic (fp32, fp16; bf16 too): its config, 25 steps."""
+    engine = build_precision(upstream_onebit_config(precision, optimizer))
     opt = tds.taciturn_optimizer(engine)
     before = eval_loss(engine)
     sent = sent_bytes(engine, steps)
-    return {"first": before, "last": eval_loss(engine), "sent": sent, "frozen": opt.compression.flat["frozen"],
-            "finite": finite(engine), "skipped_steps": engine.skipped_steps,
+    return {"first": before, "last": eval_loss(engine), "sent": sent, "frozen": frozen(opt),
+            "synced": digest(opt.synced_tensors()), "finite": finite(engine), "skipped_steps": engine.skipped_steps,
             "global_steps": engine.global_steps, "taciturn_steps": opt.global_step,
             "wrapper": type(engine.optimizer).__name__, "param_dtype": str(model_dtype(engine)),
             "fp32_bytes": 4 * sum(p.numel() for p in engine.module.parameters())}
@@ -431,11 +463,11 @@ def scenario_onebit_checkpoint(precision: str = "fp16") -> dict:
     return out
 
 
-def scenario_onebit_overflow(precision: str = "fp16") -> dict:
-    """DeepSpeed's TestOneBitAdam...test_overflow: overflowing steps on rank 0 only after the
-    freeze, a checkpoint after every step; the skipped steps touch no state on any rank."""
-    directory = os.path.join(ARGS.out, f"ckpt_overflow_{precision}")
-    engine = build_precision(upstream_onebit_config(precision))
+def scenario_onebit_overflow(precision: str = "fp16", optimizer: str = "OneBitAdam") -> dict:
+    """DeepSpeed's TestOneBitAdam / TestZeroOneAdam ...test_overflow: overflowing steps on rank 0
+    only after the freeze, a checkpoint after every step; the skipped steps touch no state on any rank."""
+    directory = os.path.join(ARGS.out, f"ckpt_overflow_{optimizer}_{precision}")
+    engine = build_precision(upstream_onebit_config(precision, optimizer))
     opt = tds.taciturn_optimizer(engine)
     injected = []
     for step in range(12):
@@ -446,19 +478,148 @@ def scenario_onebit_overflow(precision: str = "fp16") -> dict:
             injected.append(engine.skipped_steps == skipped + 1 and same_state(before, compression_state(opt)) and
                             all(torch.equal(a, b) for a, b in zip(params, params_of(engine))))
         engine.save_checkpoint(directory, tag="every_step")
-    resumed = build_precision(upstream_onebit_config(precision), mlp(seed=5))
+    resumed = build_precision(upstream_onebit_config(precision, optimizer), mlp(seed=5))
     resumed.load_checkpoint(directory, tag="every_step")
     return {"skipped_steps": engine.skipped_steps, "injected_skipped_untouched": injected,
-            "taciturn_steps": opt.global_step, "frozen": opt.compression.flat["frozen"], "finite": finite(engine),
+            "taciturn_steps": opt.global_step, "frozen": frozen(opt), "finite": finite(engine),
             "resumed_state_equal": same_state(compression_state(opt), compression_state(tds.taciturn_optimizer(resumed)))}
+
+
+def scenario_zoadam_mask(precision: str = "fp16", steps: int = 25) -> dict:
+    """DeepSpeed's TestZeroOneAdamExpAvgMask: a flat mask for the first weight's group. The mask
+    applies to what the ranks exchange, so the momentum is masked right after each
+    synchronisation (a local step adds the local gradient to it), and the masked weights stay
+    at their x_sync from one synchronisation to the next."""
+    model = mlp()
+    mask = first_row_mask(model[0].weight)
+    engine = build_precision(upstream_onebit_config(precision, "ZeroOneAdam"), model, masked_groups(model, mask))
+    opt = tds.taciturn_optimizer(engine)
+    master = opt.param_groups[0]["params"][0]
+    masked_after_sync, frozen_rows = [], []
+    for _ in range(steps):
+        before = opt.global_step
+        train_step(engine)
+        if opt.freeze_key and opt.global_step > before and opt.metrics()["taciturn/bytes_up"] > 0:
+            flat = opt.state[master]["exp_avg"].flatten()
+            masked_after_sync.append(torch.equal(flat * mask, flat))
+            frozen_rows.append(master.detach().flatten()[~mask.bool()].clone())
+    upstream = all(torch.allclose(v["exp_avg"], v["exp_avg"] * mask.view_as(v["exp_avg"])
+                                  if v["exp_avg"].numel() == mask.numel() else v["exp_avg"], atol=1e-7)
+                   for v in engine.optimizer.state.values())
+    return {"masked_after_sync": masked_after_sync, "finite": finite(engine), "frozen": opt.freeze_key,
+            "masked_weights_fixed": all(torch.equal(frozen_rows[0], r) for r in frozen_rows),
+            "upstream_state_loop": upstream}
+
+
+def scenario_zoadam_checkpoint(precision: str = "fp16") -> dict:
+    """DeepSpeed's TestZeroOneAdamCheckpointing: the running script's mask wins on load (a
+    script without one loads none), no DeepSpeed error buffers appear in the state; then the
+    resumed job keeps training."""
+    directory = os.path.join(ARGS.out, f"ckpt_zoadam_{precision}")
+    model = mlp()
+    mask1, mask2 = first_row_mask(model[0].weight), first_row_mask(model[0].weight).roll(DIM_IN)
+    config = upstream_onebit_config(precision, "ZeroOneAdam")
+    first = build_precision(config, model, masked_groups(model, mask1))
+    for _ in range(5):
+        train_step(first)
+    saved = tds.taciturn_optimizer(first)
+    out = {"saved_step": saved.global_step, "saved_frozen": saved.freeze_key}
+    first.save_checkpoint(directory, tag="five")
+    out["mask_kept_after_save"] = torch.equal(first.optimizer.param_groups[0]["exp_avg_mask"], mask1)
+
+    def no_error_buffers(engine):
+        return not any(k in v for v in engine.optimizer.state.values() for k in ("worker_error", "server_error"))
+
+    second = build_precision(config, model, masked_groups(model, mask2))
+    second.load_checkpoint(directory, tag="five")
+    opt = tds.taciturn_optimizer(second)
+    out.update(mask_running_after_load=torch.equal(opt.param_groups[0]["exp_avg_mask"], mask2),
+               resumed_step=opt.global_step, resumed_frozen=opt.freeze_key, second_clean=no_error_buffers(second))
+    third = build_precision(config, model, masked_groups(model, None))
+    third.optimizer.freeze_step = 20  # the upstream test sets it (a OneBitAdam name): harmless here
+    for _ in range(25):
+        train_step(third)
+    third.load_checkpoint(directory, tag="five")
+    opt = tds.taciturn_optimizer(third)
+    out.update(third_mask=any("exp_avg_mask" in g for g in opt.param_groups), third_clean=no_error_buffers(third),
+               third_step=opt.global_step)
+    sent = sent_bytes(third, 10)
+    out.update(sent_after_load=sent, synced=digest(opt.synced_tensors()), finite=finite(third),
+               fp32_bytes=4 * sum(p.numel() for p in model.parameters()))
+    return out
+
+
+def scenario_lamb_checkpoint(precision: str = "fp16") -> dict:
+    """DeepSpeed's TestOneBitLambCheckpointing: per-tensor scaling_coeff in every state value
+    after the freeze, carried by the checkpoint; the running mask wins; a job resumed before its
+    (new) freeze_step goes back to the warm-up with the coefficients reset as DeepSpeed does."""
+    directory = os.path.join(ARGS.out, f"ckpt_lamb_{precision}")
+    model = mlp()
+    mask1, mask2 = torch.zeros_like(model[0].weight), torch.zeros_like(model[0].weight)
+    mask1[0], mask2[1] = 1.0, 1.0  # the upstream test's masks, in the weight's shape
+    config = upstream_onebit_config(precision, "OneBitLamb")
+
+    def coefficients(engine):
+        return sorted(v["scaling_coeff"] for v in engine.optimizer.state.values() if "scaling_coeff" in v)
+
+    def every_state_has(engine, key):
+        return all(key in v for v in engine.optimizer.state.values())
+
+    first = build_precision(config, model, masked_groups(model, mask1))
+    for _ in range(5):
+        train_step(first)
+    out = {"saved_frozen": tds.taciturn_optimizer(first).lamb_freeze_key,
+           "saved_coeffs": every_state_has(first, "scaling_coeff")}
+    saved_coeffs = coefficients(first)
+    first.save_checkpoint(directory, tag="five")
+    second = build_precision(config, model, masked_groups(model, mask2))
+    second.load_checkpoint(directory, tag="five")
+    opt = tds.taciturn_optimizer(second)
+    out.update(mask_running_after_load=torch.equal(opt.param_groups[0]["exp_avg_mask"], mask2),
+               coeffs_loaded=coefficients(second) == saved_coeffs and bool(saved_coeffs),
+               resumed_frozen=opt.lamb_freeze_key)
+    third = build_precision(config, model, masked_groups(model, None))
+    opt = tds.taciturn_optimizer(third)
+    opt.freeze_step = 20
+    for _ in range(25):
+        train_step(third)
+    out["third_frozen_before_load"] = opt.lamb_freeze_key
+    third.load_checkpoint(directory, tag="five")
+    states = list(third.optimizer.state.values())
+    out.update(third_mask=any("exp_avg_mask" in g for g in opt.param_groups), third_frozen=opt.lamb_freeze_key,
+               third_reset=all(v["lamb_coeff_freeze"] == 0.0 and v["last_factor"] == 1.0 and "scaling_coeff" not in v
+                               for v in states),
+               fp32_bytes=4 * sum(p.numel() for p in model.parameters()))
+    out.update(sent_after_load=sent_bytes(third, 21 - opt.global_step), finite=finite(third))
+    return out
+
+
+def scenario_lamb_empty(precision: str = "fp16") -> dict:
+    """DeepSpeed's TestOneBitLambEmptyParameters: a parameter of 0 elements in its own group."""
+    model = mlp()
+    model.register_parameter("empty", nn.Parameter(torch.empty(0, DIM_IN)))
+    groups = [{"params": [p for n, p in model.named_parameters() if n != "empty"], "weight_decay": 0.01},
+              {"params": [model.empty], "weight_decay": 0.0}]
+    engine = build_precision(upstream_onebit_config(precision, "OneBitLamb"), model, groups)
+    before = eval_loss(engine)
+    for _ in range(8):
+        train_step(engine)
+    opt = tds.taciturn_optimizer(engine)
+    return {"first": before, "last": eval_loss(engine), "finite": finite(engine), "frozen": opt.lamb_freeze_key,
+            "state_finite": all(torch.isfinite(torch.as_tensor(v)).all().item() for st in opt.state.values()
+                                for v in st.values() if torch.is_tensor(v) or isinstance(v, float))}
 
 
 def scenario_checkpoint(name: str, steps: int = 6) -> dict:
     """Train 2*steps uninterrupted vs steps, save, a fresh engine loads, steps more."""
     # 1-bit Adam: the CD-Adam warm-up one freezes after the resume (the warm-up state must carry
     # over), the other before the save (the error-feedback state must)
-    freeze = {"onebit_adam_cdadam_warmup.json": steps + 2, "onebit_adam.json": steps - 2}
-    cfg = load_config(name, **({"freeze_step": freeze[name]} if name in freeze else {}))
+    # 0/1 Adam: frozen at step 4, synchronising every step until the interval doubles after step 5,
+    # saved after the local step 6 (each rank's own model and momentum, which DeepSpeed does not save)
+    freeze = {"onebit_adam_cdadam_warmup.json": {"freeze_step": steps + 2},
+              "onebit_adam.json": {"freeze_step": steps - 2},
+              "zero_one_adam.json": {"var_freeze_step": steps - 3, "local_step_scaler": 2, "local_step_clipper": 4}}
+    cfg = load_config(name, **freeze.get(name, {}))
     directory = os.path.join(ARGS.out, f"ckpt_{name}")
     straight = build(cfg)
     full = [train_step(straight) for _ in range(2 * steps)]
@@ -500,8 +661,6 @@ def scenario_refusals() -> dict:
         "misspelled_param": load_config("cdadam.json", betass=[0.9, 0.99]),
         "engine_group": load_config("cdadam.json", process_group="local"),
     }
-    if not hasattr(deepspeed.runtime.config, "ZERO_ONE_ADAM_OPTIMIZER"):  # removed in 0.19.7; 0.16 builds its own
-        cases["zero_one_adam"] = {**load_config("cdadam.json"), "optimizer": {"type": "ZeroOneAdam", "params": {}}}
     if tds._version() < (0, 19):  # 0.16 wraps every bf16 optimizer in its partitioning BF16_Optimizer
         cases["bf16"] = {**load_config("cdadam.json"), "bf16": {"enabled": True}}
     for label, cfg in cases.items():
@@ -672,6 +831,14 @@ PARAMETRISED = {
     "onebit_mask": scenario_onebit_mask,
     "onebit_checkpoint": scenario_onebit_checkpoint,
     "onebit_overflow": scenario_onebit_overflow,
+    "zoadam_basic": lambda precision: scenario_onebit_basic(precision, "ZeroOneAdam"),
+    "zoadam_mask": scenario_zoadam_mask,
+    "zoadam_checkpoint": scenario_zoadam_checkpoint,
+    "zoadam_overflow": lambda precision: scenario_onebit_overflow(precision, "ZeroOneAdam"),
+    "lamb_basic": lambda precision: scenario_onebit_basic(precision, "OneBitLamb"),
+    "lamb_checkpoint": scenario_lamb_checkpoint,
+    "lamb_empty": scenario_lamb_empty,
+    "lamb_overflow": lambda precision: scenario_onebit_overflow(precision, "OneBitLamb"),
 }
 
 

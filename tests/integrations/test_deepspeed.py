@@ -22,21 +22,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RUNNER = os.path.join(HERE, "ds_train.py")
 CONFIGS = sorted(f for f in os.listdir(os.path.join(HERE, "..", "..", "configs")) if f.endswith(".json"))
 CHECKPOINTED = ["cdadam.json", "onebit_adam_cdadam_warmup.json", "onebit_adam.json", "dist_ef_blocksgdm.json",
-                "saef.json", "cdadam_zero2.json", "cdadam_zero1_bf16_downlink.json"]
+                "saef.json", "cdadam_zero2.json", "cdadam_zero1_bf16_downlink.json", "zero_one_adam.json"]
 ZERO = ["1", "2", "2-bf16", "2-fp16"]
 # pipeline engines last (they leave their topology in DeepSpeed's global groups); MPI just before
 PRECISIONS = ["fp32", "fp16", "bf16"]
 # DeepSpeed's own 1-bit Adam tests (v0.19.5), run with taciturn's OneBitAdam
 UPSTREAM_ONEBIT = ([f"onebit_basic:{p}" for p in PRECISIONS] + ["onebit_mask:fp16", "onebit_checkpoint:fp16",
                                                                  "onebit_overflow:fp16"])
+# and its 0/1 Adam tests, with taciturn's ZeroOneAdam
+UPSTREAM_ZOADAM = ([f"zoadam_basic:{p}" for p in PRECISIONS] + ["zoadam_mask:fp16", "zoadam_checkpoint:fp16",
+                                                                 "zoadam_overflow:fp16"])
+# and its 1-bit LAMB tests, with taciturn's OneBitLamb
+UPSTREAM_LAMB = ([f"lamb_basic:{p}" for p in PRECISIONS] + ["lamb_checkpoint:fp16", "lamb_empty:fp16",
+                                                             "lamb_overflow:fp16"])
 SCENARIOS = (["version", "bytes", "bytes_sparsams", "grad_accum", "clipping", "bf16", "fp16", "onebit_stranded",
               "monitor", "refusals", "zero0", "client"] + [f"train:{c}" for c in CONFIGS]
              + [f"zero:{z}" for z in ZERO]
-             + [f"checkpoint:{c}" for c in CHECKPOINTED] + UPSTREAM_ONEBIT
+             + [f"checkpoint:{c}" for c in CHECKPOINTED] + UPSTREAM_ONEBIT + UPSTREAM_ZOADAM + UPSTREAM_LAMB
              + ["mpi_backend", "pipeline_1x2", "pipeline_onebit_fp16", "pipeline_bf16", "pipeline_2x1"])
 LEGACY_SCENARIOS = ["version", "train:cdadam.json", "train:onebit_adam.json", "bytes", "refusals",
                     "checkpoint:cdadam.json", "onebit_basic:fp16", "onebit_mask:fp16", "onebit_checkpoint:fp16",
-                    "zero:2", "checkpoint:cdadam_zero2.json"]
+                    "zero:2", "checkpoint:cdadam_zero2.json", "zoadam_basic:fp16", "checkpoint:zero_one_adam.json",
+                    "lamb_basic:fp16"]
 LEGACY_VENV = os.environ.get("TACITURN_DS_LEGACY_VENV",
                              os.path.expanduser("~/.cache/taciturn/venv-deepspeed-0.16.9"))
 GRADIENT_FLOOR = 16  # bytes of the smallest gradient (a 4-element bias); every scalar sync is smaller
@@ -234,7 +241,6 @@ def test_refusals_name_the_fix(runs):
         assert "valid names" in r["unknown_type"] and "OneBitAdam" in r["unknown_type"]
         assert "'betass' (did you mean 'betas'?)" in r["misspelled_param"]
         assert "valid parameters" in r["misspelled_param"]
-        assert "ZeroOneAdam" in r["zero_one_adam"] and "use \"OneBitAdam\"" in r["zero_one_adam"]
         assert "process_group" in r["engine_group"] and "data-parallel group" in r["engine_group"]
 
 
@@ -357,6 +363,94 @@ def test_upstream_onebit_adam_overflow(runs):
         assert r["frozen"] and r["resumed_state_equal"] and r["finite"]
 
 
+# ---------------------------------------------------------------------------- DeepSpeed's 0/1 Adam tests
+def check_zoadam_basic(ranks, precision):
+    """var_freeze_step 4, var_update_scaler 1: fp32 on steps 1 and 3 (DeepSpeed's s = 2, 4), 1-bit
+    on 2 and 4; then local steps, synchronising every other step (local_step_clipper 2)."""
+    for r in ranks:
+        assert r["finite"] and r["frozen"] and r["global_steps"] == 25 and r["last"] < r["first"]
+        assert r["taciturn_steps"] == len(r["sent"]) == 25 - r["skipped_steps"]
+        assert r["param_dtype"] == {"fp32": "torch.float32", "fp16": "torch.float16", "bf16": "torch.bfloat16"}[precision]
+        sent = dict(r["sent"])
+        assert sent[0] >= r["fp32_bytes"] and sent[2] >= r["fp32_bytes"]
+        assert 0 < sent[1] < r["fp32_bytes"] / 8 and 0 < sent[3] < r["fp32_bytes"] / 8
+        local = [b for t, b in r["sent"] if t >= 4]
+        assert max(local) < r["fp32_bytes"] / 8 and local.count(0) >= len(local) // 2 - 1 and max(local) > 0
+    assert ranks[0]["synced"] == ranks[1]["synced"]  # x_sync: identical on every rank after every step
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_upstream_zero_one_adam_basic(runs, precision):
+    """DeepSpeed's TestZeroOneAdamBasic (fp32, fp16), plus bf16."""
+    check_zoadam_basic(result(runs, f"zoadam_basic:{precision}"), precision)
+
+
+def test_upstream_zero_one_adam_flat_exp_avg_mask(runs):
+    """DeepSpeed's TestZeroOneAdamExpAvgMask: torch.flatten(mask) for a one-weight group, fp16."""
+    for r in result(runs, "zoadam_mask:fp16"):
+        assert r["finite"] and r["frozen"] and r["upstream_state_loop"]
+        assert len(r["masked_after_sync"]) >= 5 and all(r["masked_after_sync"])
+        assert r["masked_weights_fixed"]
+
+
+def test_upstream_zero_one_adam_checkpointing(runs):
+    """DeepSpeed's TestZeroOneAdamCheckpointing: the running script's mask wins, no error buffers
+    of DeepSpeed's in the state, the resumed job trains on with x_sync identical on the ranks."""
+    ranks = result(runs, "zoadam_checkpoint:fp16")
+    for r in ranks:
+        assert r["mask_kept_after_save"] and r["mask_running_after_load"] and not r["third_mask"]
+        assert r["resumed_step"] == r["third_step"] == r["saved_step"] and r["saved_frozen"] and r["resumed_frozen"]
+        assert r["second_clean"] and r["third_clean"] and r["finite"]
+        assert max(b for _, b in r["sent_after_load"]) < r["fp32_bytes"] / 8
+    assert ranks[0]["synced"] == ranks[1]["synced"]
+
+
+def test_upstream_zero_one_adam_overflow(runs):
+    """DeepSpeed's TestZeroOneAdamCheckpointing.test_overflow: overflows on rank 0 in the
+    local-step phase skip the step on every rank, untouched; the every-step checkpoint loads."""
+    for r in result(runs, "zoadam_overflow:fp16"):
+        assert r["injected_skipped_untouched"] == [True] * 3 and r["taciturn_steps"] == 12 - r["skipped_steps"]
+        assert r["frozen"] and r["resumed_state_equal"] and r["finite"]
+
+
+# ---------------------------------------------------------------------------- DeepSpeed's 1-bit LAMB tests
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_upstream_onebit_lamb_basic(runs, precision):
+    """DeepSpeed's TestOneBitLambBasic (fp32, fp16), plus bf16: fp32 during the 2 warm-up steps,
+    1-bit after; parameters identical on the ranks."""
+    ranks = result(runs, f"lamb_basic:{precision}")
+    for r in ranks:
+        check_onebit_basic(r, precision)
+    assert ranks[0]["synced"] == ranks[1]["synced"]
+
+
+def test_upstream_onebit_lamb_checkpointing(runs):
+    """DeepSpeed's TestOneBitLambCheckpointing: scaling_coeff in every state value after the
+    freeze and loaded back; the running mask wins; resumed before the new freeze_step (20), the
+    job is back in warm-up with lamb_coeff_freeze 0, last_factor 1, no scaling_coeff."""
+    for r in result(runs, "lamb_checkpoint:fp16"):
+        assert r["saved_frozen"] and r["saved_coeffs"] and r["coeffs_loaded"] and r["resumed_frozen"]
+        assert r["mask_running_after_load"] and not r["third_mask"]
+        assert r["third_frozen_before_load"] and not r["third_frozen"] and r["third_reset"]
+        warmup = [b for t, b in r["sent_after_load"] if t < 20]
+        compressed = [b for t, b in r["sent_after_load"] if t >= 20]
+        assert warmup and min(warmup) >= r["fp32_bytes"] and compressed and max(compressed) < r["fp32_bytes"] / 8
+        assert r["finite"]
+
+
+def test_upstream_onebit_lamb_empty_parameters(runs):
+    """DeepSpeed's TestOneBitLambEmptyParameters: a 0-element parameter trains with no NaN."""
+    for r in result(runs, "lamb_empty:fp16"):
+        assert r["finite"] and r["state_finite"] and r["frozen"] and r["last"] < r["first"]
+
+
+def test_upstream_onebit_lamb_overflow(runs):
+    """DeepSpeed's TestOneBitLambCheckpointing.test_overflow."""
+    for r in result(runs, "lamb_overflow:fp16"):
+        assert r["injected_skipped_untouched"] == [True] * 3 and r["taciturn_steps"] == 12 - r["skipped_steps"]
+        assert r["frozen"] and r["resumed_state_equal"] and r["finite"]
+
+
 @pytest.mark.parametrize("config", CHECKPOINTED)
 def test_checkpoint_resumes_bit_identically(runs, config):
     for rank, r in enumerate(result(runs, f"checkpoint:{config}")):
@@ -397,7 +491,10 @@ def test_deepspeed_016(legacy_runs):
     check_onebit_basic(result(legacy_runs, "onebit_basic:fp16")[0], "fp16")
     check_onebit_mask(result(legacy_runs, "onebit_mask:fp16")[0])
     check_onebit_checkpoint(result(legacy_runs, "onebit_checkpoint:fp16")[0])
-    for name in ("checkpoint:cdadam.json", "checkpoint:cdadam_zero2.json"):
+    # 0.16 has its own ZeroOneAdam (GPU-only); with taciturn's integration imported the type is taciturn's
+    check_zoadam_basic(result(legacy_runs, "zoadam_basic:fp16"), "fp16")
+    check_onebit_basic(result(legacy_runs, "lamb_basic:fp16")[0], "fp16")  # and its OneBitLamb
+    for name in ("checkpoint:cdadam.json", "checkpoint:cdadam_zero2.json", "checkpoint:zero_one_adam.json"):
         for r in result(legacy_runs, name):
             assert r["resumed"] == r["full"] and r["params_equal"] and r["state_equal"]
     for r in result(legacy_runs, "zero:2"):

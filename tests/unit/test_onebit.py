@@ -16,7 +16,8 @@ import reference as ref  # noqa: E402
 from reference import one_thread  # noqa: E402,F401 (fixture)
 
 import taciturn  # noqa: E402
-from taciturn.optim.onebit import ZERO_VARIANCE_MASK  # noqa: E402
+from taciturn.optim.onebit import (DEFAULT_VARIANCE_FLOOR, VARIANCE_FLOORED, ZERO_VARIANCE_MASK,  # noqa: E402
+                                   floor_variance_)
 
 FREEZE = 5
 
@@ -337,3 +338,131 @@ def test_comm_backend_name_maps_to_torch_distributed_and_warns_once(run_ranks, n
         assert "Set comm_backend_name to 'gloo'" in logs0[0]
     else:
         assert logs0 == []
+
+
+# ---------------------------------------------------------------------------- variance_floor
+def plain_floor(v, fraction, block_size):
+    """v_i = max(v_i, fraction * mean of its block) where v_i > 0, written plainly."""
+    flat = v.reshape(-1).tolist()
+    size = len(flat) if block_size is None else block_size
+    out = []
+    for lo in range(0, len(flat), size):
+        block = flat[lo:lo + size]
+        floor = fraction * sum(block) / len(block)
+        out += [max(x, floor) if x > 0 else x for x in block]
+    return torch.tensor(out).view(v.shape)
+
+
+@pytest.mark.parametrize("block_size", [None, 4, 5, 64])
+def test_floor_variance_math(block_size):
+    gen = torch.Generator().manual_seed(3)
+    v = torch.rand(3, 7, generator=gen) ** 8  # many tiny values
+    v[0, :3] = 0.0
+    v[2, 5] = 1e-30
+    expected = plain_floor(v, 0.3, block_size)
+    got = floor_variance_(v.clone(), 0.3, block_size)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=0)
+    assert torch.equal(got[0, :3], torch.zeros(3)), "a zero variance was floored (it is the mask's)"
+    assert (got >= v).all()
+    assert torch.equal(floor_variance_(v.clone(), 0.0, block_size), v)
+
+
+def frozen_runs(floor, warmup="adam", block_size=32, steps=FREEZE + 3):
+    """(optimizer, parameters after each step) of a OneBitAdam on ``dead_input_net``."""
+    net = dead_input_net()
+    opt = taciturn.OneBitAdam(net.parameters(), lr=1e-2, freeze_step=FREEZE, warmup=warmup, block_size=block_size,
+                              variance_floor=floor)
+    return net, opt, train(net, opt, 0, steps)
+
+
+@pytest.mark.parametrize("warmup", ["adam", "cdadam"])
+def test_variance_floor_applied_once_at_the_freeze(warmup):
+    net0, raw, xs0 = frozen_runs(0.0, warmup)
+    net, floored, xs = frozen_runs(0.5, warmup)
+    assert all(torch.equal(a, b) for a, b in zip(xs0[:FREEZE], xs[:FREEZE])), "the floor changed the warm-up"
+    if warmup == "adam":  # CD-Adam's v^, built from block signs, is rarely under half its block's mean
+        assert not torch.equal(xs0[FREEZE], xs[FREEZE])
+    for p0, p in zip(net0.parameters(), net.parameters()):
+        v0 = raw.state[p0]["exp_avg_sq"]
+        assert torch.equal(floored.state[p]["exp_avg_sq"], floor_variance_(v0.clone(), 0.5, 32))
+        assert floored.state[p][VARIANCE_FLOORED] == 0.5 and raw.state[p0][VARIANCE_FLOORED] == 0.0
+    # the mask still comes from the exact zeros (warm-up Adam: the dead input's column)
+    if warmup == "adam":
+        assert floored.state[net[0].weight][ZERO_VARIANCE_MASK][:, 0].all()
+    # a repeated freeze (the compression state reset) leaves the floored variance alone
+    before = [floored.state[p]["exp_avg_sq"].clone() for p in net.parameters()]
+    floored.reset_compression_state()
+    train(net, floored, FREEZE + 3, FREEZE + 4)
+    assert all(torch.equal(b, floored.state[p]["exp_avg_sq"]) for b, p in zip(before, net.parameters()))
+
+
+def test_variance_floor_default_and_its_checks():
+    net = dead_input_net()
+    assert taciturn.OneBitAdam(net.parameters()).param_groups[0]["variance_floor"] == DEFAULT_VARIANCE_FLOOR > 0
+    for bad in (-0.1, 1.5, "0.1", True):
+        with pytest.raises(ValueError, match="variance_floor"):
+            taciturn.OneBitAdam(net.parameters(), variance_floor=bad)
+    with pytest.raises(ValueError, match="variance_floor.*param group 1"):
+        taciturn.OneBitAdam([{"params": [net[0].weight]}, {"params": [net[0].bias], "variance_floor": 2.0}])
+
+
+def test_variance_floor_per_tensor_for_other_compressors():
+    _, raw, _ = frozen_runs(0.0, block_size=None)
+    net, opt = dead_input_net(), None
+    opt = taciturn.OneBitAdam(net.parameters(), lr=1e-2, freeze_step=FREEZE, compressor="scaled_sign",
+                              variance_floor=0.5)
+    train(net, opt, 0, FREEZE + 1)
+    for p0, p in zip(raw.param_groups[0]["params"], net.parameters()):
+        assert torch.equal(opt.state[p]["exp_avg_sq"], floor_variance_(raw.state[p0]["exp_avg_sq"].clone(), 0.5))
+
+
+@pytest.mark.parametrize("save_at", [FREEZE - 2, FREEZE + 2], ids=["saved-before-freeze", "saved-after-freeze"])
+def test_variance_floor_resumes_from_a_checkpoint(save_at, tmp_path):
+    net, opt, _ = frozen_runs(0.3, steps=save_at)
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    rest = train(net, opt, save_at, FREEZE + 6)
+
+    fresh_net = dead_input_net(seed=1)
+    fresh = taciturn.OneBitAdam(fresh_net.parameters(), lr=1e-2, freeze_step=FREEZE, block_size=32,
+                                variance_floor=0.3)
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    fresh_net.load_state_dict(saved["model"])
+    fresh.load_state_dict(saved["optimizer"])
+    again = train(fresh_net, fresh, save_at, FREEZE + 6)
+    assert all(torch.equal(a, b) for a, b in zip(rest, again))
+    for p, q in zip(net.parameters(), fresh_net.parameters()):
+        assert torch.equal(opt.state[p]["exp_avg_sq"], fresh.state[q]["exp_avg_sq"])
+        assert fresh.state[q][VARIANCE_FLOORED] == 0.3
+
+
+def test_running_variance_floor_wins_before_the_freeze(tmp_path):
+    """Like freeze_step: the script that loads a warm-up checkpoint decides the floor."""
+    net, opt, _ = frozen_runs(0.0, steps=FREEZE - 1)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    _, expected_opt, _ = frozen_runs(0.5, steps=FREEZE + 1)
+    fresh = taciturn.OneBitAdam(net.parameters(), lr=1e-2, freeze_step=FREEZE, block_size=32, variance_floor=0.5)
+    fresh.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    train(net, fresh, FREEZE - 1, FREEZE + 1)
+    assert fresh.param_groups[0]["variance_floor"] == 0.5
+    for p, q in zip(expected_opt.param_groups[0]["params"], net.parameters()):
+        assert torch.equal(expected_opt.state[p]["exp_avg_sq"], fresh.state[q]["exp_avg_sq"])
+
+
+def test_tiny_variances_blow_up_without_the_floor():
+    """The warm-up-Adam divergence (BENCHMARKS.md "Accuracy parity"), in miniature: after the
+    freeze a weight whose variance is tiny but not 0 takes steps of lr * scale / sqrt(v); the
+    floor bounds them."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(64))
+    for floor, bound in ((0.0, None), (0.1, 1.0)):
+        w.data.zero_()
+        opt = taciturn.OneBitAdam([w], lr=1e-2, freeze_step=3, block_size=64, variance_floor=floor)
+        for t in range(6):
+            g = torch.ones(64)
+            g[0] = 1e-6 if t < 3 else 1.0  # element 0: a unit that barely fired in the warm-up
+            w.grad = g
+            opt.step()
+        if bound is None:
+            assert w[0].abs() > 100.0, "the tiny-variance weight did not blow up without the floor"
+        else:
+            assert w.abs().max() < bound
