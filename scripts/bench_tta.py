@@ -22,6 +22,7 @@ the bytes through rank 0's veth during training (sent + received, headers includ
     python scripts/bench_tta.py                  # 2 ranks at 1gbit; writes BENCHMARKS.md and the plot
     python scripts/bench_tta.py --methods cdadam,amsgrad --steps 200
     python scripts/bench_tta.py --quick          # smoke run: small MLP, few steps, loopback, writes nothing
+    python scripts/bench_tta.py --lamb           # batch 1024 per step (2 ranks x 8 micro steps of 64): 1-bit LAMB vs LAMB
     python scripts/bench_tta.py --render results/bench_tta.json    # section and plot again, no runs
 
 The default run takes about 3 minutes on 2 cores.
@@ -47,7 +48,7 @@ from bench_step import POWERSGD_START, LoopbackCluster, link_counters  # noqa: E
 from netcluster import Cluster  # noqa: E402
 
 SECTION = "bench_tta"
-ADAM_LR, SGD_LR = 1e-3, 0.05
+ADAM_LR, SGD_LR, LAMB_LR = 1e-3, 0.05, 1e-2
 # name -> (label, registry name, keyword arguments); OneBitAdam's freeze_step and 0/1 Adam's
 # var_freeze_step / local_step_scaler are set per run
 METHODS: Dict[str, tuple] = {
@@ -62,13 +63,20 @@ METHODS: Dict[str, tuple] = {
     "amsgrad": ("AMSGrad (uncompressed)", "AMSGrad", dict(lr=ADAM_LR)),
     "sgdm": ("SGDM (uncompressed)", "SGD", dict(lr=SGD_LR, momentum=0.9)),
     "ddp_powersgd": ("DDP + PowerSGD (rank 1), torch AMSGrad", "powersgd", dict(lr=ADAM_LR)),
+    "lamb": ("LAMB (uncompressed: 1-bit LAMB's warm-up throughout)", "OneBitLamb",
+             dict(lr=LAMB_LR, freeze_step=10 ** 9, compressor="identity")),
+    "onebitlamb_lamb": ("1-bit LAMB (warm-up LAMB)", "OneBitLamb", dict(lr=LAMB_LR, warmup="lamb")),
+    "onebitlamb_cdadam": ("1-bit LAMB (warm-up CD-Adam)", "OneBitLamb", dict(lr=LAMB_LR, warmup="cdadam")),
     "cdadam_sharded": ("CD-Adam sharded state, 1-bit downlink", "CDAdam", dict(lr=ADAM_LR, shard_state=True)),
     "cdadam_sharded_bf16": ("CD-Adam sharded state, bf16 downlink", "CDAdam",
                             dict(lr=ADAM_LR, shard_state=True, downlink="bf16")),
 }
 #: run by scripts/bench_sharded.py, not by default
 SHARDED_METHODS = ("cdadam_sharded", "cdadam_sharded_bf16")
-DEFAULT_METHODS = [m for m in METHODS if m not in SHARDED_METHODS]
+#: the large-batch run (--lamb): 1-bit LAMB against LAMB, with the Adam family's CD-Adam for reference
+LAMB_METHODS = ("lamb", "onebitlamb_lamb", "onebitlamb_cdadam", "cdadam")
+LAMB_ACCUMULATE = 8
+DEFAULT_METHODS = [m for m in METHODS if m not in SHARDED_METHODS + LAMB_METHODS[:3]]
 FREEZE_FRACTION = 0.15
 LOCAL_STEP_FRACTION = 0.1
 
@@ -122,8 +130,8 @@ def train(name: str, cfg: dict, data: tuple) -> dict:
     x_train, y_train, x_test, y_test = data
     label, registry_name, kwargs = METHODS[name]
     kwargs = dict(kwargs)
-    if registry_name == "OneBitAdam":
-        kwargs["freeze_step"] = max(1, round(FREEZE_FRACTION * cfg["steps"]))
+    if registry_name in ("OneBitAdam", "OneBitLamb"):
+        kwargs.setdefault("freeze_step", max(1, round(FREEZE_FRACTION * cfg["steps"])))
     if registry_name == "ZeroOneAdam":
         # the variance thins out as in DeepSpeed (var_update_scaler 16); after the freeze the
         # interval between synchronisations doubles every LOCAL_STEP_FRACTION of the run, up to 16
@@ -150,11 +158,12 @@ def train(name: str, cfg: dict, data: tuple) -> dict:
     dist.barrier()
     mark = link_counters()
     for step in range(1, cfg["steps"] + 1):
-        idx = torch.randint(0, len(x_train), (cfg["batch"],), generator=gen)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-        loss.backward()
+        for _ in range(cfg["accumulate"]):  # micro batches of one optimizer step
+            idx = torch.randint(0, len(x_train), (cfg["batch"],), generator=gen)
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx]) / cfg["accumulate"]
+            loss.backward()
         opt.step()
         count()
         seconds += time.perf_counter() - t0
@@ -206,7 +215,7 @@ def reached(curve: List[dict], target: float) -> Optional[dict]:
 
 def summary_table(results: List[dict], target: float, shaped: bool) -> str:
     base = next((r for r in results if r["method"] == "amsgrad"), results[0])
-    headers = ["method", "test acc %", "MB per rank (up + down)", "fewer bytes than AMSGrad"]
+    headers = ["method", "test acc %", "MB per rank (up + down)", f"fewer bytes than {base['label'].split(' (')[0]}"]
     headers += ["wire MB (rank 0)"] if shaped else []
     headers += ["wall s", "ms/step", "collective s", f"time to {100 * target:.0f}% (s)",
                 f"MB to {100 * target:.0f}%"]
@@ -282,7 +291,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--rate", default="1gbit", help="link rate in tc syntax (default 1gbit)")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--steps", type=int, default=400, help="training steps per method (default 400)")
-    ap.add_argument("--batch", type=int, default=64, help="batch per rank (default 64)")
+    ap.add_argument("--batch", type=int, default=64, help="batch per rank and micro step (default 64)")
+    ap.add_argument("--accumulate", type=int, default=1, help="micro steps per optimizer step (default 1)")
+    ap.add_argument("--lamb", action="store_true",
+                    help=f"the large-batch run: methods {','.join(LAMB_METHODS)}, --accumulate {LAMB_ACCUMULATE} "
+                         "unless given, its own section of BENCHMARKS.md")
     ap.add_argument("--hidden", type=int, default=1024, help="MLP width: 784-H-H-10 (default 1024)")
     ap.add_argument("--evals", type=int, default=16, help="test evaluations per method (default 16)")
     ap.add_argument("--target", type=float, default=0.80, help="accuracy of the time-to-accuracy columns")
@@ -296,6 +309,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.render) as f:
             publish(json.load(f))
         return 0
+    if args.lamb:
+        if "--methods" not in argv:
+            args.methods = ",".join(LAMB_METHODS)
+        if "--accumulate" not in argv:
+            args.accumulate = LAMB_ACCUMULATE
+        if "--out" not in argv:
+            args.out = args.out.replace("bench_tta.json", "bench_tta_lamb.json")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -303,8 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.quick:
         args.loopback, args.no_write = True, True
         args.steps, args.hidden, args.evals = min(args.steps, 60), min(args.hidden, 64), min(args.evals, 2)
-    if args.steps < 1 or args.evals < 1 or args.evals > args.steps or args.ranks < 2:
-        ap.error("need --steps >= --evals >= 1 and --ranks >= 2")
+    if args.steps < 1 or args.evals < 1 or args.evals > args.steps or args.ranks < 2 or args.accumulate < 1:
+        ap.error("need --steps >= --evals >= 1, --ranks >= 2 and --accumulate >= 1")
     if not 0.0 < args.target < 1.0:
         ap.error(f"--target {args.target}: an accuracy in (0, 1), e.g. 0.8")
     started, load_before = time.time(), os.getloadavg()[0]
@@ -312,8 +332,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     net = f"{args.rate} links" if shaped else f"loopback (NOT shaped; asked for {args.rate})"
     params = results[0]["params"]
     what = (f"Fashion-MNIST, MLP 784-{args.hidden}-{args.hidden}-10 ({params:,} parameters), {args.ranks} ranks, "
-            f"{net}, {args.steps} steps of batch {args.batch} per rank")
-    result = {"argv": argv, "shaped": shaped, "what": what, "target": args.target,
+            f"{net}, {args.steps} steps of batch {args.batch} per rank"
+            + (f" x {args.accumulate} micro steps ({args.batch * args.accumulate * args.ranks} samples per step)"
+               if args.accumulate > 1 else ""))
+    result = {"argv": argv, "shaped": shaped, "what": what, "target": args.target, "lamb": args.lamb,
               "freeze": max(1, round(FREEZE_FRACTION * args.steps)), "results": results,
               "note": machine_note(started, load_before)}
     print(f"\n{what}\n{summary_table(results, args.target, shaped)}")
@@ -324,7 +346,7 @@ def run_methods(methods: Sequence[str], args) -> tuple:
     """Train ``methods`` on a fresh cluster of ``args.ranks`` ranks at ``args.rate``: (results, shaped)."""
     cls = LoopbackCluster if args.loopback else Cluster
     with tempfile.TemporaryDirectory(prefix="bench-tta-") as tmp:
-        cfg = {k: getattr(args, k) for k in ("steps", "batch", "hidden", "evals", "seed", "timeout")}
+        cfg = {k: getattr(args, k) for k in ("steps", "batch", "accumulate", "hidden", "evals", "seed", "timeout")}
         cfg.update(methods=list(methods), out=tmp)
         cfg_path = os.path.join(tmp, "config.json")
         with open(cfg_path, "w") as f:
@@ -339,16 +361,20 @@ def run_methods(methods: Sequence[str], args) -> tuple:
 
 
 def publish(result: dict) -> None:
-    """Write the plot and this script's section of BENCHMARKS.md."""
-    png = img_path("bench_tta.png")
+    """Write the plot and this script's section of BENCHMARKS.md (the --lamb run has its own)."""
+    lamb = result.get("lamb", False)
+    name = f"{SECTION}_lamb" if lamb else SECTION
+    png = img_path(f"{name}.png")
     results, shaped = result["results"], result["shaped"]
     plot(results, png, result["what"])
+    title = ("Large batch: 1-bit LAMB against LAMB on Fashion-MNIST (scripts/bench_tta.py --lamb)" if lamb
+             else "Time to accuracy on Fashion-MNIST (scripts/bench_tta.py)")
     section = "\n".join([
-        "## Time to accuracy on Fashion-MNIST (scripts/bench_tta.py)", "",
+        f"## {title}", "",
         f"`python scripts/bench_tta.py {' '.join(result['argv'])}`".replace(" `", "`"), "",
         f"{result['what']}. Every method starts from the same weights and sees the same batches; learning rates are "
-        f"constant ({ADAM_LR:g} for the Adam family, {SGD_LR:g} with momentum 0.9 for the SGD family); "
-        f"OneBitAdam and 0/1 Adam freeze their variance after {result['freeze']} steps (0/1 Adam then takes local "
+        f"constant ({ADAM_LR:g} for the Adam family, {SGD_LR:g} with momentum 0.9 for the SGD family, {LAMB_LR:g} "
+        f"for LAMB); OneBitAdam, 1-bit LAMB and 0/1 Adam freeze their variance after {result['freeze']} steps (0/1 Adam then takes local "
         f"steps, the interval between synchronisations doubling every {round(LOCAL_STEP_FRACTION * 100)} % of the "
         "steps up to 16); top-k keeps 1 %. Test accuracy on the whole test set (split between the ranks, the synced "
         "model for SAEF and 0/1 Adam). Wall time: rank 0's training steps, "
@@ -360,8 +386,8 @@ def publish(result: dict) -> None:
         summary_table(results, result["target"], shaped), "", *[f"- {line}" for line in notes(results)], "",
         f"![accuracy vs bytes and time]({rel(png)})", "",
         result["note"]])
-    write_section(SECTION, section)
-    print(f"wrote the {SECTION} section of BENCHMARKS.md and {rel(png)}")
+    write_section(name, section)
+    print(f"wrote the {name} section of BENCHMARKS.md and {rel(png)}")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,23 @@ def test_bench_tta_quick(tmp_path):
         assert fp32 / final[m]["bytes"] > 20, m
     # OneBitAdam with Adam's warm-up sends fp32 for its first 15 % of steps, then 1 bit
     assert final["cdadam"]["bytes"] < final["onebitadam_adam"]["bytes"] < fp32 / 3
-    for m in ("cdadam", "amsgrad", "sgdm", "distefsgd", "saefsgd", "onebitadam_cdadam"):
+    # 0/1 Adam: fp32 on its thinning variance steps in the first 15 %, then 1-bit synchronisations
+    # and local steps of 0 bytes; its CD-Adam variance phase sends no fp32 step
+    assert final["zerooneadam_cdadam"]["bytes"] < final["cdadam"]["bytes"] < final["zerooneadam_adam"]["bytes"] < fp32 / 3
+    for m in ("cdadam", "amsgrad", "sgdm", "distefsgd", "saefsgd", "onebitadam_cdadam", "zerooneadam_adam",
+              "zerooneadam_cdadam"):
         assert final[m]["accuracy"] > 0.5, (m, final[m]["accuracy"])   # 60 steps; chance is 0.1
     assert "time to 80%" in stdout
+
+
+def test_bench_tta_lamb_quick(tmp_path):
+    """--lamb: 8 micro steps per step, 1-bit LAMB against LAMB (its warm-up throughout, fp32)."""
+    data, stdout = _run("bench_tta.py", tmp_path / "lamb.json", "--lamb")
+    final = {r["method"]: r["curve"][-1] for r in data["results"]}
+    assert list(final) == ["lamb", "onebitlamb_lamb", "onebitlamb_cdadam", "cdadam"] and data["lamb"]
+    assert "x 8 micro steps (1024 samples per step)" in data["what"]
+    fp32 = final["lamb"]["bytes"]
+    assert final["onebitlamb_cdadam"]["bytes"] < fp32 / 20 and final["onebitlamb_lamb"]["bytes"] < fp32 / 3
+    for m, r in final.items():
+        assert r["accuracy"] > 0.5, (m, r["accuracy"])
+    assert "fewer bytes than LAMB" in stdout
