@@ -21,6 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_trainer_worker.py")
 CDADAM_JSON = os.path.join(HERE, "..", "..", "configs", "cdadam.json")
 ZERO2_JSON = os.path.join(HERE, "..", "..", "configs", "cdadam_zero2.json")
+ZERO_ONE_JSON = os.path.join(HERE, "..", "..", "configs", "zero_one_adam.json")
 METRICS = ("taciturn/bytes_up", "taciturn/bytes_down", "taciturn/compression_ratio", "taciturn/compress_time",
            "taciturn/collective_time", "taciturn/total_bytes_up")
 
@@ -59,6 +60,12 @@ def deepspeed_run(tmp_path_factory):
 def zero2_run(tmp_path_factory):
     pytest.importorskip("deepspeed")
     return launch(tmp_path_factory.mktemp("hf-zero2"), "deepspeed", ZERO2_JSON)
+
+
+@pytest.fixture(scope="module")
+def zero_one_run(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    return launch(tmp_path_factory.mktemp("hf-zero-one"), "deepspeed", ZERO_ONE_JSON)
 
 
 def training_logs(log):
@@ -107,17 +114,23 @@ def test_resume_from_checkpoint_continues_bit_identically(plain):
         assert torch.equal(r["resumed"]["params"], r["optimizer"]["params"])
 
 
-@pytest.mark.parametrize("route", ["stage0", "zero2"])
+ROUTES = {"stage0": ("deepspeed_run", CDADAM_JSON, "CDAdam", 8),
+          "zero2": ("zero2_run", ZERO2_JSON, "CDAdam", 8),
+          # 0/1 Adam's variance phase (var_freeze_step 1000): fp32 on its variance steps, so a ratio of 1 there
+          "zero_one": ("zero_one_run", ZERO_ONE_JSON, "ZeroOneAdam", 0.99)}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
 def test_deepspeed_json_route_trains_and_resumes(request, route):
-    runs = request.getfixturevalue("deepspeed_run" if route == "stage0" else "zero2_run")
-    r0, r1 = (r["deepspeed"] for r in runs)
-    assert r0["type"] == "CDAdam" and r0["engine"] == "DeepSpeedEngine"
+    fixture, config, kind, min_ratio = ROUTES[route]
+    r0, r1 = (r["deepspeed"] for r in request.getfixturevalue(fixture))
+    assert r0["type"] == kind and r0["engine"] == "DeepSpeedEngine"
     assert r0["sharded"] is (route == "zero2")
     assert torch.equal(r0["params"], r1["params"])
     assert not torch.equal(r0["params"], r0["start"])
     assert torch.equal(r0["resumed"], r0["params"]) and torch.equal(r1["resumed"], r1["params"])
-    assert_metrics(r0["log"], min_ratio=8)
-    with open(CDADAM_JSON if route == "stage0" else ZERO2_JSON) as f:
+    assert_metrics(r0["log"], min_ratio=min_ratio)
+    with open(config) as f:
         params = json.load(f)["optimizer"]["params"]
     # training_arguments() took the JSON's values, so Hugging Face's consistency check passed
     assert r0["args"]["learning_rate"] == params["lr"]
