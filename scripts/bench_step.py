@@ -161,6 +161,11 @@ METHODS: Dict[str, Method] = {
     "cdadam": Method("CDAdam (block sign, Markov both ways)", "taciturn", _taciturn("CDAdam", lr=ADAM_LR)),
     "onebitadam": Method("OneBitAdam after freeze (block sign, EF)", "taciturn",
                          _taciturn("OneBitAdam", lr=ADAM_LR, freeze_step=1, warmup="cdadam")),
+    "zerooneadam": Method("ZeroOneAdam after freeze, synchronising every step (local_step_clipper 1)", "taciturn",
+                          _taciturn("ZeroOneAdam", lr=ADAM_LR, var_freeze_step=1, warmup="cdadam",
+                                    local_step_clipper=1)),
+    "onebitlamb": Method("OneBitLamb after freeze (block sign, EF)", "taciturn",
+                         _taciturn("OneBitLamb", lr=ADAM_LR, freeze_step=1, warmup="cdadam")),
     "sparsams": Method("SparsAMS (top-1%, EF, one-way)", "taciturn", _taciturn("SparsAMS", lr=ADAM_LR)),
     "distefsgd": Method("DistEFSGD (blockSGDM, EF both ways)", "taciturn",
                         _taciturn("DistEFSGD", lr=SGD_LR, momentum=0.9)),
@@ -180,8 +185,11 @@ METHODS: Dict[str, Method] = {
 SHARDED_METHODS = ("cdadam_sharded", "cdadam_sharded_bf16", "deepspeed_zero2")
 #: run by scripts/bench_two_level.py on a two-tier cluster, not by default
 TWO_LEVEL_METHODS = ("cdadam_two_level", "cdadam_two_level_bf16")
-DEFAULT_METHODS = [m for m in METHODS if m not in ("local", "horovod_fp32", *SHARDED_METHODS, *TWO_LEVEL_METHODS)]
-ONE_BIT = ("cdadam", "onebitadam", "distefsgd")
+#: DeepSpeed's other stranded 1-bit types, run with --section bench_step_onebit (their own section)
+STRANDED_METHODS = ("zerooneadam", "onebitlamb")
+DEFAULT_METHODS = [m for m in METHODS if m not in ("local", "horovod_fp32", *SHARDED_METHODS, *TWO_LEVEL_METHODS,
+                                                   *STRANDED_METHODS)]
+ONE_BIT = ("cdadam", "onebitadam", "distefsgd", *STRANDED_METHODS)
 
 
 def parse_size(text: str) -> int:
@@ -567,7 +575,9 @@ def plot(rows: List[dict], path_rates: str, path_split: str) -> List[str]:
 def report(result: dict, images: List[str]) -> str:
     """The BENCHMARKS.md section of a run (``result``: what ``main`` saves as JSON)."""
     rows = result["rows"]
-    text = ["## Step time on a bandwidth-limited cluster (scripts/bench_step.py)", ""]
+    section = result.get("section", SECTION)
+    text = [f"## Step time on a bandwidth-limited cluster (scripts/bench_step.py"
+            f"{'' if section == SECTION else ', ' + section})", ""]
     text.append(f"`python scripts/bench_step.py {' '.join(result['argv'])}`".replace(" `", "`"))
     text.append("")
     text.append(
@@ -619,9 +629,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help=f"comma-separated, from: {', '.join(m for m in METHODS if m != 'local')} (local always runs)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per method (default 3)")
+    ap.add_argument("--section", default=SECTION,
+                    help=f"the section of BENCHMARKS.md and the plots' name prefix (default {SECTION}; another "
+                         "name keeps the default matrix's section, e.g. bench_step_onebit)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1; PowerSGD adds 2)")
     add_cluster_options(ap, "bench_step", "a 300k-parameter model, 2 ranks, loopback, 2 timed steps")
     args = ap.parse_args(argv)
+    if args.section != SECTION and "--out" not in argv:
+        args.out = args.out.replace(f"{SECTION}.json", f"{args.section}.json")
     if args.worker:
         worker(args.worker)
         return 0
@@ -673,16 +688,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += cell_rows
     for line in goals(rows):
         print(line)
-    result = {"argv": argv, "steps": args.steps, "warmup": args.warmup, "rows": rows,
+    result = {"argv": argv, "steps": args.steps, "warmup": args.warmup, "rows": rows, "section": args.section,
               "note": machine_note(started, load_before)}
     return save_and_publish(result, args.out, publish, not args.no_write)
 
 
 def publish(result: dict) -> None:
     """Write the plots and this script's section of BENCHMARKS.md."""
-    images = plot(result["rows"], img_path("bench_step_rates.png"), img_path("bench_step_split.png"))
-    write_section(SECTION, report(result, images))
-    print(f"wrote the {SECTION} section of BENCHMARKS.md and {', '.join(rel(p) for p in images)}")
+    section = result.get("section", SECTION)
+    images = plot(result["rows"], img_path(f"{section}_rates.png"), img_path(f"{section}_split.png"))
+    write_section(section, report(result, images))
+    print(f"wrote the {section} section of BENCHMARKS.md and {', '.join(rel(p) for p in images)}")
 
 
 def render(path: str) -> None:
