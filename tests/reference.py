@@ -440,6 +440,47 @@ def param_groups(model, split=True, factor=0.5):
     return [{"params": first, "lr_factor": 1.0}, {"params": list(model.fc2.parameters()), "lr_factor": factor}]
 
 
+def fc2_mask(model):
+    """DeepSpeed's exp_avg_mask for the second param group [fc2.weight, fc2.bias], flat: fc2's
+    first two output rows and its bias kept."""
+    w = torch.zeros_like(model.fc2.weight)
+    w[:2] = 1.0
+    return torch.cat([w.flatten(), torch.ones_like(model.fc2.bias)])
+
+
+def masked_groups(model, masked):
+    """``param_groups(model)``, the second with ``fc2_mask`` when ``masked``."""
+    groups = param_groups(model)
+    if masked:
+        groups[1]["exp_avg_mask"] = fc2_mask(model)
+    return groups
+
+
+def flat_mask(model):
+    """``fc2_mask`` over every trainable element (fc1 unmasked), for the transcriptions."""
+    return torch.cat([torch.ones(sum(p.numel() for p in model.fc1.parameters())), fc2_mask(model)])
+
+
+def full_and_resumed(run_ranks, tmp_path_factory, run_full, run_resumed, n, timeout=300):
+    """A job of ``n`` ranks that checkpoints into a fresh folder, then a job of fresh processes
+    that resumes from it: (full results, resumed results)."""
+    ckpt_dir = str(tmp_path_factory.mktemp("ckpt"))
+    return (run_ranks(run_full, n, ckpt_dir, timeout=timeout), run_ranks(run_resumed, n, ckpt_dir, timeout=timeout))
+
+
+def ef_allreduce(C, buffers, worker_error, server_error):
+    """DeepSpeed's compressed_allreduce: error feedback on the workers and on the server.
+    Returns (the average, the workers' new errors, the server's new error)."""
+    sent, errors = [], []
+    for b, e in zip(buffers, worker_error):
+        p = b + e
+        sent.append(C.worker(p))
+        errors.append(p - sent[-1])
+    p = mean(sent) + server_error
+    out = C.server(p)
+    return out, errors, p - out
+
+
 def lr_at(t, base):
     """A learning rate that changes every step."""
     return base * (1.0 + 0.5 * math.cos(1.3 * t))

@@ -36,15 +36,8 @@ class ZeroOneAdam(ref.CDAdam):
         return self.xs if self.freeze_key else [self.x] * self.n
 
     def compressed_allreduce(self, buffers):
-        """DeepSpeed's compressed_allreduce: error feedback on the workers and the servers."""
-        sent = []
-        for i in range(self.n):
-            p = buffers[i] + self.worker_error[i]
-            sent.append(self.C1.worker(p))
-            self.worker_error[i] = p - sent[i]
-        p = ref.mean(sent) + self.server_error
-        out = self.C1.server(p)
-        self.server_error = p - out
+        out, self.worker_error, self.server_error = ref.ef_allreduce(self.C1, buffers, self.worker_error,
+                                                                     self.server_error)
         return out
 
     def masked(self, v):

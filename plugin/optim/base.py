@@ -302,6 +302,19 @@ class CompressedOptimizer(Optimizer):
                          "next warning at %d)", msg, skipped, 2 * skipped)
         return True
 
+    def with_running_config(self, state_dict: dict, keys: Sequence[str]) -> dict:
+        """``state_dict`` with the running script's param-group ``keys`` in place of the
+        checkpoint's (dropped where the running group has none): DeepSpeed's rule for the
+        schedules and masks of its 1-bit optimizers."""
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for mine, saved in zip(self.param_groups, groups):
+            for key in keys:
+                if key in mine:
+                    saved[key] = mine[key]
+                else:
+                    saved.pop(key, None)
+        return {**state_dict, "param_groups": groups}
+
     def synced_tensors(self) -> List[torch.Tensor]:
         """The tensors that must be bit-identical on every rank after a step (the parameters)."""
         return [p for _, p in self._trainable]

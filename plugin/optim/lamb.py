@@ -170,14 +170,7 @@ class OneBitLamb(CompressedOptimizer):
         """The checkpoint's state, with the running script's ``freeze_step``, ``exp_avg_mask``
         and coefficient settings (see the class docstring); then frozen or thawed to match the
         loaded step count and the running ``freeze_step``."""
-        groups = [dict(g) for g in state_dict["param_groups"]]
-        for mine, saved in zip(self.param_groups, groups):
-            for key in _RUNNING_CONFIG:
-                if key in mine:
-                    saved[key] = mine[key]
-                else:
-                    saved.pop(key, None)
-        super().load_state_dict({**state_dict, "param_groups": groups}, reset_compression_state)
+        super().load_state_dict(self.with_running_config(state_dict, _RUNNING_CONFIG), reset_compression_state)
         for _, p in self._trainable:
             self._coefficients(p)
         if self.lamb_freeze_key:

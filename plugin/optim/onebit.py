@@ -102,7 +102,7 @@ class OneBitAdam(CompressedOptimizer):
         if not isinstance(mask_zero_variance, bool):
             raise ValueError(f"OneBitAdam: mask_zero_variance={mask_zero_variance!r} must be True or False")
         check_range("eps", eps, 0.0)
-        _check_floor(variance_floor)
+        check_floor(variance_floor)
         if comm_backend_name is not None and "process_group" not in kwargs:
             kwargs["process_group"] = _backend(comm_backend_name)
         warm = preset("identity") if warmup == "adam" else preset("cdadam").configure(block_size=block_size)
@@ -129,7 +129,7 @@ class OneBitAdam(CompressedOptimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        _check_floor(self.param_groups[-1].get("variance_floor", 0.0), len(self.param_groups) - 1)
+        check_floor(self.param_groups[-1].get("variance_floor", 0.0), len(self.param_groups) - 1)
         _exp_avg_mask_views(self.param_groups[-1], len(self.param_groups) - 1)
 
     def load_state_dict(self, state_dict, reset_compression_state: bool = False):
@@ -141,14 +141,7 @@ class OneBitAdam(CompressedOptimizer):
         the freeze, the zero-variance masks are re-derived from the loaded frozen variance
         (torch's loader casts the bool masks to the parameter's dtype). A checkpoint saved
         after the freeze holds no warm-up compression state."""
-        groups = [dict(g) for g in state_dict["param_groups"]]
-        for mine, saved in zip(self.param_groups, groups):
-            for key in _RUNNING_CONFIG:
-                if key in mine:
-                    saved[key] = mine[key]
-                else:
-                    saved.pop(key, None)
-        super().load_state_dict({**state_dict, "param_groups": groups}, reset_compression_state)
+        super().load_state_dict(self.with_running_config(state_dict, _RUNNING_CONFIG), reset_compression_state)
         if self._frozen and self.global_step >= self.freeze_step:
             self._mask_zero_variance()
         self._follow_freeze_step()
@@ -315,11 +308,12 @@ def floor_variance_(v: torch.Tensor, fraction: float, block_size=None) -> torch.
     return v
 
 
-def _check_floor(value, group=None) -> None:
+def check_floor(value, group=None, owner: str = "OneBitAdam") -> None:
+    """Refuse a ``variance_floor`` outside [0, 1] (of ``group``, when given), naming ``owner``."""
     where = "" if group is None else f" (param group {group})"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"OneBitAdam: variance_floor={value!r}{where} must be a number in [0, 1] (a fraction of "
-                         "the block's mean frozen variance; 0 = Tang et al.'s exact form)")
+        raise ValueError(f"{owner}: variance_floor={value!r}{where} must be a number in [0, 1] (a fraction of "
+                         "the block's mean variance; 0 = DeepSpeed's and Tang et al.'s exact form)")
 
 
 def _freeze_running_max(opt: CompressedOptimizer) -> None:

@@ -7,7 +7,7 @@ import torch
 from ..presets import preset
 from .base import CompressedOptimizer, check_range
 from .onebit import (DEFAULT_VARIANCE_FLOOR, _backend, _cdadam_update, _exp_avg_mask_views, _freeze_running_max,
-                     floor_variance_)
+                     check_floor, floor_variance_)
 
 #: the schedule (variance and local-step intervals, their counters, whether frozen), a dict of
 #: ints and a bool in the first trainable parameter's state
@@ -127,7 +127,7 @@ class ZeroOneAdam(CompressedOptimizer):
         check_range("eps", eps, 0.0)
         if not isinstance(mask_zero_variance, bool):
             raise ValueError(f"ZeroOneAdam: mask_zero_variance={mask_zero_variance!r} must be True or False")
-        _check_floor(variance_floor)
+        check_floor(variance_floor, owner="ZeroOneAdam")
         if comm_backend_name is not None and "process_group" not in kwargs:
             kwargs["process_group"] = _backend(comm_backend_name, "ZeroOneAdam")
         one_bit = preset("dist_ef_block_sign").configure(compressor, block_size=block_size, ratio=ratio, k=k,
@@ -171,19 +171,12 @@ class ZeroOneAdam(CompressedOptimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         _exp_avg_mask_views(self.param_groups[-1], len(self.param_groups) - 1, "ZeroOneAdam")
-        _check_floor(self.param_groups[-1].get("variance_floor", 0.0), len(self.param_groups) - 1)
+        check_floor(self.param_groups[-1].get("variance_floor", 0.0), len(self.param_groups) - 1, "ZeroOneAdam")
 
     def load_state_dict(self, state_dict, reset_compression_state: bool = False):
         """The checkpoint's state and schedule, with the running script's schedule settings and
         ``exp_avg_mask`` (see the class docstring)."""
-        groups = [dict(g) for g in state_dict["param_groups"]]
-        for mine, saved in zip(self.param_groups, groups):
-            for key in _RUNNING_CONFIG:
-                if key in mine:
-                    saved[key] = mine[key]
-                else:
-                    saved.pop(key, None)
-        super().load_state_dict({**state_dict, "param_groups": groups}, reset_compression_state)
+        super().load_state_dict(self.with_running_config(state_dict, _RUNNING_CONFIG), reset_compression_state)
         self.state[self.compression.anchor].setdefault(SCHEDULE, dict(_START))
         self._drop_warmup_state()
         self._place_params()
@@ -344,10 +337,3 @@ def _check_int(name: str, value, low: int) -> None:
         why = (" (the variance phase runs steps 1..var_freeze_step; DeepSpeed too runs at least one: a variance "
                "frozen before any step would be 0)" if name == "var_freeze_step" else "")
         raise ValueError(f"ZeroOneAdam: {name}={value!r} must be an int >= {low}{why}")
-
-
-def _check_floor(value, group=None) -> None:
-    where = "" if group is None else f" (param group {group})"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"ZeroOneAdam: variance_floor={value!r}{where} must be a number in [0, 1] (a fraction of "
-                         "the block's mean variance; 0 = DeepSpeed's exact form)")

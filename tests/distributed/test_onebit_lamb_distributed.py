@@ -40,19 +40,13 @@ CASES = {
 COEFFICIENTS = ("lamb_coeff_freeze", "last_factor", "scaling_coeff")
 
 
-def fc2_mask(model):
-    w = torch.zeros_like(model.fc2.weight)
-    w[:2] = 1.0
-    return torch.cat([w.flatten(), torch.ones_like(model.fc2.bias)])
-
-
 def build(name, seed):
     cfg = dict(CASES[name])
     masked = cfg.pop("masked", False)
     model = ref.make_model(seed)
     groups = ref.param_groups(model)
     if masked:
-        groups[1]["exp_avg_mask"] = fc2_mask(model)
+        groups[1]["exp_avg_mask"] = ref.fc2_mask(model)
     opt = taciturn.OneBitLamb(groups, lr=LR, check_divergence_every=1, **SETTINGS, **cfg)
     return model, opt
 
@@ -110,10 +104,7 @@ def run_resumed(rank, n, ckpt_dir):
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory, run_ranks):
-    ckpt_dir = str(tmp_path_factory.mktemp("ckpt"))
-    full = run_ranks(run_full, N, ckpt_dir, timeout=300)
-    resumed = run_ranks(run_resumed, N, ckpt_dir, timeout=300)
-    return full, resumed
+    return ref.full_and_resumed(run_ranks, tmp_path_factory, run_full, run_resumed, N)
 
 
 def simulate(name, layout):
@@ -124,7 +115,7 @@ def simulate(name, layout):
     groups = ref.param_groups(model)
     C = ref.compression_factory(layout)
     block = cfg.get("block_size", 1024)
-    mask = torch.cat([torch.ones(sum(p.numel() for p in model.fc1.parameters())), fc2_mask(model)])
+    mask = ref.flat_mask(model)
     sim = lref.OneBitLamb(ref.flat(ref.trainable(model)), N, [p.numel() for p in ref.trainable(model)],
                           C("block_sign", block_size=block), warmup=cfg.get("warmup", "lamb"),
                           warmup_C=C("block_sign", block_size=block), weight_decay=cfg.get("weight_decay", 0.0),

@@ -43,19 +43,13 @@ CASES = {
 }
 
 
-def fc2_mask(model):
-    w = torch.zeros_like(model.fc2.weight)
-    w[:2] = 1.0
-    return torch.cat([w.flatten(), torch.ones_like(model.fc2.bias)])
-
-
 def build(name, seed):
     cfg = dict(CASES[name])
     masked = cfg.pop("masked", False)
     model = ref.make_model(seed)
     groups = ref.param_groups(model)
     if masked:
-        groups[1]["exp_avg_mask"] = fc2_mask(model)
+        groups[1]["exp_avg_mask"] = ref.fc2_mask(model)
     opt = taciturn.ZeroOneAdam(groups, lr=LR, check_divergence_every=1, **SCHEDULE, **cfg,
                                mask_zero_variance=False, variance_floor=0.0)  # DeepSpeed's exact form, transcribed
     return model, opt
@@ -109,10 +103,7 @@ def run_resumed(rank, n, ckpt_dir):
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory, run_ranks):
-    ckpt_dir = str(tmp_path_factory.mktemp("ckpt"))
-    full = run_ranks(run_full, N, ckpt_dir, timeout=300)
-    resumed = run_ranks(run_resumed, N, ckpt_dir, timeout=300)
-    return full, resumed
+    return ref.full_and_resumed(run_ranks, tmp_path_factory, run_full, run_resumed, N)
 
 
 def simulate(name, layout):
@@ -123,7 +114,7 @@ def simulate(name, layout):
     groups = ref.param_groups(model)
     C = ref.compression_factory(layout)
     block = cfg.get("block_size", 1024)
-    mask = torch.cat([torch.ones(sum(p.numel() for p in model.fc1.parameters())), fc2_mask(model)])
+    mask = ref.flat_mask(model)
     sim = zref.ZeroOneAdam(ref.flat(ref.trainable(model)), N, C("block_sign", block_size=block), **SCHEDULE,
                            weight_decay=cfg.get("weight_decay", 0.0), mask=mask if masked else None,
                            warmup=cfg.get("warmup", "adam"), warmup_C=C("block_sign", block_size=block))

@@ -31,27 +31,9 @@ SETTINGS = dict(freeze_step=FREEZE, max_coeff=0.06, min_coeff=0.02, coeff_beta=0
 RTOL, ATOL = 1e-5, 1e-5
 
 
-def fc2_mask(model):
-    """Keep fc2's first two output rows and its bias: a flat mask over the group [fc2.weight, fc2.bias]."""
-    w = torch.zeros_like(model.fc2.weight)
-    w[:2] = 1.0
-    return torch.cat([w.flatten(), torch.ones_like(model.fc2.bias)])
-
-
-def groups_of(model, masked):
-    groups = ref.param_groups(model)
-    if masked:
-        groups[1]["exp_avg_mask"] = fc2_mask(model)
-    return groups
-
-
-def flat_mask(model):
-    return torch.cat([torch.ones(sum(p.numel() for p in model.fc1.parameters())), fc2_mask(model)])
-
-
 def build(seed=0, masked=False, **kw):
     model = ref.make_model(seed)
-    opt = taciturn.OneBitLamb(groups_of(model, masked), lr=LR, **{**SETTINGS, **kw})
+    opt = taciturn.OneBitLamb(ref.masked_groups(model, masked), lr=LR, **{**SETTINGS, **kw})
     return model, opt
 
 
@@ -61,9 +43,9 @@ def transcription(opt, model, masked=False, warmup="lamb", block_size=1024, comp
     settings = {**SETTINGS, **kw}
     sim = lref.OneBitLamb(ref.flat(ref.trainable(model)), 1, [p.numel() for p in ref.trainable(model)],
                           None if compressor is None else C(compressor, block_size=block_size), warmup=warmup,
-                          warmup_C=C("block_sign", block_size=block_size), mask=flat_mask(model) if masked else None,
+                          warmup_C=C("block_sign", block_size=block_size), mask=ref.flat_mask(model) if masked else None,
                           **settings)
-    xs, _ = ref.simulate(sim, model, groups_of(model, masked), 1, steps, LR)
+    xs, _ = ref.simulate(sim, model, ref.masked_groups(model, masked), 1, steps, LR)
     return xs, sim
 
 
@@ -225,8 +207,8 @@ def test_running_settings_win_on_load(tmp_path):
     model, opt = build(masked=True)
     ref.train(opt, model, 0, 1, 16, LR)
     saved = opt.state_dict()
-    mask2 = fc2_mask(model).flip(0)
-    groups = groups_of(ref.make_model(1), False)
+    mask2 = ref.fc2_mask(model).flip(0)
+    groups = ref.masked_groups(ref.make_model(1), False)
     groups[1]["exp_avg_mask"] = mask2
     second = taciturn.OneBitLamb(groups, lr=0.5, **{**SETTINGS, "coeff_beta": 0.5, "factor_max": 2.0,
                                                      "max_coeff": 9.0})
@@ -236,10 +218,10 @@ def test_running_settings_win_on_load(tmp_path):
     assert (g0["coeff_beta"], g0["factor_max"], g0["freeze_step"]) == (0.5, 2.0, FREEZE)
     assert g0["max_coeff"] == SETTINGS["max_coeff"] and g0["lr"] == opt.param_groups[0]["lr"]  # the checkpoint's
     assert second.lamb_freeze_key
-    third = taciturn.OneBitLamb(groups_of(ref.make_model(2), False), lr=LR, **SETTINGS)
+    third = taciturn.OneBitLamb(ref.masked_groups(ref.make_model(2), False), lr=LR, **SETTINGS)
     third.load_state_dict(saved)
     assert all("exp_avg_mask" not in g for g in third.param_groups)
-    assert torch.equal(opt.param_groups[1]["exp_avg_mask"], fc2_mask(model))  # saving changed nothing
+    assert torch.equal(opt.param_groups[1]["exp_avg_mask"], ref.fc2_mask(model))  # saving changed nothing
     ref.train(third, ref.make_model(2), 0, 1, 18, LR, start=16)  # and it runs
 
 
@@ -261,7 +243,7 @@ def test_running_freeze_step_wins_and_thaws(warmup, tmp_path):
     ref.train(opt, model, 0, 1, 15, LR)
     later_model = ref.make_model(1)
     later_model.load_state_dict(model.state_dict())
-    later = taciturn.OneBitLamb(groups_of(later_model, False), lr=LR,
+    later = taciturn.OneBitLamb(ref.masked_groups(later_model, False), lr=LR,
                                 **{**SETTINGS, "freeze_step": 20, "warmup": warmup, "block_size": 64})
     later.load_state_dict(opt.state_dict())
     assert not later.lamb_freeze_key
@@ -276,7 +258,7 @@ def test_running_freeze_step_wins_and_thaws(warmup, tmp_path):
 
     early_model, early = build(warmup=warmup, block_size=64, freeze_step=30)
     ref.train(early, early_model, 0, 1, 8, LR)
-    sooner = taciturn.OneBitLamb(groups_of(ref.make_model(1), False), lr=LR,
+    sooner = taciturn.OneBitLamb(ref.masked_groups(ref.make_model(1), False), lr=LR,
                                  **{**SETTINGS, "freeze_step": 5, "warmup": warmup, "block_size": 64})
     sooner.load_state_dict(early.state_dict())
     assert sooner.lamb_freeze_key and not any(k.startswith("warmup.") for k in sooner.compression.flat)

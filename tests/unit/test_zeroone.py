@@ -28,32 +28,13 @@ SCHEDULE = dict(var_freeze_step=14, var_update_scaler=3, local_step_scaler=3, lo
 RTOL, ATOL = 1e-5, 1e-5
 
 
-def fc2_mask(model):
-    """Keep fc2's first two output rows and its bias: a flat mask over the group [fc2.weight, fc2.bias]."""
-    w = torch.zeros_like(model.fc2.weight)
-    w[:2] = 1.0
-    return torch.cat([w.flatten(), torch.ones_like(model.fc2.bias)])
-
-
-def groups_of(model, masked):
-    groups = ref.param_groups(model)
-    if masked:
-        groups[1]["exp_avg_mask"] = fc2_mask(model)
-    return groups
-
-
-def flat_mask(model):
-    """The same mask over every trainable element (fc1 unmasked), for the transcription."""
-    return torch.cat([torch.ones(sum(p.numel() for p in model.fc1.parameters())), fc2_mask(model)])
-
-
 #: DeepSpeed's exact form (taciturn's zero-variance mask and variance floor off), as transcribed
 EXACT = dict(mask_zero_variance=False, variance_floor=0.0)
 
 
 def build(seed=0, masked=False, **kw):
     model = ref.make_model(seed)
-    opt = taciturn.ZeroOneAdam(groups_of(model, masked), lr=LR, **{**SCHEDULE, **EXACT, **kw})
+    opt = taciturn.ZeroOneAdam(ref.masked_groups(model, masked), lr=LR, **{**SCHEDULE, **EXACT, **kw})
     return model, opt
 
 
@@ -61,9 +42,9 @@ def transcription(opt, model, masked=False, warmup="adam", block_size=1024, comp
     C = ref.compression_factory(ref.pipeline_layout(opt))
     settings = {**SCHEDULE, **kw}
     sim = zref.ZeroOneAdam(ref.flat(ref.trainable(model)), 1, C(compressor, block_size=block_size), **settings,
-                           mask=flat_mask(model) if masked else None, warmup=warmup,
+                           mask=ref.flat_mask(model) if masked else None, warmup=warmup,
                            warmup_C=C("block_sign", block_size=block_size))
-    return ref.simulate(sim, model, groups_of(model, masked), 1, STEPS, LR)
+    return ref.simulate(sim, model, ref.masked_groups(model, masked), 1, STEPS, LR)
 
 
 def assert_close_trajectory(actual, expected, what):
@@ -180,17 +161,17 @@ def test_running_mask_and_schedule_win_on_load(tmp_path):
     model, opt = build(masked=True)
     ref.train(opt, model, 0, 1, 20, LR)
     saved = opt.state_dict()
-    mask2 = fc2_mask(model).flip(0)
-    groups = groups_of(ref.make_model(1), False)
+    mask2 = ref.fc2_mask(model).flip(0)
+    groups = ref.masked_groups(ref.make_model(1), False)
     groups[1]["exp_avg_mask"] = mask2
     second = taciturn.ZeroOneAdam(groups, lr=LR, **{**SCHEDULE, "local_step_clipper": 8})
     second.load_state_dict(saved)
     assert torch.equal(second.param_groups[1]["exp_avg_mask"], mask2)
     assert second.param_groups[0]["local_step_clipper"] == 8 and second.freeze_key
-    third = taciturn.ZeroOneAdam(groups_of(ref.make_model(2), False), lr=LR, **SCHEDULE)
+    third = taciturn.ZeroOneAdam(ref.masked_groups(ref.make_model(2), False), lr=LR, **SCHEDULE)
     third.load_state_dict(saved)
     assert all("exp_avg_mask" not in g for g in third.param_groups)
-    assert torch.equal(opt.param_groups[1]["exp_avg_mask"], fc2_mask(model))  # saving changed nothing
+    assert torch.equal(opt.param_groups[1]["exp_avg_mask"], ref.fc2_mask(model))  # saving changed nothing
 
 
 def test_masked_momentum_is_zero_after_a_synchronisation():
@@ -306,7 +287,7 @@ def test_defaults_keep_zero_variance_elements_still_and_floor_the_variance():
     update each non-zero v is at least 0.1 of its block's mean (64-element blocks here)."""
     model = ref.make_model(0)
     dead = model.fc1.weight
-    opt = taciturn.ZeroOneAdam(groups_of(model, False), lr=LR, block_size=64, **SCHEDULE)
+    opt = taciturn.ZeroOneAdam(ref.masked_groups(model, False), lr=LR, block_size=64, **SCHEDULE)
     with torch.no_grad():
         before = dead[0].clone()
     for t in range(STEPS):
@@ -327,7 +308,7 @@ def test_exact_form_moves_zero_variance_elements():
     """The same run in DeepSpeed's exact form: the 1-bit values move the dead unit's weights."""
     model = ref.make_model(0)
     dead = model.fc1.weight
-    opt = taciturn.ZeroOneAdam(groups_of(model, False), lr=LR, block_size=64, **SCHEDULE, **EXACT)
+    opt = taciturn.ZeroOneAdam(ref.masked_groups(model, False), lr=LR, block_size=64, **SCHEDULE, **EXACT)
     before = dead[0].detach().clone()
     for t in range(STEPS):
         opt.zero_grad()
