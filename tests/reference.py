@@ -461,6 +461,13 @@ def flat_mask(model):
     return torch.cat([torch.ones(sum(p.numel() for p in model.fc1.parameters())), fc2_mask(model)])
 
 
+def assert_close_steps(actual, expected, what, rtol=1e-5, atol=1e-5):
+    """Two trajectories (a tensor per step) of the same length, close at every step (named from 1)."""
+    assert len(actual) == len(expected)
+    for k, (a, e) in enumerate(zip(actual, expected), 1):
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"{what}, step {k}: {m}")
+
+
 def full_and_resumed(run_ranks, tmp_path_factory, run_full, run_resumed, n, timeout=300):
     """A job of ``n`` ranks that checkpoints into a fresh folder, then a job of fresh processes
     that resumes from it: (full results, resumed results)."""

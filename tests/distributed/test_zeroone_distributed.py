@@ -33,7 +33,6 @@ LR = 1e-2
 SCHEDULE = dict(var_freeze_step=14, var_update_scaler=3, local_step_scaler=3, local_step_clipper=4)
 #: DeepSpeed's s = k + 1 of the synchronising steps after the freeze (see test_zeroone.py)
 SYNCS = {16, 17, 18, 20, 24, 28, 32, 36}
-RTOL, ATOL = 1e-5, 1e-5
 #: no 1-bit input of these runs lies within 1e-6 of its block's scale from 0, where the float
 #: rounding by which the pipeline and the transcription differ could flip a sign (with weight
 #: decay 0.01 one does, at step 31)
@@ -130,19 +129,13 @@ def simulate(name, layout):
     return xs, points
 
 
-def close(actual, expected, what):
-    assert len(actual) == len(expected)
-    for k, (a, e) in enumerate(zip(actual, expected), 1):
-        torch.testing.assert_close(a, e, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}, step {k}: {m}")
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_transcription_of_3_workers(jobs, name):
     full, _ = jobs
     xs, points = simulate(name, full[0][name]["layout"])
-    close(full[0][name]["xs"], xs, f"{name}: x_sync")
+    ref.assert_close_steps(full[0][name]["xs"], xs, f"{name}: x_sync")
     for rank in range(N):
-        close(full[rank][name]["points"], [p[rank] for p in points], f"{name}: rank {rank}'s parameters")
+        ref.assert_close_steps(full[rank][name]["points"], [p[rank] for p in points], f"{name}: rank {rank}'s parameters")
 
 
 @pytest.mark.parametrize("name", list(CASES))

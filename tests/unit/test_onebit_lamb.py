@@ -28,7 +28,6 @@ LR = 1e-2
 #: by factor_threshold per step and stop at factor_min (test_matches_the_transcription checks that)
 SETTINGS = dict(freeze_step=FREEZE, max_coeff=0.06, min_coeff=0.02, coeff_beta=0.8, factor_max=1.2, factor_min=0.9,
                 factor_threshold=0.01)
-RTOL, ATOL = 1e-5, 1e-5
 
 
 def build(seed=0, masked=False, **kw):
@@ -49,12 +48,6 @@ def transcription(opt, model, masked=False, warmup="lamb", block_size=1024, comp
     return xs, sim
 
 
-def assert_close_trajectory(actual, expected, what):
-    assert len(actual) == len(expected)
-    for t, (a, e) in enumerate(zip(actual, expected)):
-        torch.testing.assert_close(a, e, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}, step {t + 1}: {m}")
-
-
 CONFIGS = {
     "lamb": {},
     "lamb_weight_decay_mask": dict(masked=True, weight_decay=0.01),
@@ -73,7 +66,7 @@ def test_matches_the_transcription(name):
         xs += ref.train(opt, model, 0, 1, t + 1, LR, start=t)[0]
         coeffs.append(list(opt.lamb_coeffs))
     sim_xs, sim = transcription(opt, ref.make_model(0), masked=masked, **cfg)
-    assert_close_trajectory(xs, sim_xs, name)
+    ref.assert_close_steps(xs, sim_xs, name)
     assert opt.lamb_freeze_key and opt.global_step == STEPS
     params = ref.trainable(model)
     for k, p in enumerate(params):
@@ -103,7 +96,7 @@ def test_identity_compressor_is_the_uncompressed_algorithm():
         xs, _ = ref.train(opt, model, 0, 1, STEPS, LR)
         sim_xs, sim = transcription(opt, ref.make_model(0), compressor=None, warmup=warmup, block_size=64,
                                     weight_decay=0.01)
-        assert_close_trajectory(xs, sim_xs, f"identity ({warmup})")
+        ref.assert_close_steps(xs, sim_xs, f"identity ({warmup})")
         fresh = ref.flat([opt.state[p]["exp_avg_sq_fresh"] for p in ref.trainable(model)])
         torch.testing.assert_close(fresh, sim.v_fresh, rtol=1e-4, atol=1e-9)
 

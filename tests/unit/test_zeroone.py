@@ -23,9 +23,8 @@ STEPS = 36
 LR = 1e-2
 #: crosses var_interval 1 -> 2 -> 4, the freeze after step 14, local_step_interval 1 -> 2 -> 4
 SCHEDULE = dict(var_freeze_step=14, var_update_scaler=3, local_step_scaler=3, local_step_clipper=4)
-#: float rounding of Adam without bias correction (m / (sqrt(v) + eps) of tiny v) stays near 2e-6
-#: of the largest parameter over the run: it does not grow
-RTOL, ATOL = 1e-5, 1e-5
+#: (ref.assert_close_steps' 1e-5: float rounding of Adam without bias correction, m / (sqrt(v) + eps)
+#: of tiny v, stays near 2e-6 of the largest parameter over the run: it does not grow)
 
 
 #: DeepSpeed's exact form (taciturn's zero-variance mask and variance floor off), as transcribed
@@ -47,12 +46,6 @@ def transcription(opt, model, masked=False, warmup="adam", block_size=1024, comp
     return ref.simulate(sim, model, ref.masked_groups(model, masked), 1, STEPS, LR)
 
 
-def assert_close_trajectory(actual, expected, what):
-    assert len(actual) == len(expected)
-    for t, (a, e) in enumerate(zip(actual, expected)):
-        torch.testing.assert_close(a, e, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}, step {t + 1}: {m}")
-
-
 CONFIGS = {
     "adam": {},
     "adam_weight_decay_mask": dict(masked=True, weight_decay=0.01),
@@ -69,8 +62,8 @@ def test_matches_the_transcription(name):
     xs, points = ref.train(opt, model, 0, 1, STEPS, LR)
     sim_model = ref.make_model(0)
     sim_xs, sim_points = transcription(opt, sim_model, masked=masked, **cfg)
-    assert_close_trajectory(xs, sim_xs, f"{name}: x_sync")
-    assert_close_trajectory(points, [p[0] for p in sim_points], f"{name}: parameters")
+    ref.assert_close_steps(xs, sim_xs, f"{name}: x_sync")
+    ref.assert_close_steps(points, [p[0] for p in sim_points], f"{name}: parameters")
     assert opt.freeze_key and opt.global_step == STEPS
     if cfg.get("warmup") != "cdadam":
         assert opt.schedule["var_interval"] == 4
@@ -112,7 +105,7 @@ def test_identity_compressor_is_frozen_variance_adam():
     onebit = taciturn.OneBitAdam(ref.param_groups(other), lr=LR, freeze_step=12, compressor="identity",
                                  mask_zero_variance=False, variance_floor=0.0)  # DeepSpeed's frozen variance
     expected, _ = ref.train(onebit, other, 0, 1, STEPS, LR)
-    assert_close_trajectory(points, expected, "ZeroOneAdam(identity) vs OneBitAdam(identity)")
+    ref.assert_close_steps(points, expected, "ZeroOneAdam(identity) vs OneBitAdam(identity)")
     assert all(torch.equal(x, p) for x, p in zip(xs, points))  # every step synchronises
 
 
@@ -120,7 +113,7 @@ def test_identity_compressor_local_steps_match_the_transcription():
     model, opt = build(compressor="identity", weight_decay=0.01)
     xs, points = ref.train(opt, model, 0, 1, STEPS, LR)
     sim_xs, sim_points = transcription(opt, ref.make_model(0), compressor="identity", weight_decay=0.01)
-    assert_close_trajectory(points, [p[0] for p in sim_points], "identity: parameters")
+    ref.assert_close_steps(points, [p[0] for p in sim_points], "identity: parameters")
 
 
 @pytest.mark.parametrize("warmup", ["adam", "cdadam"])
