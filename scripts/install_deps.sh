@@ -2,7 +2,8 @@
 # Installs everything taciturn's demo, tests and benchmarks need into the current Python
 # environment. Idempotent: a second run finds everything present and installs nothing.
 # `install_deps.sh demo` installs only what the main demo needs (apt data, iproute2, torch,
-# taciturn with its test extra); without an argument, everything the tests need.
+# taciturn with its test extra); without an argument, everything the tests need (triton included:
+# tests/gpu runs the CUDA kernels under its interpreter on a machine without a GPU).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-python3}"
@@ -33,6 +34,7 @@ from packaging.requirements import Requirement
 import taciturn
 assert os.path.realpath(os.path.dirname(taciturn.__file__)) == os.path.realpath(os.path.join(sys.argv[1], "plugin"))
 extras = [""] + sys.argv[2:]
+assert set(sys.argv[2:]) <= set(md.metadata("taciturn").get_all("Provides-Extra") or [])  # metadata of this setup.py
 for req in map(Requirement, md.requires("taciturn") or []):
     if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras):
         assert req.specifier.contains(md.version(req.name), prereleases=True), req
@@ -42,6 +44,6 @@ if [ "$mode" = demo ]; then
     installed test || "$PY" -m pip install -q -e "$here[test]"
     exit 0
 fi
-installed test deepspeed hf mpi || "$PY" -m pip install -q -e "$here[test,deepspeed,hf,mpi]"
+installed test deepspeed hf mpi triton || "$PY" -m pip install -q -e "$here[test,deepspeed,hf,mpi,triton]"
 bash "$here/scripts/install_horovod.sh"
 PYTHON="$PY" bash "$here/scripts/install_deepspeed.sh"

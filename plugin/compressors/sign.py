@@ -71,14 +71,14 @@ class ScaledSign(Compressor):
     def encode_fused(self, x, pieces, fused, scales=None, seed=0):
         if not kernels.usable(x, fused.h):
             return super().encode_fused(_flat(x), pieces, fused, scales, seed)
-        out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8)
+        out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8, device=x.device)
         return kernels.sign_encode(x, pieces, self.scale, out, self._head(pieces), h=fused.h, alpha=fused.alpha,
                                    update=fused.update, scales=scales)
 
     def serve_fused(self, payloads, pieces, acc, fused, scratch, seeds=(0, 0)):
-        if not kernels.usable(payloads, acc, fused.h) or any(run[2] > kernels.LOCAL_MAX for run in pieces.runs):
+        if not kernels.serves(pieces, payloads, acc, fused.h):
             return super().serve_fused(payloads, pieces, acc, fused, scratch, seeds)
-        out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8)
+        out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8, device=payloads.device)
         return kernels.sign_serve(payloads, pieces, self.scale, self._head(pieces), out, acc=acc, h=fused.h,
                                   alpha=fused.alpha, update=fused.update)
 

@@ -137,15 +137,15 @@ class TopK(_Sparse):
         return mag.topk(k, sorted=False).indices
 
     def fuses(self, *tensors):
-        return kernels.usable(*tensors)
+        return kernels.usable(*tensors, triton=False)
 
     def encode_fused(self, x, pieces, fused, scales=None, seed=0):
-        if not kernels.usable(x, fused.h):
+        if not kernels.usable(x, fused.h, triton=False):
             return super().encode_fused(x, pieces, fused, scales, seed)
         return self._kernel_encode(x, pieces, fused.h, fused.alpha, fused.update)
 
     def encode(self, x, pieces, seed=0, scales=None):
-        if kernels.usable(x):
+        if kernels.usable(x, triton=False):
             return self._kernel_encode(x, pieces)
         return super().encode(x, pieces, seed, scales)
 

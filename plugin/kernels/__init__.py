@@ -17,6 +17,11 @@ codecs keep their torch path. ``TACITURN_KERNELS=0`` switches the kernels off; s
 ``set_enabled(False)`` (the benchmark compares both paths in one process).
 ``TACITURN_KERNELS_ARCH`` (default ``native``) is the ``-march`` the library is built for: a
 cache shared by machines with different CPUs wants a common one, e.g. ``x86-64-v3`` (AVX2).
+
+CUDA tensors go to the Triton kernels of ``triton_sign.py`` and ``triton_update.py`` instead
+(the same contract; bf16 inputs too), when triton imports (``pip install taciturn[triton]``; it
+is imported at the first CUDA tensor, and if it cannot be, one warning says so and the torch path
+stays). ``TACITURN_KERNELS=0`` and ``set_enabled`` switch them off as well.
 """
 from __future__ import annotations
 
@@ -49,9 +54,15 @@ _MIN_PER_THREAD = 1 << 18
 #: the longest piece ``sign_serve`` takes (kLocal in sign.cpp: a piece that one thread keeps in cache)
 LOCAL_MAX = 1 << 16
 
+#: device types whose tensors go to the Triton kernels (tests/gpu adds "cpu" to run them, CPU
+#: tensors under TRITON_INTERPRET=1, through the codecs)
+TRITON_DEVICES = {"cuda"}
+
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _failed: Optional[str] = None
+_triton_failed: Optional[str] = None
+_triton_loaded = False
 _enabled = os.environ.get("TACITURN_KERNELS", "1") != "0"
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
@@ -128,6 +139,22 @@ def library() -> Optional[ctypes.CDLL]:
     return _lib
 
 
+def triton_ready() -> bool:
+    """Whether the Triton kernels can run: triton imported on the first call (one warning if it cannot be)."""
+    global _triton_failed, _triton_loaded
+    if not _triton_loaded and _triton_failed is None:
+        with _lock:
+            if not _triton_loaded and _triton_failed is None:
+                try:
+                    import triton  # noqa: F401
+                    _triton_loaded = True
+                except Exception as exc:  # any failure leaves the torch path working
+                    _triton_failed = f"{type(exc).__name__}: {exc}"
+                    warnings.warn(f"taciturn: the Triton kernels are unavailable ({_triton_failed}); CUDA tensors "
+                                  "take the torch path (pip install taciturn[triton])", RuntimeWarning, stacklevel=3)
+    return _triton_loaded
+
+
 def set_enabled(flag: bool) -> bool:
     """Switch the kernels on or off for this process; returns the previous setting."""
     global _enabled
@@ -135,18 +162,40 @@ def set_enabled(flag: bool) -> bool:
     return previous
 
 
-def usable(*tensors) -> bool:
+def _parts(tensors) -> list:
+    """The tensors, a ``Segments`` as its parts, None entries left out."""
+    return [p for t in tensors for p in (t.parts if isinstance(t, Segments) else [t]) if p is not None]
+
+
+def on_triton(*tensors) -> bool:
+    """Whether these tensors (at least one) are all on a device of the Triton kernels."""
+    parts = _parts(tensors)
+    return bool(parts) and all(p.device.type in TRITON_DEVICES for p in parts)
+
+
+def usable(*tensors, triton: bool = True) -> bool:
     """True when the kernels may run on these tensors (None entries are ignored; a ``Segments``
     counts as its parts): all on CPU, contiguous, fp32 or uint8, and the library is built
-    (building it if needed)."""
+    (building it if needed); or all on CUDA, contiguous, fp32 or uint8 (the first tensor, a codec's
+    input, also bf16), and triton imports. ``triton=False``: the caller has no Triton kernel
+    (top-k), CPU tensors only."""
     if not _enabled:
         return False
-    for t in tensors:
-        for part in (t.parts if isinstance(t, Segments) else [t]):
-            if part is not None and (part.device.type != "cpu" or not part.is_contiguous()
-                                     or part.dtype not in (torch.float32, torch.uint8)):
-                return False
-    return library() is not None
+    gpu = on_triton(*tensors)
+    if gpu and not triton:
+        return False
+    plain = (torch.float32, torch.uint8)
+    for k, t in enumerate(tensors):
+        dtypes = (*plain, torch.bfloat16) if gpu and k == 0 else plain
+        if not all(p.is_contiguous() and p.dtype in dtypes and (gpu or p.device.type == "cpu") for p in _parts([t])):
+            return False
+    return triton_ready() if gpu else library() is not None
+
+
+def serves(pieces: Pieces, *tensors) -> bool:
+    """True when ``sign_serve`` takes these pieces and tensors: ``usable``, and on CPU pieces of at
+    most ``LOCAL_MAX`` elements."""
+    return usable(*tensors) and (on_triton(*tensors) or all(run[2] <= LOCAL_MAX for run in pieces.runs))
 
 
 def _threads(numel: int) -> int:
@@ -186,6 +235,9 @@ def sign_scales(x, pieces: Pieces, scale: str, h: Optional[torch.Tensor] = None,
     """The scale of every piece of y = x + alpha*h (mean |y| for "l1", sqrt(mean y^2) for "l2");
     x a tensor or ``Segments`` whose parts no piece straddles."""
     _check(x, pieces, h)
+    if on_triton(x):
+        from . import triton_sign
+        return triton_sign.piece_scales(x, pieces, scale, h, alpha)
     out = torch.empty(pieces.count, dtype=torch.float32)
     runs, nruns = _runs(pieces)
     source = _source(x)
@@ -209,6 +261,10 @@ def sign_encode(x, pieces: Pieces, scale: str, payload: torch.Tensor, head: int,
         raise ValueError(f"taciturn.kernels: update={update!r} needs the state tensor h")
     if payload.numel() < head + packed_len(pieces.numel):
         raise ValueError(f"taciturn.kernels: payload of {payload.numel()} bytes is too small")
+    if on_triton(x):
+        from . import triton_sign
+        return triton_sign.encode(x, pieces, scale, payload, head, h=h, alpha=alpha, update=update,
+                                  scales=scales)
     if scales is not None:
         scales = scales.to(torch.float32).contiguous()
     runs, nruns = _runs(pieces)
@@ -223,10 +279,13 @@ def sign_decode(payload: torch.Tensor, pieces: Pieces, scale: str, head: int,
                 out: Optional[torch.Tensor] = None, accumulate: bool = False) -> torch.Tensor:
     """C from a sign payload into ``out`` (allocated when None), or added to ``out``."""
     if out is None:
-        out = torch.empty(pieces.numel, dtype=torch.float32)
+        out = torch.empty(pieces.numel, dtype=torch.float32, device=payload.device)
     _check(out, pieces)
     if payload.numel() < head + packed_len(pieces.numel):
         raise ValueError(f"taciturn.kernels: payload of {payload.numel()} bytes is too small")
+    if on_triton(payload):
+        from . import triton_sign
+        return triton_sign.decode(payload, pieces, scale, head, out, accumulate)
     runs, nruns = _runs(pieces)
     library().tac_sign_decode(payload.data_ptr(), payload.data_ptr() + head, runs, nruns, pieces.numel,
                               _SCALES[scale], out.data_ptr(), int(accumulate), _threads(pieces.numel))
@@ -238,16 +297,19 @@ def sign_serve(payloads: torch.Tensor, pieces: Pieces, scale: str, head: int, ou
                update: str = "none") -> torch.Tensor:
     """The server phase in one pass per piece: a = mean of the decoded rows of ``payloads``
     (n, bytes), x = a, or ``acc += a`` and x = acc; then the payload of y = x + alpha*h into
-    ``out`` with h updated as in ``sign_encode``. Pieces of at most ``LOCAL_MAX`` elements."""
+    ``out`` with h updated as in ``sign_encode``. On CPU pieces of at most ``LOCAL_MAX`` elements."""
     for t in (acc, h):
         if t is not None and t.numel() != pieces.numel:
             raise ValueError(f"taciturn.kernels: state of {t.numel()} elements for pieces of {pieces.numel}")
-    if pieces.count and max(run[2] for run in pieces.runs) > LOCAL_MAX:
-        raise ValueError(f"taciturn.kernels: sign_serve takes pieces of at most {LOCAL_MAX} elements")
     if update != "none" and h is None:
         raise ValueError(f"taciturn.kernels: update={update!r} needs the state tensor h")
     if min(payloads.shape[1], out.numel()) < head + packed_len(pieces.numel):
         raise ValueError("taciturn.kernels: payload too small for its pieces")
+    if on_triton(payloads):
+        from . import triton_sign
+        return triton_sign.serve(payloads, pieces, scale, head, out, acc=acc, h=h, alpha=alpha, update=update)
+    if pieces.count and max(run[2] for run in pieces.runs) > LOCAL_MAX:
+        raise ValueError(f"taciturn.kernels: sign_serve takes pieces of at most {LOCAL_MAX} elements")
     n = payloads.shape[0]
     rows = [payloads[j].data_ptr() for j in range(n)]
     heads = (ctypes.c_void_p * n)(*rows)

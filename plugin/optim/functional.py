@@ -5,8 +5,9 @@ its fp32 state tensors. ``param`` is fp32 (the parameter itself or its fp32 mast
 
 Contiguous fp32 CPU tensors go through the fused kernels of ``taciturn.kernels.update``: one
 pass over memory per update, rounding as the torch path below does op for op but for the
-square root (theirs is correctly rounded; torch's, MKL's on x86, may be 1 ulp off). The torch path
-(CUDA, other layouts, kernels off) updates in place; on CPU it works through pieces of
+square root (theirs is correctly rounded; torch's, MKL's on x86, may be 1 ulp off). Contiguous
+fp32 CUDA tensors go through its Triton kernels when triton imports (rounding as torch's CUDA ops).
+The torch path (other layouts, kernels off, no triton) updates in place; on CPU it works through pieces of
 ``_PIECE`` elements, so that its ops find their operands in cache and its denominator needs a
 piece-sized scratch tensor, not a fresh full-size one (which costs more in page faults than the
 update itself).
