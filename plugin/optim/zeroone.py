@@ -67,7 +67,7 @@ class ZeroOneAdam(CompressedOptimizer):
     steps. Two defaults of taciturn's, both off in DeepSpeed's exact form
     (``mask_zero_variance=False, variance_floor=0``): ``mask_zero_variance`` (default True):
     elements whose v is exactly 0 (no variance step ever saw a gradient there) take no step and
-    their u_avg is 0; ``variance_floor`` (default 0.1): after each variance update (and at the
+    their u_avg is 0; ``variance_floor`` (default 0.1; 0 with ``compressor="identity"``): after each variance update (and at the
     freeze, for ``warmup="cdadam"``), every non-zero v is raised to at least that fraction of the
     mean v of its block (the 1-bit compressor's blocks: ``OneBitAdam``'s rule,
     ``taciturn.optim.onebit.floor_variance_``), in place, so the floored v is what the variance
@@ -113,7 +113,7 @@ class ZeroOneAdam(CompressedOptimizer):
                  var_update_scaler=16, local_step_scaler=32678, local_step_clipper=16, warmup="adam",
                  compressor="block_sign", block_size=1024, ratio=None, k=None, compressor_options=None,
                  cuda_aware=False, comm_backend_name=None, amsgrad=False, mask_zero_variance=True,
-                 variance_floor=DEFAULT_VARIANCE_FLOOR, **kwargs):
+                 variance_floor=None, **kwargs):
         if amsgrad:
             raise ValueError("ZeroOneAdam: amsgrad=True is not supported (0/1 Adam has no AMSGrad variant); "
                              "remove it, or use CDAdam for AMSGrad with compression")
@@ -127,11 +127,14 @@ class ZeroOneAdam(CompressedOptimizer):
         check_range("eps", eps, 0.0)
         if not isinstance(mask_zero_variance, bool):
             raise ValueError(f"ZeroOneAdam: mask_zero_variance={mask_zero_variance!r} must be True or False")
-        check_floor(variance_floor, owner="ZeroOneAdam")
+        if variance_floor is not None:
+            check_floor(variance_floor, owner="ZeroOneAdam")
         if comm_backend_name is not None and "process_group" not in kwargs:
             kwargs["process_group"] = _backend(comm_backend_name, "ZeroOneAdam")
         one_bit = preset("dist_ef_block_sign").configure(compressor, block_size=block_size, ratio=ratio, k=k,
                                                          options=compressor_options)
+        if variance_floor is None:  # as OneBitAdam's: a remedy of lossy values, none with C = identity
+            variance_floor = 0.0 if one_bit.compressor == "identity" else DEFAULT_VARIANCE_FLOOR
         if warmup == "adam":
             exchanges = {"exact": preset("identity"), "grad": one_bit, "momentum": one_bit}
         else:
