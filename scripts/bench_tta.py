@@ -249,7 +249,9 @@ def notes(results: List[dict]) -> List[str]:
                      "divides by sqrt(v) + eps, so those weights take steps of order scale / eps and the model "
                      "diverges within about ten steps, with or without the mask. DeepSpeed's answer is a "
                      "hand-made exp_avg_mask; the CD-Adam warm-up builds its variance from compressed gradients, "
-                     "which are non-zero everywhere.")
+                     "which are non-zero everywhere; OneBitAdam's variance_floor (default 0.1 of the block's mean "
+                     "variance, applied at the freeze; 0 is Tang et al.'s form) bounds those steps "
+                     "(scripts/bench_accuracy.py).")
         out.append(line)
     return out
 

@@ -10,7 +10,8 @@ import torch
 
 from ..presets import preset
 from .base import CompressedOptimizer, check_range
-from .onebit import _backend, _exp_avg_mask_views, _freeze_running_max
+from .onebit import (DEFAULT_VARIANCE_FLOOR, _backend, _exp_avg_mask_views, _freeze_running_max, check_floor,
+                     floor_variance_)
 
 #: per-parameter state: the running average of the LAMB coefficient (frozen at the freeze),
 #: the last step's factor on it, and the momentum's scale before compression (python floats)
@@ -18,7 +19,8 @@ LAMB_COEFF, LAST_FACTOR, SCALING_COEFF = "lamb_coeff_freeze", "last_factor", "sc
 #: per-parameter state after the freeze: the variance re-estimated from the averaged momenta
 FRESH = "exp_avg_sq_fresh"
 #: param group keys taken from the running script, not the checkpoint, by load_state_dict
-_RUNNING_CONFIG = ("freeze_step", "exp_avg_mask", "coeff_beta", "factor_max", "factor_min", "factor_threshold")
+_RUNNING_CONFIG = ("freeze_step", "exp_avg_mask", "coeff_beta", "factor_max", "factor_min", "factor_threshold",
+                   "mask_zero_variance", "variance_floor")
 _log = logging.getLogger("taciturn")
 
 
@@ -64,6 +66,16 @@ class OneBitLamb(CompressedOptimizer):
     (1 - factor_threshold), last_factor (1 + factor_threshold)]; last_factor = f (from 1);
     x = x - lr lamb_coeff_freeze f u. An empty tensor keeps its last_factor.
 
+    Frozen variances that are 0 or tiny: the 1-bit momentum gives every element of a block
+    +-its scale, never 0, so m / (sqrt(v) + eps) moves such an element by about
+    lr coeff scale / sqrt(v) per step (with the LAMB warm-up the model diverged within a few steps
+    of the freeze on Fashion-MNIST, ``scripts/bench_tta.py --lamb``). As ``OneBitAdam``:
+    ``mask_zero_variance`` (default True) zeroes the averaged momentum where the frozen v is
+    exactly 0, and ``variance_floor`` (default 0.1; 0 with ``compressor="identity"``) raises every
+    non-zero v, at the freeze, to at least that fraction of its block's mean (the momentum
+    compressor's blocks), before v_fresh starts from it. ``mask_zero_variance=False,
+    variance_floor=0`` is DeepSpeed's exact form.
+
     Ranks are bit-identical after every step (parameters, m, v, v_fresh and the coefficients):
     the warm-up updates from the same averaged gradient, the compressed steps from the same
     averaged momentum, and every coefficient is computed from those alone. Where DeepSpeed
@@ -102,7 +114,8 @@ class OneBitLamb(CompressedOptimizer):
                  weight_decay=0.0, max_grad_norm=0.0, max_coeff=10.0, min_coeff=0.01, amsgrad=False,
                  cuda_aware=False, comm_backend_name=None, coeff_beta=0.9, factor_max=4.0, factor_min=0.5,
                  factor_threshold=0.1, warmup="lamb", compressor="block_sign", block_size=1024, ratio=None, k=None,
-                 compressor_options=None, bias_correction=False, **kwargs):
+                 compressor_options=None, bias_correction=False, mask_zero_variance=True, variance_floor=None,
+                 **kwargs):
         if amsgrad:
             raise ValueError("OneBitLamb: amsgrad=True is not supported (1-bit LAMB freezes the variance); remove "
                              "it, or use CDAdam for AMSGrad with compression")
@@ -127,14 +140,23 @@ class OneBitLamb(CompressedOptimizer):
         check_range("factor_min", factor_min, 0.0, lo_open=True)
         _check_order("factor_max", factor_max, "factor_min", factor_min, "the factor on the frozen LAMB coefficient")
         check_range("factor_threshold", factor_threshold, 0.0)
+        if not isinstance(mask_zero_variance, bool):
+            raise ValueError(f"OneBitLamb: mask_zero_variance={mask_zero_variance!r} must be True or False")
+        if variance_floor is not None:
+            check_floor(variance_floor, owner="OneBitLamb")
         if comm_backend_name is not None and "process_group" not in kwargs:
             kwargs["process_group"] = _backend(comm_backend_name, "OneBitLamb")
         warm = preset("identity") if warmup == "lamb" else preset("cdadam").configure(block_size=block_size)
         momentum = preset("dist_ef_block_sign").configure(compressor, block_size=block_size, ratio=ratio, k=k,
                                                           options=compressor_options)
+        if variance_floor is None:  # as OneBitAdam's: a remedy of lossy momenta, none with C = identity
+            variance_floor = 0.0 if momentum.compressor == "identity" else DEFAULT_VARIANCE_FLOOR
+        #: the blocks of the variance floor: the momentum compressor's blocks, or whole tensors
+        self._floor_block = dict(momentum.options).get("block_size") if momentum.compressor == "block_sign" else None
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                         max_coeff=max_coeff, min_coeff=min_coeff, freeze_step=freeze_step, coeff_beta=coeff_beta,
-                        factor_max=factor_max, factor_min=factor_min, factor_threshold=factor_threshold)
+                        factor_max=factor_max, factor_min=factor_min, factor_threshold=factor_threshold,
+                        mask_zero_variance=mask_zero_variance, variance_floor=float(variance_floor))
         self.warmup = warmup
         self.cuda_aware = cuda_aware
         self.lamb_coeffs = []
@@ -165,6 +187,7 @@ class OneBitLamb(CompressedOptimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         _exp_avg_mask_views(self.param_groups[-1], len(self.param_groups) - 1, "OneBitLamb")
+        check_floor(self.param_groups[-1].get("variance_floor", 0.0), len(self.param_groups) - 1, "OneBitLamb")
 
     def load_state_dict(self, state_dict, reset_compression_state: bool = False):
         """The checkpoint's state, with the running script's ``freeze_step``, ``exp_avg_mask``
@@ -208,10 +231,13 @@ class OneBitLamb(CompressedOptimizer):
             for p in missing:
                 scale = scales.get(p, 0.0)
                 self.state[p][SCALING_COEFF] = united / scale if scale > 0 and united > 0 else 1.0
-        for _, p in self._trainable:
+        for gi, p in self._trainable:
             st = self.state[p]
             if FRESH not in st:
-                st[FRESH] = self.param_state(p, "exp_avg_sq")[0].clone()
+                v = self.param_state(p, "exp_avg_sq")[0]
+                if self.param_groups[gi]["variance_floor"] > 0:
+                    floor_variance_(v, self.param_groups[gi]["variance_floor"], self._floor_block)
+                st[FRESH] = v.clone()
         self.compression.free("warmup")
         self.compression.flat["frozen"] = True
         _log.info("OneBitLamb: variance and LAMB coefficients frozen at step %d; compressed momentum from here on",
@@ -283,6 +309,8 @@ class OneBitLamb(CompressedOptimizer):
             m.copy_(m_avg).div_(st[SCALING_COEFF])
             if p in masks:
                 m.mul_(masks[p].to(device=m.device, dtype=m.dtype))
+            if group["mask_zero_variance"]:
+                m.masked_fill_(v == 0, 0.0)
             g_rec = (m - m_last * b1) / (1 - b1)
             fresh.mul_(b2).addcmul_(g_rec, g_rec, value=1 - b2)
             x = self.master(p)

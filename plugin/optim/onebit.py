@@ -40,7 +40,9 @@ class OneBitAdam(CompressedOptimizer):
     made for its flattened fp16 groups). Any other size is refused when the group is added,
     naming both accepted sizes.
 
-    ``variance_floor`` (default 0.1): at the freeze, every non-zero frozen variance is raised
+    ``variance_floor`` (default None: 0.1, or 0 with ``compressor="identity"``, so that the
+    identity compressor still gives the uncompressed algorithm, Adam with a frozen variance;
+    the group then holds the number used): at the freeze, every non-zero frozen variance is raised
     to at least ``variance_floor`` times the mean variance of its block, the blocks of the
     momentum's compressor (``block_size`` elements inside each tensor for ``block_sign``, the
     last one shorter; the whole tensor for the other compressors):
@@ -89,7 +91,7 @@ class OneBitAdam(CompressedOptimizer):
     def __init__(self, params, lr=1e-3, freeze_step=100000, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  warmup="adam", compressor="block_sign", block_size=1024, ratio=None, k=None, compressor_options=None,
                  cuda_aware=False, comm_backend_name=None, amsgrad=False, bias_correction=False,
-                 mask_zero_variance=True, variance_floor=DEFAULT_VARIANCE_FLOOR, **kwargs):
+                 mask_zero_variance=True, variance_floor=None, **kwargs):
         if amsgrad:
             raise ValueError("OneBitAdam: amsgrad=True is not supported (1-bit Adam freezes the variance)")
         if bias_correction:
@@ -102,13 +104,16 @@ class OneBitAdam(CompressedOptimizer):
         if not isinstance(mask_zero_variance, bool):
             raise ValueError(f"OneBitAdam: mask_zero_variance={mask_zero_variance!r} must be True or False")
         check_range("eps", eps, 0.0)
-        check_floor(variance_floor)
+        if variance_floor is not None:
+            check_floor(variance_floor)
         if comm_backend_name is not None and "process_group" not in kwargs:
             kwargs["process_group"] = _backend(comm_backend_name)
         warm = preset("identity") if warmup == "adam" else preset("cdadam").configure(block_size=block_size)
         momentum = preset("dist_ef_block_sign").configure(compressor, block_size=block_size, ratio=ratio, k=k,
                                                           options=compressor_options)
         exchanges = {"warmup": warm, "momentum": momentum}
+        if variance_floor is None:  # the floor is a remedy of lossy momenta: none with C = identity
+            variance_floor = 0.0 if momentum.compressor == "identity" else DEFAULT_VARIANCE_FLOOR
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, freeze_step=freeze_step,
                         mask_zero_variance=mask_zero_variance, variance_floor=float(variance_floor))
         self.warmup = warmup

@@ -1,19 +1,22 @@
 """CD-Adam learns Fashion-MNIST about as well as uncompressed AMSGrad on 2 real ranks.
 
 MLP 784-256-10, 2 gloo ranks, each on its own shard, batch 64 per rank, lr 1e-3, the same
-initial weights and sample order for every optimizer, all three runs in the same processes;
-test accuracy on the 10000 test images every 25 steps.
+initial weights and sample order for every optimizer, every run of every seed in the same
+processes; test accuracy on the 10000 test images every 25 steps. The accuracy "after STEPS
+steps" is the mean of the evaluations in the last FINAL_WINDOW steps (single evaluations of
+CD-Adam swing by about a point from one to the next), and the claims are on the mean over
+SEEDS (initial weights and sample order), not on one lucky seed.
 
-Measured with this exact setting for SEED = 0..5 (ALGORITHMS.md's simulation: 4 workers,
-2000 steps, gap 1.7): after 600 steps (mean of the evaluations over the last 150 steps)
-AMSGrad 85.5-85.8 %, CD-Adam with 1024-blocks 83.1-84.5 %: behind by 1.0, 1.9, 1.9, 2.0
-(1.95), 1.7 and 2.5 points; it sends 30.9x fewer bytes. The "within 2 points" claim is
-narrow at 2 ranks (seed 5 misses it; at 1500 steps seeds 1/3/5 trail by 1.9/1.4/0.9), so this
-test pins SEED = 0 and a different CPU's rounding may land it elsewhere in that range. One
-scale per tensor is clearly worse than 1024-blocks while learning: its mean accuracy over
-the run is 2.5-4.9 points lower and it is below at 20-24 of the 24 evaluations (it catches up
-later: 0.2-0.6 points behind after 2000 steps). Single evaluations of CD-Adam swing by about
-a point from one to the next, hence the means.
+Measured with this exact setting (SEEDS 0, 1, 2; 2 shared cores: about 1 minute of CPU, 2 under
+load): AMSGrad 85.65 % on average; CD-Adam with 1024-blocks (the default) behind by 1.79, 1.62
+and 2.21 points (mean 1.87; 30.9x fewer bytes), hence MEAN_GAP 2.5 and WORST_GAP 3.0; with
+256-blocks and the l2 scale (TUNED, 28.4x) behind by 0.64, 1.15 and 0.90 (mean 0.90), hence
+TUNED_MEAN_GAP 1.5. Earlier, with seed 0 pinned and seeds 0..5 measured one at a time, the
+default's gaps ranged over 1.0-2.5 points: one seed can miss a bound that the mean keeps. One
+scale per tensor is clearly worse than 1024-blocks while learning: its mean accuracy over the
+run is 4.5 points lower on seed 0 (2.5-4.9 on seeds 0..5; it catches up later: 0.2-0.6 points
+behind after 2000 steps). scripts/bench_accuracy.py measures the gaps over 5 seeds with a second
+hidden layer, each method at its best lr (BENCHMARKS.md "Accuracy parity").
 """
 from __future__ import annotations
 
@@ -25,31 +28,42 @@ import taciturn
 from _datasets import fashion_mnist, shard  # scripts/, on sys.path through tests/conftest.py
 
 N, STEPS, EVERY, BATCH, LR = 2, 600, 25, 64, 1e-3
-SEED = 0  # initial weights; rank r draws its samples with seed r + 10 * SEED
+SEEDS = (0, 1, 2)  # initial weights; rank r draws its samples with seed r + 10 * seed
 FINAL_WINDOW = 150  # steps: the accuracy "after STEPS steps" is the mean of the evaluations in it
-RUNS = {"amsgrad": ("AMSGrad", {}), "blocks": ("CDAdam", {}), "per_tensor": ("CDAdam", {"compressor": "scaled_sign"})}
+MEAN_GAP = 2.5  # points: CD-Adam's mean over SEEDS may trail AMSGrad's by at most this
+WORST_GAP = 3.0  # points: and no single seed by more
+#: 256-element blocks with the l2 scale (the lever of BENCHMARKS.md "Accuracy parity", 28.4x)
+TUNED = dict(block_size=256, compressor_options={"scale": "l2"})
+TUNED_MEAN_GAP = 1.5
+RUNS = {"amsgrad": ("AMSGrad", {}), "blocks": ("CDAdam", {}), "tuned": ("CDAdam", TUNED),
+        "per_tensor": ("CDAdam", {"compressor": "scaled_sign"})}
+#: the runs of every seed; the others (per tensor: 4 points behind, far from the 1.5 asserted) run on the first only
+EVERY_SEED = ("amsgrad", "blocks", "tuned")
 
 
 def train_all(rank, n, train, test):
     x, y = shard(train, n, rank)
     x_test, y_test = test
     out = {}
-    for label, (name, kwargs) in RUNS.items():
-        torch.manual_seed(SEED)
-        net = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
-        opt = taciturn.create_optimizer(name, net.parameters(), lr=LR, **kwargs)
-        order = torch.Generator().manual_seed(rank + 10 * SEED)
-        accuracy = {}
-        for t in range(1, STEPS + 1):
-            idx = torch.randint(0, len(x), (BATCH,), generator=order)
-            opt.zero_grad()
-            F.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-            if t % EVERY == 0:
-                with torch.no_grad():
-                    accuracy[t] = 100.0 * (net(x_test).argmax(1) == y_test).float().mean().item()
-        out[label] = dict(accuracy=accuracy, bytes=opt.stats.bytes_up + opt.stats.bytes_down,
-                          weights=torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+    for seed in SEEDS:
+        for label, (name, kwargs) in RUNS.items():
+            if label not in EVERY_SEED and seed != SEEDS[0]:
+                continue
+            torch.manual_seed(seed)
+            net = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+            opt = taciturn.create_optimizer(name, net.parameters(), lr=LR, **kwargs)
+            order = torch.Generator().manual_seed(rank + 10 * seed)
+            accuracy = {}
+            for t in range(1, STEPS + 1):
+                idx = torch.randint(0, len(x), (BATCH,), generator=order)
+                opt.zero_grad()
+                F.cross_entropy(net(x[idx]), y[idx]).backward()
+                opt.step()
+                if t % EVERY == 0:
+                    with torch.no_grad():
+                        accuracy[t] = 100.0 * (net(x_test).argmax(1) == y_test).float().mean().item()
+            out[seed, label] = dict(accuracy=accuracy, bytes=opt.stats.bytes_up + opt.stats.bytes_down,
+                                    weights=torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
     return out
 
 
@@ -64,30 +78,55 @@ def final(acc):
     return sum(window) / len(window)
 
 
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values)
+
+
 def test_ranks_agree(runs):
-    for label in RUNS:
-        assert torch.equal(runs[0][label]["weights"], runs[1][label]["weights"]), label
-        assert runs[0][label]["accuracy"] == runs[1][label]["accuracy"], label
+    for key in runs[0]:
+        assert torch.equal(runs[0][key]["weights"], runs[1][key]["weights"]), key
+        assert runs[0][key]["accuracy"] == runs[1][key]["accuracy"], key
+
+
+def gaps_to_amsgrad(runs, label, record_property):
+    """Per seed: AMSGrad's final accuracy minus ``label``'s; the byte ratio; a summary line."""
+    ams = {s: final(runs[0][s, "amsgrad"]["accuracy"]) for s in SEEDS}
+    cd = {s: final(runs[0][s, label]["accuracy"]) for s in SEEDS}
+    gaps = {s: ams[s] - cd[s] for s in SEEDS}
+    ratio = runs[0][SEEDS[0], "amsgrad"]["bytes"] / runs[0][SEEDS[0], label]["bytes"]
+    record_property("amsgrad_accuracy", mean(ams.values()))
+    record_property(f"{label}_accuracy", mean(cd.values()))
+    record_property(f"{label}_gaps", gaps)
+    record_property(f"{label}_byte_ratio", ratio)
+    summary = ", ".join(f"seed {s}: AMSGrad {ams[s]:.2f}% {label} {cd[s]:.2f}%" for s in SEEDS)
+    assert mean(ams.values()) > 84.0, f"AMSGrad reached only {mean(ams.values()):.2f}% ({summary})"
+    return gaps, ratio, summary
 
 
 def test_cdadam_close_to_amsgrad_with_28x_fewer_bytes(runs, record_property):
-    ams, cd = runs[0]["amsgrad"], runs[0]["blocks"]
-    ratio = ams["bytes"] / cd["bytes"]
-    record_property("amsgrad_accuracy", final(ams["accuracy"]))
-    record_property("cdadam_accuracy", final(cd["accuracy"]))
-    record_property("byte_ratio", ratio)
-    assert final(ams["accuracy"]) > 84.0, f"AMSGrad reached only {final(ams['accuracy']):.2f}%"
-    assert final(cd["accuracy"]) >= final(ams["accuracy"]) - 2.0, (
-        f"CD-Adam {final(cd['accuracy']):.2f}% vs AMSGrad {final(ams['accuracy']):.2f}%")
+    gaps, ratio, summary = gaps_to_amsgrad(runs, "blocks", record_property)
+    assert mean(gaps.values()) <= MEAN_GAP, f"CD-Adam trails by {mean(gaps.values()):.2f} points on average ({summary})"
+    assert max(gaps.values()) <= WORST_GAP, f"one seed trails by {max(gaps.values()):.2f} points ({summary})"
     assert ratio >= 28.0, f"CD-Adam sent only {ratio:.1f}x fewer bytes than AMSGrad"
 
 
+def test_small_blocks_with_l2_scale_closer_with_28x_fewer_bytes(runs, record_property):
+    gaps, ratio, summary = gaps_to_amsgrad(runs, "tuned", record_property)
+    default, _, _ = gaps_to_amsgrad(runs, "blocks", record_property)
+    assert mean(gaps.values()) <= TUNED_MEAN_GAP, (
+        f"CD-Adam {TUNED} trails by {mean(gaps.values()):.2f} points on average ({summary})")
+    assert mean(gaps.values()) < mean(default.values()), "the tuned CD-Adam is not closer than the default"
+    assert ratio >= 28.0, f"CD-Adam {TUNED} sent only {ratio:.1f}x fewer bytes than AMSGrad"
+
+
 def test_one_scale_per_tensor_worse_than_blocks(runs, record_property):
-    blocks, per_tensor = runs[0]["blocks"]["accuracy"], runs[0]["per_tensor"]["accuracy"]
-    mean = lambda acc: sum(acc.values()) / len(acc)
-    record_property("blocks_mean_accuracy", mean(blocks))
-    record_property("per_tensor_mean_accuracy", mean(per_tensor))
-    assert mean(per_tensor) <= mean(blocks) - 1.5, (
-        f"per tensor {mean(per_tensor):.2f}% vs 1024-blocks {mean(blocks):.2f}% (mean over the run)")
+    over_run = lambda acc: sum(acc.values()) / len(acc)
+    seed = SEEDS[0]
+    blocks, per_tensor = runs[0][seed, "blocks"]["accuracy"], runs[0][seed, "per_tensor"]["accuracy"]
+    record_property("blocks_mean_accuracy", over_run(blocks))
+    record_property("per_tensor_mean_accuracy", over_run(per_tensor))
+    assert over_run(per_tensor) <= over_run(blocks) - 1.5, (
+        f"per tensor {over_run(per_tensor):.2f}% vs 1024-blocks {over_run(blocks):.2f}% (mean over the run)")
     below = sum(per_tensor[t] < blocks[t] for t in blocks)
     assert below >= 0.75 * len(blocks), f"per tensor below blocks at only {below} of {len(blocks)} evaluations"

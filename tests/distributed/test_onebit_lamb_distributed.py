@@ -32,6 +32,8 @@ NAN_AT = (5, 16)  # rank 1's gradient is NaN: every rank skips the step (warm-up
 LR = 1e-2
 SETTINGS = dict(freeze_step=FREEZE, max_coeff=0.06, min_coeff=0.02, coeff_beta=0.8, factor_max=1.2, factor_min=0.9,
                 factor_threshold=0.01)
+#: DeepSpeed's exact form (taciturn's zero-variance mask and variance floor off), as transcribed
+EXACT = dict(mask_zero_variance=False, variance_floor=0.0)
 RTOL, ATOL = 1e-5, 1e-5
 CASES = {
     "lamb_mask_weight_decay": dict(weight_decay=0.01, masked=True),
@@ -47,7 +49,7 @@ def build(name, seed):
     groups = ref.param_groups(model)
     if masked:
         groups[1]["exp_avg_mask"] = ref.fc2_mask(model)
-    opt = taciturn.OneBitLamb(groups, lr=LR, check_divergence_every=1, **SETTINGS, **cfg)
+    opt = taciturn.OneBitLamb(groups, lr=LR, check_divergence_every=1, **SETTINGS, **EXACT, **cfg)
     return model, opt
 
 

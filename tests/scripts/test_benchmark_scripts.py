@@ -17,6 +17,15 @@ SCRIPTS = os.path.join(ROOT, "scripts")
 
 # script -> patterns its --quick output must contain (regular expressions, one line each)
 EXPECTED = {
+    "bench_accuracy.py": [
+        # MLP 784-32-32-10 (26,506 parameters): fp32 4 B/param each way; block sign 1 bit + a scale per block
+        r"^\| AMSGrad \(uncompressed\)\s+\| 0\.001\s+\|.*\| 106,032 / 106,032\s+\| 1\.0x / 1\.0x\s+\|",
+        r"^\| CD-Adam \(1024-blocks\)\s+\| 0\.001\s+\|.*\| 3,440 / 3,440\s+\| 30\.8x / 30\.8x\s+\|",
+        # the warm-up-Adam divergence: the default floor converges, Tang et al.'s exact form does not
+        r"^\| OneBitAdam warm-up Adam \(variance_floor 0\.1, default\)\s+\| 0\.001\s+\| [5-9]\d\.\d\d ± 0\.00\s+\|",
+        r"^\| OneBitAdam warm-up Adam, variance_floor 0 \(1 of 1 diverged\)\s+\| 10\.00",
+        r"^\| 256-blocks\s+\|.*\| 28\.\dx / 28\.\dx\s+\|",
+    ],
     "soak.py": [
         # 2 ranks x 200 steps, identical ranks (memory is judged only in full-length runs)
         r"^\| CD-Adam \(block sign, Markov both ways\)\s+\| 200\s+\|.*\| not judged\s+\| yes\s+\|",

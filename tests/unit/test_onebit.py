@@ -399,6 +399,7 @@ def test_variance_floor_applied_once_at_the_freeze(warmup):
 def test_variance_floor_default_and_its_checks():
     net = dead_input_net()
     assert taciturn.OneBitAdam(net.parameters()).param_groups[0]["variance_floor"] == DEFAULT_VARIANCE_FLOOR > 0
+    assert taciturn.OneBitAdam(net.parameters(), compressor="topk").param_groups[0]["variance_floor"] == 0.1
     for bad in (-0.1, 1.5, "0.1", True):
         with pytest.raises(ValueError, match="variance_floor"):
             taciturn.OneBitAdam(net.parameters(), variance_floor=bad)
@@ -466,3 +467,41 @@ def test_tiny_variances_blow_up_without_the_floor():
             assert w[0].abs() > 100.0, "the tiny-variance weight did not blow up without the floor"
         else:
             assert w.abs().max() < bound
+
+
+def test_identity_compressor_unaffected_by_the_floor():
+    """With C = identity the default is no floor: OneBitAdam is still Adam with its frozen variance
+    (the uncompressed algorithm), bit for bit the exact form; an explicit floor still applies."""
+    runs = {}
+    for name, kw in {"default": {}, "exact": dict(variance_floor=0.0), "floored": dict(variance_floor=0.5)}.items():
+        net = dead_input_net()
+        opt = taciturn.OneBitAdam(net.parameters(), lr=1e-2, freeze_step=FREEZE, compressor="identity", **kw)
+        runs[name] = (opt, train(net, opt, 0, FREEZE + 4))
+    assert runs["default"][0].param_groups[0]["variance_floor"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(runs["default"][1], runs["exact"][1]))
+    assert not torch.equal(runs["default"][1][-1], runs["floored"][1][-1])
+    # and the identity run is plain frozen-variance Adam: no bias correction, eps outside the root
+    net = dead_input_net()
+    params = list(net.parameters())
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    expected = []
+    for t in range(FREEZE + 4):
+        gen = torch.Generator().manual_seed(t)
+        x = torch.randn(32, 6, generator=gen)
+        x[:, 0] = 0.0
+        y = torch.randint(0, 3, (32,), generator=gen)
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        with torch.no_grad():
+            for p, mi, vi in zip(params, m, v):
+                mi.mul_(0.9).add_(p.grad, alpha=0.1)
+                if t < FREEZE:
+                    vi.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
+                step = mi / (vi.sqrt() + 1e-8)
+                if t >= FREEZE:
+                    step = torch.where(vi == 0, torch.zeros_like(step), step)  # mask_zero_variance
+                p.sub_(1e-2 * step)
+        expected.append(torch.cat([p.detach().flatten() for p in params]))
+    for t, (a, b) in enumerate(zip(runs["default"][1], expected)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"step {t}"

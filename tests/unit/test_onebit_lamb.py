@@ -28,11 +28,13 @@ LR = 1e-2
 #: by factor_threshold per step and stop at factor_min (test_matches_the_transcription checks that)
 SETTINGS = dict(freeze_step=FREEZE, max_coeff=0.06, min_coeff=0.02, coeff_beta=0.8, factor_max=1.2, factor_min=0.9,
                 factor_threshold=0.01)
+#: DeepSpeed's exact form (taciturn's zero-variance mask and variance floor off), as transcribed
+EXACT = dict(mask_zero_variance=False, variance_floor=0.0)
 
 
 def build(seed=0, masked=False, **kw):
     model = ref.make_model(seed)
-    opt = taciturn.OneBitLamb(ref.masked_groups(model, masked), lr=LR, **{**SETTINGS, **kw})
+    opt = taciturn.OneBitLamb(ref.masked_groups(model, masked), lr=LR, **{**SETTINGS, **EXACT, **kw})
     return model, opt
 
 
@@ -362,3 +364,26 @@ def test_bad_mask_is_refused_when_the_group_is_added():
     net = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match="OneBitLamb: param group 0's exp_avg_mask has shape"):
         taciturn.OneBitLamb([{"params": list(net.parameters()), "exp_avg_mask": torch.ones(5)}])
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["defaults", "deepspeed-exact"])
+def test_defaults_keep_zero_variance_elements_still_and_floor_the_variance(exact):
+    """Defaults: after the freeze, elements whose frozen variance is 0 do not move (DeepSpeed's
+    exact form moves them by about lr coeff scale / eps), and every non-zero frozen v is at least
+    0.1 of its block's mean before the floor (64-element blocks)."""
+    model = ref.make_model(0)
+    dead = model.fc1.weight
+    opt = taciturn.OneBitLamb(ref.param_groups(model), lr=LR, block_size=64, **SETTINGS, **(EXACT if exact else {}))
+    before = dead[0].detach().clone()
+    for t in range(FREEZE + 10):
+        opt.zero_grad()
+        ref.loss_of(model, 0, t, 0).backward()
+        dead.grad[0] = 0.0  # unit 0 of fc1 never gets a gradient
+        opt.step()
+    assert opt.lamb_freeze_key and (opt.state[dead]["exp_avg_sq"][0] == 0).all()
+    ratios = [block[block > 0].min() / block.mean() for block in opt.state[dead]["exp_avg_sq"].reshape(-1).split(64)]
+    if exact:
+        assert (dead[0] - before).abs().max() > 1.0 and min(ratios) < 0.01
+    else:
+        assert torch.equal(dead[0], before) and min(ratios) >= 0.09
+        assert all(torch.isfinite(p).all() for p in ref.trainable(model))
