@@ -10,8 +10,8 @@ import torch
 
 from ..presets import preset
 from .base import CompressedOptimizer, check_range
-from .onebit import (DEFAULT_VARIANCE_FLOOR, _backend, _exp_avg_mask_views, _freeze_running_max, check_floor,
-                     floor_variance_)
+from .onebit import (_backend, _exp_avg_mask_views, _freeze_running_max, check_floor, exp_avg_masks,
+                     floor_settings, floor_variance_)
 
 #: per-parameter state: the running average of the LAMB coefficient (frozen at the freeze),
 #: the last step's factor on it, and the momentum's scale before compression (python floats)
@@ -142,21 +142,16 @@ class OneBitLamb(CompressedOptimizer):
         check_range("factor_threshold", factor_threshold, 0.0)
         if not isinstance(mask_zero_variance, bool):
             raise ValueError(f"OneBitLamb: mask_zero_variance={mask_zero_variance!r} must be True or False")
-        if variance_floor is not None:
-            check_floor(variance_floor, owner="OneBitLamb")
         if comm_backend_name is not None and "process_group" not in kwargs:
             kwargs["process_group"] = _backend(comm_backend_name, "OneBitLamb")
         warm = preset("identity") if warmup == "lamb" else preset("cdadam").configure(block_size=block_size)
         momentum = preset("dist_ef_block_sign").configure(compressor, block_size=block_size, ratio=ratio, k=k,
                                                           options=compressor_options)
-        if variance_floor is None:  # as OneBitAdam's: a remedy of lossy momenta, none with C = identity
-            variance_floor = 0.0 if momentum.compressor == "identity" else DEFAULT_VARIANCE_FLOOR
-        #: the blocks of the variance floor: the momentum compressor's blocks, or whole tensors
-        self._floor_block = dict(momentum.options).get("block_size") if momentum.compressor == "block_sign" else None
+        variance_floor, self._floor_block = floor_settings(variance_floor, momentum, "OneBitLamb")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                         max_coeff=max_coeff, min_coeff=min_coeff, freeze_step=freeze_step, coeff_beta=coeff_beta,
                         factor_max=factor_max, factor_min=factor_min, factor_threshold=factor_threshold,
-                        mask_zero_variance=mask_zero_variance, variance_floor=float(variance_floor))
+                        mask_zero_variance=mask_zero_variance, variance_floor=variance_floor)
         self.warmup = warmup
         self.cuda_aware = cuda_aware
         self.lamb_coeffs = []
@@ -295,11 +290,7 @@ class OneBitLamb(CompressedOptimizer):
             m = self.param_state(p, "exp_avg")[0]
             last.append(m.clone())
             local.append(m.mul_(b1).add_(g, alpha=1 - b1).mul_(self.state[p][SCALING_COEFF]))
-        masks = {}
-        for gi, group in enumerate(self.param_groups):
-            views = _exp_avg_mask_views(group, gi, "OneBitLamb")
-            if views is not None:
-                masks.update(zip(group["params"], views))
+        masks = exp_avg_masks(self.param_groups, "OneBitLamb")
         averaged = self.communicate("momentum", local)
         for (gi, p), m_avg, m_last in zip(self._trainable, averaged, last):
             group = self.param_groups[gi]

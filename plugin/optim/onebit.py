@@ -104,22 +104,16 @@ class OneBitAdam(CompressedOptimizer):
         if not isinstance(mask_zero_variance, bool):
             raise ValueError(f"OneBitAdam: mask_zero_variance={mask_zero_variance!r} must be True or False")
         check_range("eps", eps, 0.0)
-        if variance_floor is not None:
-            check_floor(variance_floor)
         if comm_backend_name is not None and "process_group" not in kwargs:
             kwargs["process_group"] = _backend(comm_backend_name)
         warm = preset("identity") if warmup == "adam" else preset("cdadam").configure(block_size=block_size)
         momentum = preset("dist_ef_block_sign").configure(compressor, block_size=block_size, ratio=ratio, k=k,
                                                           options=compressor_options)
         exchanges = {"warmup": warm, "momentum": momentum}
-        if variance_floor is None:  # the floor is a remedy of lossy momenta: none with C = identity
-            variance_floor = 0.0 if momentum.compressor == "identity" else DEFAULT_VARIANCE_FLOOR
+        variance_floor, self._floor_block = floor_settings(variance_floor, momentum, "OneBitAdam")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, freeze_step=freeze_step,
-                        mask_zero_variance=mask_zero_variance, variance_floor=float(variance_floor))
+                        mask_zero_variance=mask_zero_variance, variance_floor=variance_floor)
         self.warmup = warmup
-        #: the blocks of the variance floor: the momentum compressor's blocks, or whole tensors
-        opts = dict(momentum.options)
-        self._floor_block = opts.get("block_size") if momentum.compressor == "block_sign" else None
         self.cuda_aware = cuda_aware
         super().__init__(params, defaults, exchanges, **kwargs)
 
@@ -253,11 +247,7 @@ class OneBitAdam(CompressedOptimizer):
             b1 = self.param_groups[gi]["betas"][0]
             m = self.param_state(p, "exp_avg")[0]
             local.append(m.mul_(b1).add_(g, alpha=1 - b1))
-        masks = {}
-        for gi, group in enumerate(self.param_groups):
-            views = _exp_avg_mask_views(group, gi)
-            if views is not None:
-                masks.update(zip(group["params"], views))
+        masks = exp_avg_masks(self.param_groups, "OneBitAdam")
         for (gi, p), m_avg in zip(self._trainable, self.communicate("momentum", local)):
             group = self.param_groups[gi]
             m, v = self.param_state(p, "exp_avg", "exp_avg_sq")
@@ -311,6 +301,28 @@ def floor_variance_(v: torch.Tensor, fraction: float, block_size=None) -> torch.
     floor.mul_(fraction)
     flat.copy_(torch.where(flat > 0, torch.maximum(flat, floor), flat))
     return v
+
+
+def floor_settings(variance_floor, momentum, owner: str) -> tuple:
+    """(the ``variance_floor`` fraction, the floor's block size) of an optimizer whose frozen
+    variance divides the 1-bit values of the ``momentum`` preset: None is the default, 0.1, or 0
+    with ``compressor="identity"`` (the floor is a remedy of lossy values; identity stays the
+    uncompressed algorithm); the blocks are the compressor's (``block_sign``), else whole tensors."""
+    if variance_floor is None:
+        variance_floor = 0.0 if momentum.compressor == "identity" else DEFAULT_VARIANCE_FLOOR
+    check_floor(variance_floor, owner=owner)
+    block = dict(momentum.options).get("block_size") if momentum.compressor == "block_sign" else None
+    return float(variance_floor), block
+
+
+def exp_avg_masks(param_groups, owner: str) -> dict:
+    """Each masked parameter's part of its group's ``exp_avg_mask`` (``_exp_avg_mask_views``)."""
+    masks = {}
+    for gi, group in enumerate(param_groups):
+        views = _exp_avg_mask_views(group, gi, owner)
+        if views is not None:
+            masks.update(zip(group["params"], views))
+    return masks
 
 
 def check_floor(value, group=None, owner: str = "OneBitAdam") -> None:

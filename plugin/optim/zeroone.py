@@ -6,8 +6,8 @@ import torch
 
 from ..presets import preset
 from .base import CompressedOptimizer, check_range
-from .onebit import (DEFAULT_VARIANCE_FLOOR, _backend, _cdadam_update, _exp_avg_mask_views, _freeze_running_max,
-                     check_floor, floor_variance_)
+from .onebit import (_backend, _cdadam_update, _exp_avg_mask_views, _freeze_running_max, check_floor,
+                     exp_avg_masks, floor_settings, floor_variance_)
 
 #: the schedule (variance and local-step intervals, their counters, whether frozen), a dict of
 #: ints and a bool in the first trainable parameter's state
@@ -127,14 +127,11 @@ class ZeroOneAdam(CompressedOptimizer):
         check_range("eps", eps, 0.0)
         if not isinstance(mask_zero_variance, bool):
             raise ValueError(f"ZeroOneAdam: mask_zero_variance={mask_zero_variance!r} must be True or False")
-        if variance_floor is not None:
-            check_floor(variance_floor, owner="ZeroOneAdam")
         if comm_backend_name is not None and "process_group" not in kwargs:
             kwargs["process_group"] = _backend(comm_backend_name, "ZeroOneAdam")
         one_bit = preset("dist_ef_block_sign").configure(compressor, block_size=block_size, ratio=ratio, k=k,
                                                          options=compressor_options)
-        if variance_floor is None:  # as OneBitAdam's: a remedy of lossy values, none with C = identity
-            variance_floor = 0.0 if one_bit.compressor == "identity" else DEFAULT_VARIANCE_FLOOR
+        variance_floor, self._floor_block = floor_settings(variance_floor, one_bit, "ZeroOneAdam")
         if warmup == "adam":
             exchanges = {"exact": preset("identity"), "grad": one_bit, "momentum": one_bit}
         else:
@@ -142,9 +139,7 @@ class ZeroOneAdam(CompressedOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         var_freeze_step=var_freeze_step, var_update_scaler=var_update_scaler,
                         local_step_scaler=local_step_scaler, local_step_clipper=local_step_clipper,
-                        mask_zero_variance=mask_zero_variance, variance_floor=float(variance_floor))
-        #: the blocks of the variance floor: the 1-bit compressor's blocks, or whole tensors
-        self._floor_block = dict(one_bit.options).get("block_size") if one_bit.compressor == "block_sign" else None
+                        mask_zero_variance=mask_zero_variance, variance_floor=variance_floor)
         self.warmup = warmup
         self.cuda_aware = cuda_aware
         super().__init__(params, defaults, exchanges, **kwargs)
@@ -244,20 +239,11 @@ class ZeroOneAdam(CompressedOptimizer):
         if group["variance_floor"] > 0:
             floor_variance_(self.state[p]["exp_avg_sq"], group["variance_floor"], self._floor_block)
 
-    def _masks(self) -> dict:
-        """Each masked parameter's part of its group's ``exp_avg_mask``."""
-        masks = {}
-        for gi, group in enumerate(self.param_groups):
-            views = _exp_avg_mask_views(group, gi, "ZeroOneAdam")
-            if views is not None:
-                masks.update(zip(group["params"], views))
-        return masks
-
     def _variance_phase_step(self):
         schedule = self.schedule
         variance_step = (self.global_step + 2) % schedule["var_interval"] == 0
         averaged = self.communicate("exact" if variance_step else "grad", self.local_grads())
-        masks = {} if variance_step else self._masks()
+        masks = {} if variance_step else exp_avg_masks(self.param_groups, "ZeroOneAdam")
         for (gi, p), g in zip(self._trainable, averaged):
             group = self.param_groups[gi]
             b1, b2 = group["betas"]
@@ -269,7 +255,7 @@ class ZeroOneAdam(CompressedOptimizer):
                 g = g * masks[p].to(device=g.device, dtype=g.dtype)
             m.mul_(b1).add_(g, alpha=1 - b1)
             x = self.master(p)
-            x.add_(_adam_step(x, m, v, group))
+            x.add_(_adam_step(x, m, *_denominator(v, group), group))
             self.write_back(p, x)
         if variance_step:
             schedule["var_counter"] += 1
@@ -279,18 +265,20 @@ class ZeroOneAdam(CompressedOptimizer):
 
     def _local_step(self):
         schedule = self.schedule
+        denominators = []
         for (gi, p), g in zip(self._trainable, self.local_grads()):
             group = self.param_groups[gi]
             st = self.state[p]
-            m, v = st["exp_avg"], st["exp_avg_sq"]
+            m = st["exp_avg"]
             m.mul_(group["betas"][0]).add_(g, alpha=1 - group["betas"][0])
             st[LR_SUM] += group["lr"]
+            denominators.append(_denominator(st["exp_avg_sq"], group))
             x = self.master(p)
-            u = st[ACCUMULATOR].add_(_adam_step(x, m, v, group))
+            u = st[ACCUMULATOR].add_(_adam_step(x, m, *denominators[-1], group))
             torch.add(st[SYNCED], u, out=x)
             self.write_back(p, x)
         if (self.global_step + 2) % schedule["local_step_interval"] == 0:
-            self._synchronise()
+            self._synchronise(denominators)
         else:
             self.stats.record(0, 0, 4 * sum(p.numel() for _, p in self._trainable), 0.0, 0.0)
             self.stats.end_step()
@@ -300,19 +288,18 @@ class ZeroOneAdam(CompressedOptimizer):
             schedule["local_step_interval"] = min(self.param_groups[0]["local_step_clipper"],
                                                   2 * schedule["local_step_interval"])
 
-    def _synchronise(self):
-        denominators, scaled = [], []
-        for gi, p in self._trainable:
-            st = self.state[p]
-            denominators.append(st["exp_avg_sq"].sqrt().add_(self.param_groups[gi]["eps"]))
-            scaled.append(st[ACCUMULATOR].mul_(denominators[-1]))
-        masks = self._masks()
-        for (gi, p), u_avg, denominator in zip(self._trainable, self.communicate("momentum", scaled), denominators):
+    def _synchronise(self, denominators):
+        """The synchronisation after this step's local step, with its (sqrt(v) + eps, v == 0) per parameter."""
+        scaled = [self.state[p][ACCUMULATOR].mul_(denominator) for (_, p), (denominator, _) in
+                  zip(self._trainable, denominators)]
+        masks = exp_avg_masks(self.param_groups, "ZeroOneAdam")
+        for (_, p), u_avg, (denominator, zero) in zip(self._trainable, self.communicate("momentum", scaled),
+                                                      denominators):
             st = self.state[p]
             if p in masks:
                 u_avg = u_avg * masks[p].to(device=u_avg.device, dtype=u_avg.dtype)
-            if self.param_groups[gi]["mask_zero_variance"]:
-                u_avg = u_avg.masked_fill(st["exp_avg_sq"] == 0, 0.0)
+            if zero is not None:
+                u_avg = u_avg.masked_fill(zero, 0.0)
             if st[LR_SUM]:
                 st["exp_avg"].copy_(u_avg).div_(-st[LR_SUM])
             else:
@@ -325,14 +312,19 @@ class ZeroOneAdam(CompressedOptimizer):
             st[LR_SUM] = 0.0
 
 
-def _adam_step(x: torch.Tensor, m: torch.Tensor, v: torch.Tensor, group: dict) -> torch.Tensor:
-    """-lr (m / (sqrt(v) + eps) + weight_decay x), op for op as DeepSpeed's ZeroOneAdam rounds it;
-    0 where v is 0 under ``mask_zero_variance``."""
-    update = m / (v.sqrt() + group["eps"])
+def _denominator(v: torch.Tensor, group: dict) -> tuple:
+    """(sqrt(v) + eps, where v is 0 under ``mask_zero_variance`` (else None))."""
+    return v.sqrt().add_(group["eps"]), (v == 0) if group["mask_zero_variance"] else None
+
+
+def _adam_step(x: torch.Tensor, m: torch.Tensor, denominator: torch.Tensor, zero, group: dict) -> torch.Tensor:
+    """-lr (m / (sqrt(v) + eps) + weight_decay x), op for op as DeepSpeed's ZeroOneAdam rounds it,
+    from ``_denominator``'s pair; 0 where ``zero``."""
+    update = m / denominator
     if group["weight_decay"] > 0:
         update += group["weight_decay"] * x
     step = -group["lr"] * update
-    return step.masked_fill_(v == 0, 0.0) if group["mask_zero_variance"] else step
+    return step if zero is None else step.masked_fill_(zero, 0.0)
 
 
 def _check_int(name: str, value, low: int) -> None:
