@@ -191,6 +191,17 @@ def mlp(seed: int, widths: Sequence[int] = (784, 256, 128, 10)) -> torch.nn.Modu
     return torch.nn.Sequential(*layers)
 
 
+def cnn(seed: int, channels: Sequence[int] = (8, 16)) -> torch.nn.Module:
+    """A small CNN for 1x28x28 images, initialised from ``seed``: two 5x5 convolutions (padding 2)
+    of ``channels``, each followed by ReLU and 2x2 max-pooling, then one linear layer to 10 classes."""
+    torch.manual_seed(seed)
+    c1, c2 = channels
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, c1, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(c1, c2, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(c2 * 7 * 7, 10))
+
+
 def train_rank(rank: int, world_size: int, specs: Sequence[dict], steps: int, batch: int, eval_every: int,
                seed: int = 0, widths: Sequence[int] = (784, 256, 128, 10)) -> list:
     """Train one model per spec on this rank's shard of Fashion-MNIST; return the curves.

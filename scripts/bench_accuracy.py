@@ -20,6 +20,7 @@ per parameter per direction. The default run is 45 distinct (method, lr) runs pe
     python scripts/bench_accuracy.py --grid 0.0001,0.01 --ablation '' --out results/edges.json --no-write
                                                  # the grid's edges (BENCHMARKS.md's table merges such runs)
     python scripts/bench_accuracy.py --seeds 2 --steps 300 --no-write
+    python scripts/bench_accuracy.py --model cnn --final amsgrad,cdadam --ablation ''   # the small CNN (its own section)
     python scripts/bench_accuracy.py --quick     # smoke run: tiny MLP, 60 steps, 1 seed, writes only --out
     python scripts/bench_accuracy.py --render results/bench_accuracy.json
 """
@@ -35,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _bench import (ROOT, img_path, machine_note, mlp, rel, run_ranks, save_and_publish, table,  # noqa: E402
+from _bench import (ROOT, cnn, img_path, machine_note, mlp, rel, run_ranks, save_and_publish, table,  # noqa: E402
                     write_section)
 
 SECTION = "bench_accuracy"
@@ -118,15 +119,16 @@ def train_rank(rank: int, n: int, runs: Sequence[dict], cfg: dict) -> list:
     import taciturn
     from _datasets import fashion_mnist, shard
 
-    x, y = shard(fashion_mnist("train", flatten=True), n, rank)
-    x_test, y_test = shard(fashion_mnist("test", flatten=True), n, rank)
+    flatten = cfg.get("model", "mlp") == "mlp"
+    x, y = shard(fashion_mnist("train", flatten=flatten), n, rank)
+    x_test, y_test = shard(fashion_mnist("test", flatten=flatten), n, rank)
     steps, evals = cfg["steps"], _evals(cfg["steps"])
     out = []
     for run in runs:
         kwargs = dict(run["kwargs"], lr=run["lr"])
         if run["optimizer"] == "OneBitAdam":
             kwargs["freeze_step"] = max(1, round(FREEZE_FRACTION * steps))
-        model = mlp(cfg["seed"], cfg["widths"])
+        model = mlp(cfg["seed"], cfg["widths"]) if flatten else cnn(cfg["seed"], cfg["widths"])
         opt = taciturn.create_optimizer(run["optimizer"], model.parameters(), **kwargs)
         gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
         curve, seconds = {}, 0.0
@@ -306,9 +308,17 @@ def plot(rows: List[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _section(result: dict) -> str:
+    """The BENCHMARKS.md section (and plot) of the result's model: the MLP's, or ``<section>_cnn``."""
+    model = result.get("model", "mlp")
+    return SECTION if model == "mlp" else f"{SECTION}_{model}"
+
+
 def describe(result: dict) -> str:
     w = result["widths"]
-    return (f"Fashion-MNIST, MLP {'-'.join(map(str, w))} ({result['numel']:,} parameters), {result['ranks']} gloo "
+    model = (f"MLP {'-'.join(map(str, w))}" if result.get("model", "mlp") == "mlp" else
+             f"CNN conv5x5-{w[0]}, pool, conv5x5-{w[1]}, pool, linear {w[1] * 49}-10")
+    return (f"Fashion-MNIST, {model} ({result['numel']:,} parameters), {result['ranks']} gloo "
             f"ranks on loopback, {result['steps']} steps of batch {result['batch']} per rank, {result['seeds']} "
             f"seed(s)")
 
@@ -321,13 +331,14 @@ def print_tables(result: dict) -> None:
 
 def publish(result: dict) -> None:
     rows = final_rows(result)
-    png = img_path("bench_accuracy.png")
+    section = _section(result)
+    png = img_path(f"{section}.png")
     plot(rows, png, describe(result))
     commands = [result["argv"]] + result.get("parts", [])
     runs = ["`python scripts/bench_accuracy.py" + "".join(f" {a}" if a else " ''" for a in argv) + "`"
             for argv in commands]
-    section = "\n".join([
-        "## Accuracy parity on Fashion-MNIST (scripts/bench_accuracy.py)", "",
+    text = "\n".join([
+        f"## Accuracy parity on Fashion-MNIST{'' if section == SECTION else ', CNN'} (scripts/bench_accuracy.py)", "",
         " + ".join(runs) + (" (merged into one results file)" if len(runs) > 1 else ""), "",
         f"{describe(result)}. Every method starts from the same weights and sees the same batches (per seed); "
         "constant learning rates; each method at its best lr of the grid "
@@ -345,8 +356,8 @@ def publish(result: dict) -> None:
         *[f"- {line}" for line in result.get("findings", [])], "",
         f"![accuracy vs bytes]({rel(png)})", "",
         result["note"]])
-    write_section(SECTION, section)
-    print(f"wrote the {SECTION} section of BENCHMARKS.md and {rel(png)}")
+    write_section(section, text)
+    print(f"wrote the {section} section of BENCHMARKS.md and {rel(png)}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -360,6 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                    help="mlp: 784-H-H-10; cnn: two 5x5 convolutions of 8 and 16 channels (its own section)")
     ap.add_argument("--hidden", type=int, default=256, help="MLP 784-H-H-10 (default 256)")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke run: MLP 784-32-32-10, 160 steps, 1 seed, lr 1e-3, "
@@ -382,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.seeds, args.steps, args.hidden, args.grid = 1, min(args.steps, 160), min(args.hidden, 32), "0.001"
         args.final, args.ablation = "amsgrad,cdadam,adam,onebit_adam", "amsgrad,cdadam,cd_b256,adam,onebit_floor0"
     out = args.out or os.path.join(ROOT, "results", "bench_accuracy_quick.json" if args.quick else
-                                   "bench_accuracy.json")
+                                   "bench_accuracy.json" if args.model == "mlp" else f"bench_accuracy_{args.model}.json")
     final = [m for m in args.final.split(",") if m]
     ablation = [m for m in args.ablation.split(",") if m]
     unknown = [m for m in final if m not in FINAL] + [m for m in ablation if m not in ABLATION]
@@ -393,15 +406,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"--steps must be >= {2 * WINDOW}")
     if args.ranks < 2 or args.seeds < 1:
         ap.error("need --ranks >= 2 and --seeds >= 1")
-    widths = (784, args.hidden, args.hidden, 10)
-    cfg = dict(steps=args.steps, batch=args.batch, widths=widths, ranks=args.ranks)
+    widths = (784, args.hidden, args.hidden, 10) if args.model == "mlp" else (8, 16)
+    cfg = dict(steps=args.steps, batch=args.batch, widths=widths, ranks=args.ranks, model=args.model)
     started, load_before = time.time(), os.getloadavg()[0]
     runs = plan(final, ablation, grid)
     print(f"bench_accuracy: {len(runs)} runs x {args.seeds} seed(s)", file=sys.stderr, flush=True)
     results = run_all(runs, cfg, args.seeds, args.timeout)
     first = next(iter(results.values()))[0]
     result = dict(argv=argv, final=final, ablation=ablation, grid=grid, seeds=args.seeds, steps=args.steps,
-                  batch=args.batch, widths=widths, ranks=args.ranks, numel=first["numel"], results=results,
+                  batch=args.batch, widths=widths, ranks=args.ranks, model=args.model, numel=first["numel"], results=results,
                   note=machine_note(started, load_before))
     print_tables(result)
     if not all(r.get("ranks_agree", True) for rs in results.values() for r in rs):

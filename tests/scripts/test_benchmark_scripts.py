@@ -23,7 +23,7 @@ EXPECTED = {
         r"^\| CD-Adam \(1024-blocks\)\s+\| 0\.001\s+\|.*\| 3,440 / 3,440\s+\| 30\.8x / 30\.8x\s+\|",
         # the warm-up-Adam divergence: the default floor converges, Tang et al.'s exact form does not
         r"^\| OneBitAdam warm-up Adam \(variance_floor 0\.1, default\)\s+\| 0\.001\s+\| [5-9]\d\.\d\d ± 0\.00\s+\|",
-        r"^\| OneBitAdam warm-up Adam, variance_floor 0 \(1 of 1 diverged\)\s+\| 10\.00",
+        r"^\| OneBitAdam warm-up Adam, variance_floor 0 \(1 of 1 diverged\)\s+\| 1[0-2]\.\d\d",  # chance
         r"^\| 256-blocks\s+\|.*\| 28\.\dx / 28\.\dx\s+\|",
     ],
     "soak.py": [
