@@ -49,7 +49,8 @@ on a rank that ran out of data call the hook on zero gradients, so every rank is
 collectives and its feedback state advances as if it had computed zeros.
 
 Limits: hooks run their collectives synchronously, bucket after bucket, in DDP's bucket order
-(the same on every rank); sparse gradients (``nn.Embedding(sparse=True)``) are refused.
+(the same on every rank; on CUDA their kernels are queued on a side stream, beside backward's,
+``taciturn.exchange.SideStream``); sparse gradients (``nn.Embedding(sparse=True)``) are refused.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -61,7 +62,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from taciturn.comm import Communicator, make_communicator
 from taciturn.consistency import check_same
-from taciturn.exchange import Exchange, Workspace
+from taciturn.exchange import Exchange, SideStream, Workspace
 from taciturn.feedback import make_feedback
 from taciturn.metrics import CommStats
 from taciturn.names import Registry
@@ -166,6 +167,8 @@ class CompressionHookState:
         self.stats = CommStats()
         #: scratch of the hook's exchanges, shared by the buckets (each result is copied out at once)
         self.work = Workspace()
+        #: the CUDA stream the hook's exchanges run on, beside backward (nothing on CPU)
+        self.side = SideStream()
         #: fp32 bytes this rank sent to reassemble server state after DDP changed its buckets
         self.rebucket_bytes = 0
         self.step = 0
@@ -359,21 +362,25 @@ def compressed_hook(state: "CompressionHookState", bucket: dist.GradBucket) -> t
     """The DDP comm hook: average ``bucket``'s gradients through ``state``'s compressed allreduce.
 
     Runs synchronously and returns a completed future holding the bucket buffer, overwritten
-    with the (decompressed) average, in the buffer's dtype."""
+    with the (decompressed) average, in the buffer's dtype. On CUDA the exchange is queued on
+    the state's side stream, so its kernels overlap the rest of backward, and the future is a
+    CUDA one: its result is set with the side stream current, and DDP's wait on it makes DDP's
+    stream wait for the side stream's work."""
     buf = bucket.buffer()
     slot = state.slot_for(bucket)
     if buf.numel() != slot.numel:
         raise RuntimeError(f"DDP bucket {bucket.index()} holds {buf.numel()} elements but its parameters have "
                            f"{slot.numel}: taciturn cannot follow this bucket layout (padded or "
                            "non-contiguous gradients); report it with your DDP settings")
-    avg = slot.exchange.allreduce([buf], [slot.state], buckets=[0], step=state.step, stats=state.stats,
-                                  seed_slot=(bucket.index(), len(state._params)))[0]
-    buf.copy_(avg)
+    fut = torch.futures.Future(devices=[buf.device]) if buf.is_cuda else torch.futures.Future()
+    with state.side.running([buf]):
+        avg = slot.exchange.allreduce([buf], [slot.state], buckets=[0], step=state.step, stats=state.stats,
+                                      seed_slot=(bucket.index(), len(state._params)))[0]
+        buf.copy_(avg)
+        fut.set_result(buf)
     if bucket.is_last():
         state.stats.end_step()
         state.step += 1
-    fut = torch.futures.Future()
-    fut.set_result(buf)
     return fut
 
 

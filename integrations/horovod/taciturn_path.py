@@ -1,6 +1,8 @@
 """taciturn's path for a preset (``Compression.cdadam``, ...): the core ``Exchange`` over Horovod's
 alltoall/allgather, bucket by bucket on one communication thread, with the compression state
-(``taciturn.state``) in the wrapped optimizer and Horovod's join semantics for uneven inputs."""
+(``taciturn.state``) in the wrapped optimizer and Horovod's join semantics for uneven inputs.
+On CUDA the communication thread queues its kernels on a side stream (``SideStream``), after an
+event recorded when the bucket's gradients were ready, so they overlap backward's."""
 from __future__ import annotations
 
 import time
@@ -12,7 +14,7 @@ import horovod.torch as hvd
 import torch
 
 from ...comm.base import gather_objects
-from ...exchange import Exchange
+from ...exchange import Exchange, SideStream
 from ...feedback import make_feedback
 from ...metrics import CommStats
 from ...state import CompressionState, mismatch
@@ -55,6 +57,7 @@ class TaciturnPath:
         self._topology = topology  # (ranks_per_node as given, intra_node_dtype)
         self._wire = WireGradients()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taciturn-hvd")
+        self._side = SideStream()
         self._build(comm)
         self._state.reset(step=0)
         self._everyone_here = True
@@ -93,22 +96,25 @@ class TaciturnPath:
 
     def _launch(self, b: int) -> None:
         grads = [self._wire.dense(self._params[i]) for i in self.exchange.buckets[b]]
+        ready = self._side.ready(grads[0].device)
         self._futures[b] = self._executor.submit(self._exchange_bucket, b, grads, self._state.bucket("", b),
-                                                 self.state["step"])
+                                                 self.state["step"], ready)
         self._next_bucket = b + 1
 
     def _exchange_bucket(self, b: int, grads: List[torch.Tensor], state: Dict[str, torch.Tensor],
-                         step: int) -> List[torch.Tensor]:
+                         step: int, ready: Optional[torch.cuda.Event]) -> List[torch.Tensor]:
         """(communication thread) Bucket ``b``'s average. Before the first bucket of a step the
         ranks count who is here (an allreduce, which Horovod's join supports: a rank inside
         ``hvd.join()`` adds 0). With everyone here the bucket goes through the compressed
-        exchange; while some rank is joined, through ``_joined_average``."""
+        exchange; while some rank is joined, through ``_joined_average``. On CUDA either runs on
+        the side stream, after ``ready`` (the event ``_launch`` recorded on backward's stream)."""
         if b == 0:
             here = hvd.allreduce(torch.ones(1), name=f"{self._prefix}.here", op=hvd.Sum, process_set=self._process_set)
             self._everyone_here = int(here.item()) == self.comm.world_size
-        if self._everyone_here:
-            return self.exchange.allreduce(grads, [state], buckets=[b], step=step, stats=self._stats)
-        return self._joined_average(b, grads)
+        with self._side.running(grads, after=ready):
+            if self._everyone_here:
+                return self.exchange.allreduce(grads, [state], buckets=[b], step=step, stats=self._stats)
+            return self._joined_average(b, grads)
 
     def _joined_average(self, b: int, grads: List[torch.Tensor]) -> List[torch.Tensor]:
         """Horovod's join semantics for a step that some rank spends inside ``hvd.join()``: an
@@ -136,6 +142,7 @@ class TaciturnPath:
         if error is not None:
             raise error
         factor = float(self.comm.world_size) if self._sum else 1.0
+        self._side.join(self._params[0].device)
         for b, averaged in sorted(outcomes.items()):
             for i, g in zip(self.exchange.buckets[b], averaged):
                 self._params[i].grad.copy_(g if factor == 1.0 else g * factor)
