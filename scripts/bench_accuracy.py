@@ -348,11 +348,10 @@ def publish(result: dict) -> None:
         f"freezes its variance after {round(FREEZE_FRACTION * result['steps'])} steps (15 %); its bytes include "
         "the fp32 warm-up. A diverged run counts as 10 % (chance).", "",
         final_table(rows, result["seeds"]), "",
-        f"Ablation at lr {ABLATION_LR:g} (CD-Adam's and SPARS-AMS's parts, one changed at a time; same seeds). "
-        "\"mean v^ / AMSGrad's\": AMSGrad's running max of the squared (compressed) gradient averaged over the "
-        "parameters at the end, against uncompressed AMSGrad's: compression noise inflates it, which shrinks the "
-        "steps.", "",
-        ablation_table(result), "",
+        *([f"Ablation at lr {ABLATION_LR:g} (CD-Adam's and SPARS-AMS's parts, one changed at a time; same seeds). "
+           "\"mean v^ / AMSGrad's\": AMSGrad's running max of the squared (compressed) gradient averaged over the "
+           "parameters at the end, against uncompressed AMSGrad's: compression noise inflates it, which shrinks the "
+           "steps.", "", ablation_table(result), ""] if result["ablation"] else []),
         *[f"- {line}" for line in result.get("findings", [])], "",
         f"![accuracy vs bytes]({rel(png)})", "",
         result["note"]])
