@@ -78,8 +78,9 @@ def mlp(seed: int = 0) -> nn.Module:
 
 def build(cfg: dict, model=None, params=None):
     model = model if model is not None else mlp()
-    engine, _, _, _ = deepspeed.initialize(model=model, config=copy.deepcopy(cfg),
-                                           model_parameters=params if params is not None else model.parameters())
+    with fp16_allowed(cfg):
+        engine, _, _, _ = deepspeed.initialize(model=model, config=copy.deepcopy(cfg),
+                                               model_parameters=params if params is not None else model.parameters())
     return engine
 
 
@@ -161,12 +162,15 @@ class CollectiveLog:
 
 
 @contextlib.contextmanager
-def fp16_allowed():
+def fp16_allowed(cfg: dict):
     """DeepSpeed refuses fp16 on a CPU without mkldnn fp16 kernels; torch runs fp16 Linear
-    layers on CPU, so override that capability check only, to exercise the same wrapper a GPU
-    takes."""
+    layers on CPU, so for a config with fp16 enabled override that capability check only, to
+    exercise the same wrapper a GPU takes."""
     from deepspeed.accelerator import get_accelerator
 
+    if not cfg.get("fp16", {}).get("enabled"):
+        yield
+        return
     accelerator = get_accelerator()
     supported = accelerator.is_fp16_supported
     accelerator.is_fp16_supported = lambda: True
@@ -208,11 +212,6 @@ def upstream_onebit_config(precision: str, optimizer: str = "OneBitAdam", **para
                 "comm_backend_name": get_accelerator().communication_backend_name(), **params}},
             "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
             "bf16": {"enabled": precision == "bf16"}}
-
-
-def build_precision(cfg: dict, model=None, params=None):
-    with fp16_allowed() if cfg.get("fp16", {}).get("enabled") else contextlib.nullcontext():
-        return build(cfg, model, params)
 
 
 def first_row_mask(weight):
@@ -321,7 +320,7 @@ def scenario_fp16() -> dict:
     """fp16 with dynamic loss scaling (the FP16_UnfusedOptimizer path a GPU takes)."""
     cfg = load_config("cdadam.json")
     cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8}
-    engine = build_precision(cfg)
+    engine = build(cfg)
     opt = tds.taciturn_optimizer(engine)
     first = eval_loss(engine)
     losses = [train_step(engine) for _ in range(3)]
@@ -399,7 +398,7 @@ def digest(tensors) -> str:
 
 def scenario_onebit_basic(precision: str, optimizer: str = "OneBitAdam", steps: int = 25) -> dict:
     """DeepSpeed's TestOneBitAdamBasic / TestZeroOneAdamBasic (fp32, fp16; bf16 too): its config, 25 steps."""
-    engine = build_precision(upstream_onebit_config(precision, optimizer))
+    engine = build(upstream_onebit_config(precision, optimizer))
     opt = tds.taciturn_optimizer(engine)
     before = eval_loss(engine)
     sent = sent_bytes(engine, steps)
@@ -414,7 +413,7 @@ def scenario_onebit_mask(precision: str = "fp16", steps: int = 25) -> dict:
     """DeepSpeed's TestOneBitAdamExpAvgMask: a flat mask for the first weight's group."""
     model = mlp()
     mask = first_row_mask(model[0].weight)
-    engine = build_precision(upstream_onebit_config(precision), model, masked_groups(model, mask))
+    engine = build(upstream_onebit_config(precision), model, masked_groups(model, mask))
     opt = tds.taciturn_optimizer(engine)
     for _ in range(steps):
         train_step(engine)
@@ -435,7 +434,7 @@ def scenario_onebit_checkpoint(precision: str = "fp16") -> dict:
     directory = os.path.join(ARGS.out, f"ckpt_onebit_{precision}")
     model = mlp()
     mask1, mask2 = first_row_mask(model[0].weight), first_row_mask(model[0].weight).roll(DIM_IN)
-    first = build_precision(upstream_onebit_config(precision), model, masked_groups(model, mask1))
+    first = build(upstream_onebit_config(precision), model, masked_groups(model, mask1))
     for _ in range(5):
         train_step(first)
     saved = tds.taciturn_optimizer(first)
@@ -443,14 +442,14 @@ def scenario_onebit_checkpoint(precision: str = "fp16") -> dict:
     first.save_checkpoint(directory, tag="five")
     out["mask_kept_after_save"] = torch.equal(first.optimizer.param_groups[0]["exp_avg_mask"], mask1)
 
-    second = build_precision(upstream_onebit_config(precision), model, masked_groups(model, mask2))
+    second = build(upstream_onebit_config(precision), model, masked_groups(model, mask2))
     second.load_checkpoint(directory, tag="five")
     opt = tds.taciturn_optimizer(second)
     out.update(mask_running_after_load=torch.equal(opt.param_groups[0]["exp_avg_mask"], mask2),
                resumed_frozen=opt.compression.flat["frozen"], resumed_step=opt.global_step)
 
     # the issue's case: a later phase resumes the step-5 checkpoint with freeze_step 20
-    third = build_precision(upstream_onebit_config(precision, freeze_step=20), model, masked_groups(model, None))
+    third = build(upstream_onebit_config(precision, freeze_step=20), model, masked_groups(model, None))
     for _ in range(25):
         train_step(third)
     opt = tds.taciturn_optimizer(third)
@@ -467,7 +466,7 @@ def scenario_onebit_overflow(precision: str = "fp16", optimizer: str = "OneBitAd
     """DeepSpeed's TestOneBitAdam / TestZeroOneAdam ...test_overflow: overflowing steps on rank 0
     only after the freeze, a checkpoint after every step; the skipped steps touch no state on any rank."""
     directory = os.path.join(ARGS.out, f"ckpt_overflow_{optimizer}_{precision}")
-    engine = build_precision(upstream_onebit_config(precision, optimizer))
+    engine = build(upstream_onebit_config(precision, optimizer))
     opt = tds.taciturn_optimizer(engine)
     injected = []
     for step in range(12):
@@ -478,7 +477,7 @@ def scenario_onebit_overflow(precision: str = "fp16", optimizer: str = "OneBitAd
             injected.append(engine.skipped_steps == skipped + 1 and same_state(before, compression_state(opt)) and
                             all(torch.equal(a, b) for a, b in zip(params, params_of(engine))))
         engine.save_checkpoint(directory, tag="every_step")
-    resumed = build_precision(upstream_onebit_config(precision, optimizer), mlp(seed=5))
+    resumed = build(upstream_onebit_config(precision, optimizer), mlp(seed=5))
     resumed.load_checkpoint(directory, tag="every_step")
     return {"skipped_steps": engine.skipped_steps, "injected_skipped_untouched": injected,
             "taciturn_steps": opt.global_step, "frozen": frozen(opt), "finite": finite(engine),
@@ -492,7 +491,7 @@ def scenario_zoadam_mask(precision: str = "fp16", steps: int = 25) -> dict:
     at their x_sync from one synchronisation to the next."""
     model = mlp()
     mask = first_row_mask(model[0].weight)
-    engine = build_precision(upstream_onebit_config(precision, "ZeroOneAdam"), model, masked_groups(model, mask))
+    engine = build(upstream_onebit_config(precision, "ZeroOneAdam"), model, masked_groups(model, mask))
     opt = tds.taciturn_optimizer(engine)
     master = opt.param_groups[0]["params"][0]
     masked_after_sync, frozen_rows = [], []
@@ -519,7 +518,7 @@ def scenario_zoadam_checkpoint(precision: str = "fp16") -> dict:
     model = mlp()
     mask1, mask2 = first_row_mask(model[0].weight), first_row_mask(model[0].weight).roll(DIM_IN)
     config = upstream_onebit_config(precision, "ZeroOneAdam")
-    first = build_precision(config, model, masked_groups(model, mask1))
+    first = build(config, model, masked_groups(model, mask1))
     for _ in range(5):
         train_step(first)
     saved = tds.taciturn_optimizer(first)
@@ -530,12 +529,12 @@ def scenario_zoadam_checkpoint(precision: str = "fp16") -> dict:
     def no_error_buffers(engine):
         return not any(k in v for v in engine.optimizer.state.values() for k in ("worker_error", "server_error"))
 
-    second = build_precision(config, model, masked_groups(model, mask2))
+    second = build(config, model, masked_groups(model, mask2))
     second.load_checkpoint(directory, tag="five")
     opt = tds.taciturn_optimizer(second)
     out.update(mask_running_after_load=torch.equal(opt.param_groups[0]["exp_avg_mask"], mask2),
                resumed_step=opt.global_step, resumed_frozen=opt.freeze_key, second_clean=no_error_buffers(second))
-    third = build_precision(config, model, masked_groups(model, None))
+    third = build(config, model, masked_groups(model, None))
     third.optimizer.freeze_step = 20  # the upstream test sets it (a OneBitAdam name): harmless here
     for _ in range(25):
         train_step(third)
@@ -565,20 +564,20 @@ def scenario_lamb_checkpoint(precision: str = "fp16") -> dict:
     def every_state_has(engine, key):
         return all(key in v for v in engine.optimizer.state.values())
 
-    first = build_precision(config, model, masked_groups(model, mask1))
+    first = build(config, model, masked_groups(model, mask1))
     for _ in range(5):
         train_step(first)
     out = {"saved_frozen": tds.taciturn_optimizer(first).lamb_freeze_key,
            "saved_coeffs": every_state_has(first, "scaling_coeff")}
     saved_coeffs = coefficients(first)
     first.save_checkpoint(directory, tag="five")
-    second = build_precision(config, model, masked_groups(model, mask2))
+    second = build(config, model, masked_groups(model, mask2))
     second.load_checkpoint(directory, tag="five")
     opt = tds.taciturn_optimizer(second)
     out.update(mask_running_after_load=torch.equal(opt.param_groups[0]["exp_avg_mask"], mask2),
                coeffs_loaded=coefficients(second) == saved_coeffs and bool(saved_coeffs),
                resumed_frozen=opt.lamb_freeze_key)
-    third = build_precision(config, model, masked_groups(model, None))
+    third = build(config, model, masked_groups(model, None))
     opt = tds.taciturn_optimizer(third)
     opt.freeze_step = 20
     for _ in range(25):
@@ -600,7 +599,7 @@ def scenario_lamb_empty(precision: str = "fp16") -> dict:
     model.register_parameter("empty", nn.Parameter(torch.empty(0, DIM_IN)))
     groups = [{"params": [p for n, p in model.named_parameters() if n != "empty"], "weight_decay": 0.01},
               {"params": [model.empty], "weight_decay": 0.0}]
-    engine = build_precision(upstream_onebit_config(precision, "OneBitLamb"), model, groups)
+    engine = build(upstream_onebit_config(precision, "OneBitLamb"), model, groups)
     before = eval_loss(engine)
     for _ in range(8):
         train_step(engine)
@@ -732,8 +731,7 @@ def scenario_zero(arg: str) -> dict:
     cfg["zero_optimization"] = {"stage": int(stage)}
     if precision:
         cfg[precision] = {"enabled": True, **({"loss_scale": 0, "initial_scale_power": 8} if precision == "fp16" else {})}
-    with fp16_allowed() if precision == "fp16" else contextlib.nullcontext():
-        engine = build(cfg)
+    engine = build(cfg)
     opt = tds.taciturn_optimizer(engine)
     ex = opt.exchanges["grad"]
     owned = sum(lay.chunk_numel(opt.comm.rank) for lay in ex.layouts)
@@ -767,7 +765,7 @@ def scenario_pipeline(stages: int, cfg: dict = None, pipeline: str = "grad") -> 
     torch.manual_seed(0)
     pipe = PipelineModule(layers=[nn.Linear(DIM_IN, DIM_HIDDEN), nn.Tanh(), nn.Linear(DIM_HIDDEN, DIM_OUT)],
                           num_stages=stages, loss_fn=lambda out, y: nn.functional.mse_loss(out.float(), y))
-    with fp16_allowed() if cfg.get("fp16", {}).get("enabled") else contextlib.nullcontext():
+    with fp16_allowed(cfg):
         engine, _, _, _ = deepspeed.initialize(model=pipe, config=cfg, model_parameters=pipe.parameters())
     opt = tds.taciturn_optimizer(engine)
     dp_rank = engine.grid.get_data_parallel_rank()
