@@ -308,9 +308,9 @@ def plot(rows: List[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _section(result: dict) -> str:
-    """The BENCHMARKS.md section (and plot) of the result's model: the MLP's, or ``<section>_cnn``."""
-    model = result.get("model", "mlp")
+def _section(model: str) -> str:
+    """The name of a model's BENCHMARKS.md section, plot and results file: the MLP's, or
+    ``<section>_cnn``."""
     return SECTION if model == "mlp" else f"{SECTION}_{model}"
 
 
@@ -331,7 +331,7 @@ def print_tables(result: dict) -> None:
 
 def publish(result: dict) -> None:
     rows = final_rows(result)
-    section = _section(result)
+    section = _section(result.get("model", "mlp"))
     png = img_path(f"{section}.png")
     plot(rows, png, describe(result))
     commands = [result["argv"]] + result.get("parts", [])
@@ -393,8 +393,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.no_write = True
         args.seeds, args.steps, args.hidden, args.grid = 1, min(args.steps, 160), min(args.hidden, 32), "0.001"
         args.final, args.ablation = "amsgrad,cdadam,adam,onebit_adam", "amsgrad,cdadam,cd_b256,adam,onebit_floor0"
-    out = args.out or os.path.join(ROOT, "results", "bench_accuracy_quick.json" if args.quick else
-                                   "bench_accuracy.json" if args.model == "mlp" else f"bench_accuracy_{args.model}.json")
+    out = args.out or os.path.join(ROOT, "results", f"{SECTION}_quick.json" if args.quick else
+                                   f"{_section(args.model)}.json")
     final = [m for m in args.final.split(",") if m]
     ablation = [m for m in args.ablation.split(",") if m]
     unknown = [m for m in final if m not in FINAL] + [m for m in ablation if m not in ABLATION]
@@ -413,8 +413,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = run_all(runs, cfg, args.seeds, args.timeout)
     first = next(iter(results.values()))[0]
     result = dict(argv=argv, final=final, ablation=ablation, grid=grid, seeds=args.seeds, steps=args.steps,
-                  batch=args.batch, widths=widths, ranks=args.ranks, model=args.model, numel=first["numel"], results=results,
-                  note=machine_note(started, load_before))
+                  batch=args.batch, widths=widths, ranks=args.ranks, model=args.model, numel=first["numel"],
+                  results=results, note=machine_note(started, load_before))
     print_tables(result)
     if not all(r.get("ranks_agree", True) for rs in results.values() for r in rs):
         print("bench_accuracy: the ranks disagree", file=sys.stderr)

@@ -25,12 +25,18 @@ class SideStream:
     def __init__(self):
         self._streams: Dict[torch.device, torch.cuda.Stream] = {}
 
-    def _side(self, device) -> Optional[torch.cuda.Stream]:
+    @staticmethod
+    def _cuda(device) -> Optional[torch.device]:
+        """``device`` with its index if it is a CUDA device, else None."""
         device = torch.device(device)
         if device.type != "cuda":
             return None
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+    def _side(self, device) -> Optional[torch.cuda.Stream]:
+        device = self._cuda(device)
+        if device is None:
+            return None
         side = self._streams.get(device)
         if side is None:
             side = self._streams[device] = torch.cuda.Stream(device)
@@ -40,7 +46,8 @@ class SideStream:
         """An event on this thread's current stream of ``device``, once the tensors made so far
         are written: what the side stream waits for when it runs on another thread (whose
         current stream is not the one that made them). None on a CPU device."""
-        if torch.device(device).type != "cuda":
+        device = self._cuda(device)
+        if device is None:
             return None
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(device))
@@ -70,7 +77,7 @@ class SideStream:
     def join(self, device) -> None:
         """Make the current stream of ``device`` wait for the exchanges queued on its side stream,
         before it reads their results."""
-        if torch.device(device).type != "cuda":
-            return
-        side = self._side(device)
-        torch.cuda.current_stream(side.device).wait_stream(side)
+        device = self._cuda(device)
+        side = self._streams.get(device) if device is not None else None
+        if side is not None:  # nothing ran on this device's side stream yet: nothing to wait for
+            torch.cuda.current_stream(device).wait_stream(side)
