@@ -21,6 +21,7 @@ per parameter per direction. The default run is 45 distinct (method, lr) runs pe
                                                  # the grid's edges (BENCHMARKS.md's table merges such runs)
     python scripts/bench_accuracy.py --seeds 2 --steps 300 --no-write
     python scripts/bench_accuracy.py --model cnn --final amsgrad,cdadam --ablation ''   # the small CNN (its own section)
+    python scripts/bench_accuracy.py --steps 1500 --final amsgrad,cdadam --ablation ''  # longer runs (their own section)
     python scripts/bench_accuracy.py --quick     # smoke run: tiny MLP, 60 steps, 1 seed, writes only --out
     python scripts/bench_accuracy.py --render results/bench_accuracy.json
 """
@@ -42,6 +43,7 @@ from _bench import (ROOT, cnn, img_path, machine_note, mlp, rel, run_ranks, save
 SECTION = "bench_accuracy"
 GRID = (3e-4, 1e-3, 3e-3)
 ABLATION_LR = 1e-3
+STEPS = 600
 FREEZE_FRACTION = 0.15
 WINDOW, EVERY = 150, 25
 
@@ -308,10 +310,10 @@ def plot(rows: List[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _section(model: str) -> str:
-    """The name of a model's BENCHMARKS.md section, plot and results file: the MLP's, or
-    ``<section>_cnn``."""
-    return SECTION if model == "mlp" else f"{SECTION}_{model}"
+def _section(model: str, steps: int) -> str:
+    """The name of a run's BENCHMARKS.md section, plot and results file: the MLP's at the
+    default steps, else ``<section>[_cnn][_<steps>steps]``."""
+    return SECTION + ("" if model == "mlp" else f"_{model}") + ("" if steps == STEPS else f"_{steps}steps")
 
 
 def describe(result: dict) -> str:
@@ -331,14 +333,16 @@ def print_tables(result: dict) -> None:
 
 def publish(result: dict) -> None:
     rows = final_rows(result)
-    section = _section(result.get("model", "mlp"))
+    section = _section(result.get("model", "mlp"), result["steps"])
+    title = ", ".join([""] + (["CNN"] if result.get("model", "mlp") != "mlp" else []) +
+                      ([f"{result['steps']} steps"] if result["steps"] != STEPS else []))
     png = img_path(f"{section}.png")
     plot(rows, png, describe(result))
     commands = [result["argv"]] + result.get("parts", [])
     runs = ["`python scripts/bench_accuracy.py" + "".join(f" {a}" if a else " ''" for a in argv) + "`"
             for argv in commands]
     text = "\n".join([
-        f"## Accuracy parity on Fashion-MNIST{'' if section == SECTION else ', CNN'} (scripts/bench_accuracy.py)", "",
+        f"## Accuracy parity on Fashion-MNIST{title} (scripts/bench_accuracy.py)", "",
         " + ".join(runs) + (" (merged into one results file)" if len(runs) > 1 else ""), "",
         f"{describe(result)}. Every method starts from the same weights and sees the same batches (per seed); "
         "constant learning rates; each method at its best lr of the grid "
@@ -368,7 +372,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     " ('' for none)")
     ap.add_argument("--grid", default=",".join(f"{lr:g}" for lr in GRID), help="learning rates of the final table")
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=STEPS, help=f"steps per run (default {STEPS}; another count "
+                    "has its own section)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
                     help="mlp: 784-H-H-10; cnn: two 5x5 convolutions of 8 and 16 channels (its own section)")
@@ -394,7 +399,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.seeds, args.steps, args.hidden, args.grid = 1, min(args.steps, 160), min(args.hidden, 32), "0.001"
         args.final, args.ablation = "amsgrad,cdadam,adam,onebit_adam", "amsgrad,cdadam,cd_b256,adam,onebit_floor0"
     out = args.out or os.path.join(ROOT, "results", f"{SECTION}_quick.json" if args.quick else
-                                   f"{_section(args.model)}.json")
+                                   f"{_section(args.model, args.steps)}.json")
     final = [m for m in args.final.split(",") if m]
     ablation = [m for m in args.ablation.split(",") if m]
     unknown = [m for m in final if m not in FINAL] + [m for m in ablation if m not in ABLATION]
