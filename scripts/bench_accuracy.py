@@ -310,10 +310,15 @@ def plot(rows: List[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _variant(model: str, steps: int) -> List[tuple]:
+    """What sets a run apart from the default one (the MLP at the default steps), as (name,
+    title) pairs: its section, plot and results file are ``<section>_<name>...``."""
+    return ([(model, model.upper())] if model != "mlp" else []) + \
+        ([(f"{steps}steps", f"{steps} steps")] if steps != STEPS else [])
+
+
 def _section(model: str, steps: int) -> str:
-    """The name of a run's BENCHMARKS.md section, plot and results file: the MLP's at the
-    default steps, else ``<section>[_cnn][_<steps>steps]``."""
-    return SECTION + ("" if model == "mlp" else f"_{model}") + ("" if steps == STEPS else f"_{steps}steps")
+    return SECTION + "".join(f"_{name}" for name, _ in _variant(model, steps))
 
 
 def describe(result: dict) -> str:
@@ -333,9 +338,9 @@ def print_tables(result: dict) -> None:
 
 def publish(result: dict) -> None:
     rows = final_rows(result)
-    section = _section(result.get("model", "mlp"), result["steps"])
-    title = ", ".join([""] + (["CNN"] if result.get("model", "mlp") != "mlp" else []) +
-                      ([f"{result['steps']} steps"] if result["steps"] != STEPS else []))
+    model, steps = result.get("model", "mlp"), result["steps"]
+    section = _section(model, steps)
+    title = "".join(f", {title}" for _, title in _variant(model, steps))
     png = img_path(f"{section}.png")
     plot(rows, png, describe(result))
     commands = [result["argv"]] + result.get("parts", [])
