@@ -685,3 +685,40 @@ CASES = {
 
 #: the cases whose compressor is identity, with the preset they must equal
 IDENTITY_OF = {"cdadam_identity": "amsgrad", "sparsams_identity": "amsgrad"}
+
+
+def dead_unit_resume(make_opt, freeze: int, after: int, drop_mask: bool):
+    """Train ``make_opt(param_groups(model))`` with fc1's unit 0 getting no gradient (its frozen
+    variance is exactly 0) ``freeze`` steps, checkpoint, train ``after`` more; then a fresh model
+    and optimizer load the checkpoint (without its ``zero_variance_mask`` entries when
+    ``drop_mask``) and train the same ``after`` steps. Returns (the first optimizer, its mask of
+    fc1's weight at the checkpoint, the fresh optimizer, final weights of both)."""
+    import copy
+    import io
+
+    def run(model, opt, steps):
+        for t in steps:
+            opt.zero_grad()
+            loss_of(model, 0, t, 0).backward()
+            model.fc1.weight.grad[0] = 0.0
+            opt.step()
+        return [p.detach().clone() for p in trainable(model)]
+
+    model = make_model(0)
+    opt = make_opt(param_groups(model))
+    run(model, opt, range(freeze))
+    mask = opt.state[model.fc1.weight].get("zero_variance_mask")
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buf)
+    full = run(model, opt, range(freeze, freeze + after))
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    if drop_mask:
+        saved["optimizer"] = copy.deepcopy(saved["optimizer"])
+        for st in saved["optimizer"]["state"].values():
+            st.pop("zero_variance_mask", None)
+    fresh_model = make_model(1)
+    fresh_model.load_state_dict(saved["model"])
+    fresh = make_opt(param_groups(fresh_model))
+    fresh.load_state_dict(saved["optimizer"])
+    return opt, mask, fresh, fresh_model, full, run(fresh_model, fresh, range(freeze, freeze + after))

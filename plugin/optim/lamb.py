@@ -10,8 +10,8 @@ import torch
 
 from ..presets import preset
 from .base import CompressedOptimizer, check_range
-from .onebit import (_backend, _exp_avg_mask_views, _freeze_running_max, check_floor, exp_avg_masks,
-                     floor_settings, floor_variance_)
+from .onebit import (ZERO_VARIANCE_MASK, _backend, _exp_avg_mask_views, _freeze_running_max, apply_masks,
+                     check_floor, exp_avg_masks, floor_settings, floor_variance_, mask_zero_variance)
 
 #: per-parameter state: the running average of the LAMB coefficient (frozen at the freeze),
 #: the last step's factor on it, and the momentum's scale before compression (python floats)
@@ -71,7 +71,8 @@ class OneBitLamb(CompressedOptimizer):
     lr coeff scale / sqrt(v) per step (with the LAMB warm-up the model diverged within a few steps
     of the freeze on Fashion-MNIST, ``scripts/bench_tta.py --lamb``). As ``OneBitAdam``:
     ``mask_zero_variance`` (default True) zeroes the averaged momentum where the frozen v is
-    exactly 0, and ``variance_floor`` (default 0.1; 0 with ``compressor="identity"``) raises every
+    exactly 0 (the mask ``state[p]["zero_variance_mask"]``, made once at the freeze and re-derived
+    on load), and ``variance_floor`` (default 0.1; 0 with ``compressor="identity"``) raises every
     non-zero v, at the freeze, to at least that fraction of its block's mean (the momentum
     compressor's blocks), before v_fresh starts from it. ``mask_zero_variance=False,
     variance_floor=0`` is DeepSpeed's exact form.
@@ -193,6 +194,7 @@ class OneBitLamb(CompressedOptimizer):
             self._coefficients(p)
         if self.lamb_freeze_key:
             self.compression.free("warmup")  # a compression reset brings it back as zeros
+            mask_zero_variance(self)
         self._follow_freeze_step()
 
     # ------------------------------------------------------------------ the freeze
@@ -233,6 +235,7 @@ class OneBitLamb(CompressedOptimizer):
                 if self.param_groups[gi]["variance_floor"] > 0:
                     floor_variance_(v, self.param_groups[gi]["variance_floor"], self._floor_block)
                 st[FRESH] = v.clone()
+        mask_zero_variance(self)
         self.compression.free("warmup")
         self.compression.flat["frozen"] = True
         _log.info("OneBitLamb: variance and LAMB coefficients frozen at step %d; compressed momentum from here on",
@@ -250,6 +253,7 @@ class OneBitLamb(CompressedOptimizer):
             st[LAMB_COEFF], st[LAST_FACTOR] = 0.0, 1.0
             st.pop(SCALING_COEFF, None)
             st.pop(FRESH, None)
+            st.pop(ZERO_VARIANCE_MASK, None)
             if self.warmup == "cdadam" and "exp_avg_sq" in st:
                 st["max_exp_avg_sq"] = st["exp_avg_sq"].clone()
 
@@ -298,10 +302,7 @@ class OneBitLamb(CompressedOptimizer):
             st = self.state[p]
             m, v, fresh = st["exp_avg"], st["exp_avg_sq"], st[FRESH]
             m.copy_(m_avg).div_(st[SCALING_COEFF])
-            if p in masks:
-                m.mul_(masks[p].to(device=m.device, dtype=m.dtype))
-            if group["mask_zero_variance"]:
-                m.masked_fill_(v == 0, 0.0)
+            apply_masks(self, p, m, masks.get(p), group)
             g_rec = (m - m_last * b1) / (1 - b1)
             fresh.mul_(b2).addcmul_(g_rec, g_rec, value=1 - b2)
             x = self.master(p)

@@ -142,7 +142,7 @@ class OneBitAdam(CompressedOptimizer):
         after the freeze holds no warm-up compression state."""
         super().load_state_dict(self.with_running_config(state_dict, _RUNNING_CONFIG), reset_compression_state)
         if self._frozen and self.global_step >= self.freeze_step:
-            self._mask_zero_variance()
+            mask_zero_variance(self)
         self._follow_freeze_step()
 
     @property
@@ -179,7 +179,7 @@ class OneBitAdam(CompressedOptimizer):
         if self.warmup == "cdadam":
             _freeze_running_max(self)
         self._floor_variance()
-        masked = self._mask_zero_variance()
+        masked = mask_zero_variance(self)
         self.compression.free("warmup")
         self.compression.flat["frozen"] = True
         if masked:
@@ -212,22 +212,6 @@ class OneBitAdam(CompressedOptimizer):
                 floor_variance_(self.param_state(p, "exp_avg_sq")[0], fraction, self._floor_block)
             st[VARIANCE_FLOORED] = fraction
 
-    def _mask_zero_variance(self) -> int:
-        """Set ``state[p]["zero_variance_mask"]`` where the frozen variance is exactly 0, in the
-        groups with ``mask_zero_variance`` (dropped in the others); the number of masked elements."""
-        masked = 0
-        for gi, p in self._trainable:
-            st = self.state[p]
-            st.pop(ZERO_VARIANCE_MASK, None)
-            if not self.param_groups[gi]["mask_zero_variance"]:
-                continue
-            zero = self.param_state(p, "exp_avg_sq")[0] == 0
-            count = int(zero.sum())
-            if count:
-                st[ZERO_VARIANCE_MASK] = zero
-                masked += count
-        return masked
-
     def _warmup_step(self):
         grads = self.communicate("warmup", self.local_grads())
         for (gi, p), g in zip(self._trainable, grads):
@@ -252,17 +236,8 @@ class OneBitAdam(CompressedOptimizer):
             group = self.param_groups[gi]
             m, v = self.param_state(p, "exp_avg", "exp_avg_sq")
             m.copy_(m_avg)
-            self._mask(p, m, masks.get(p), group)
+            apply_masks(self, p, m, masks.get(p), group)
             self._apply(p, m, v, group)
-
-    def _mask(self, p, m, mask, group):
-        """Zero the masked elements of the averaged momentum: ``mask`` (p's part of the group's
-        ``exp_avg_mask``, or None) and the zero-variance mask made at the freeze."""
-        if mask is not None:
-            m.mul_(mask.to(device=m.device, dtype=m.dtype))
-        zero = self.state[p].get(ZERO_VARIANCE_MASK)
-        if zero is not None and group["mask_zero_variance"]:
-            m.masked_fill_(zero, 0.0)
 
     def _apply(self, p, m, v, group):
         x = self.master(p)
@@ -280,6 +255,34 @@ def _cdadam_update(opt: CompressedOptimizer, p: torch.Tensor, g: torch.Tensor, g
         x.mul_(1 - group["lr"] * group["weight_decay"])
     amsgrad_(x, g, m, v, vmax, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"])
     opt.write_back(p, x)
+
+
+def mask_zero_variance(opt: CompressedOptimizer) -> int:
+    """Set ``state[p]["zero_variance_mask"]`` where the frozen variance ``exp_avg_sq`` is exactly
+    0, in the groups with ``mask_zero_variance`` (dropped in the others); the number of masked
+    elements (one host read, at the freeze or a load, never per step)."""
+    masked = 0
+    for gi, p in opt._trainable:
+        st = opt.state[p]
+        st.pop(ZERO_VARIANCE_MASK, None)
+        if not opt.param_groups[gi]["mask_zero_variance"]:
+            continue
+        zero = opt.param_state(p, "exp_avg_sq")[0] == 0
+        count = int(zero.sum())
+        if count:
+            st[ZERO_VARIANCE_MASK] = zero
+            masked += count
+    return masked
+
+
+def apply_masks(opt: CompressedOptimizer, p: torch.Tensor, m: torch.Tensor, mask, group: dict) -> None:
+    """Zero the masked elements of the averaged momentum ``m``: ``mask`` (p's part of the group's
+    ``exp_avg_mask``, or None) and the zero-variance mask made at the freeze."""
+    if mask is not None:
+        m.mul_(mask.to(device=m.device, dtype=m.dtype))
+    zero = opt.state[p].get(ZERO_VARIANCE_MASK)
+    if zero is not None and group["mask_zero_variance"]:
+        m.masked_fill_(zero, 0.0)
 
 
 def floor_variance_(v: torch.Tensor, fraction: float, block_size=None) -> torch.Tensor:

@@ -2,12 +2,14 @@
 optional compressed warm-up."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..presets import preset
 from .base import CompressedOptimizer, check_range
-from .onebit import (_backend, _cdadam_update, _exp_avg_mask_views, _freeze_running_max, check_floor,
-                     exp_avg_masks, floor_settings, floor_variance_)
+from .onebit import (ZERO_VARIANCE_MASK, _backend, _cdadam_update, _exp_avg_mask_views, _freeze_running_max,
+                     check_floor, exp_avg_masks, floor_settings, floor_variance_, mask_zero_variance)
 
 #: the schedule (variance and local-step intervals, their counters, whether frozen), a dict of
 #: ints and a bool in the first trainable parameter's state
@@ -67,7 +69,8 @@ class ZeroOneAdam(CompressedOptimizer):
     steps. Two defaults of taciturn's, both off in DeepSpeed's exact form
     (``mask_zero_variance=False, variance_floor=0``): ``mask_zero_variance`` (default True):
     elements whose v is exactly 0 (no variance step ever saw a gradient there) take no step and
-    their u_avg is 0; ``variance_floor`` (default 0.1; 0 with ``compressor="identity"``): after each variance update (and at the
+    their u_avg is 0 (in the local-step phase the mask is ``state[p]["zero_variance_mask"]``, made
+    once at the freeze and re-derived on load); ``variance_floor`` (default 0.1; 0 with ``compressor="identity"``): after each variance update (and at the
     freeze, for ``warmup="cdadam"``), every non-zero v is raised to at least that fraction of the
     mean v of its block (the 1-bit compressor's blocks: ``OneBitAdam``'s rule,
     ``taciturn.optim.onebit.floor_variance_``), in place, so the floored v is what the variance
@@ -176,6 +179,8 @@ class ZeroOneAdam(CompressedOptimizer):
         ``exp_avg_mask`` (see the class docstring)."""
         super().load_state_dict(self.with_running_config(state_dict, _RUNNING_CONFIG), reset_compression_state)
         self.state[self.compression.anchor].setdefault(SCHEDULE, dict(_START))
+        if self.freeze_key:
+            mask_zero_variance(self)
         self._drop_warmup_state()
         self._place_params()
 
@@ -225,6 +230,7 @@ class ZeroOneAdam(CompressedOptimizer):
             self.param_state(p, "exp_avg", "exp_avg_sq", ACCUMULATOR)
             st[SYNCED] = self.master(p).detach().clone()
             st[LR_SUM] = 0.0
+        mask_zero_variance(self)
 
     def _drop_warmup_state(self):
         """After the freeze, the variance phase's exchanges never run again: free their state
@@ -272,7 +278,7 @@ class ZeroOneAdam(CompressedOptimizer):
             m = st["exp_avg"]
             m.mul_(group["betas"][0]).add_(g, alpha=1 - group["betas"][0])
             st[LR_SUM] += group["lr"]
-            denominators.append(_denominator(st["exp_avg_sq"], group))
+            denominators.append(_denominator(st["exp_avg_sq"], group, st))
             x = self.master(p)
             u = st[ACCUMULATOR].add_(_adam_step(x, m, *denominators[-1], group))
             torch.add(st[SYNCED], u, out=x)
@@ -312,9 +318,17 @@ class ZeroOneAdam(CompressedOptimizer):
             st[LR_SUM] = 0.0
 
 
-def _denominator(v: torch.Tensor, group: dict) -> tuple:
-    """(sqrt(v) + eps, where v is 0 under ``mask_zero_variance`` (else None))."""
-    return v.sqrt().add_(group["eps"]), (v == 0) if group["mask_zero_variance"] else None
+def _denominator(v: torch.Tensor, group: dict, frozen: Optional[dict] = None) -> tuple:
+    """(sqrt(v) + eps, where v is 0 under ``mask_zero_variance`` (else None)). In the local-step
+    phase (``frozen``: the parameter's state) v is frozen and its zeros are the mask made at the
+    freeze (none stored when v has no zero), not compared again every step."""
+    if not group["mask_zero_variance"]:
+        zero = None
+    elif frozen is not None:
+        zero = frozen.get(ZERO_VARIANCE_MASK)
+    else:
+        zero = v == 0
+    return v.sqrt().add_(group["eps"]), zero
 
 
 def _adam_step(x: torch.Tensor, m: torch.Tensor, denominator: torch.Tensor, zero, group: dict) -> torch.Tensor:

@@ -387,3 +387,17 @@ def test_defaults_keep_zero_variance_elements_still_and_floor_the_variance(exact
     else:
         assert torch.equal(dead[0], before) and min(ratios) >= 0.09
         assert all(torch.isfinite(p).all() for p in ref.trainable(model))
+
+
+@pytest.mark.parametrize("drop_mask", [False, True], ids=["as-saved", "saved-without-the-mask"])
+def test_zero_variance_mask_made_at_the_freeze_and_rederived_on_load(drop_mask):
+    """The defaults' zero-variance mask is made once at the freeze (not compared per step) and
+    kept in the state; a checkpoint past the freeze resumes bit-identically, also one without
+    the mask (re-derived from the loaded frozen variance)."""
+    opt, mask, fresh, model, full, resumed = ref.dead_unit_resume(
+        lambda groups: taciturn.OneBitLamb(groups, lr=LR, block_size=64, **SETTINGS), FREEZE + 3, 6, drop_mask)
+    assert mask is not None and mask.dtype == torch.bool and mask[0].all()
+    loaded = fresh.state[model.fc1.weight]["zero_variance_mask"]
+    assert loaded.dtype == torch.bool and torch.equal(loaded, mask)
+    assert torch.equal(loaded, fresh.state[model.fc1.weight]["exp_avg_sq"] == 0)
+    assert all(torch.equal(a, b) for a, b in zip(full, resumed))

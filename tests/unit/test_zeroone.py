@@ -311,3 +311,18 @@ def test_exact_form_moves_zero_variance_elements():
     assert (dead[0] - before).abs().max() > 1.0  # steps of order lr * scale / eps
     v = opt.state[dead]["exp_avg_sq"].reshape(-1)
     assert min(block[block > 0].min() / block.mean() for block in v.split(64)) < 0.01  # what the floor lifts
+
+
+@pytest.mark.parametrize("drop_mask", [False, True], ids=["as-saved", "saved-without-the-mask"])
+def test_zero_variance_mask_made_at_the_freeze_and_rederived_on_load(drop_mask):
+    """In the local-step phase the defaults' zero-variance mask is the one made at the freeze
+    (not compared per step), kept in the state; a checkpoint between synchronisations resumes
+    bit-identically, also one without the mask (re-derived from the loaded frozen variance)."""
+    opt, mask, fresh, model, full, resumed = ref.dead_unit_resume(
+        lambda groups: taciturn.ZeroOneAdam(groups, lr=LR, block_size=64, **SCHEDULE),
+        SCHEDULE["var_freeze_step"] + 3, 8, drop_mask)
+    assert opt.freeze_key and mask is not None and mask.dtype == torch.bool and mask[0].all()
+    loaded = fresh.state[model.fc1.weight]["zero_variance_mask"]
+    assert loaded.dtype == torch.bool and torch.equal(loaded, mask)
+    assert torch.equal(loaded, fresh.state[model.fc1.weight]["exp_avg_sq"] == 0)
+    assert all(torch.equal(a, b) for a, b in zip(full, resumed))
