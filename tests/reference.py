@@ -19,6 +19,8 @@ that drives a real optimizer through it, ``simulate`` that drives a transcriptio
 """
 from __future__ import annotations
 
+import copy
+import io
 import math
 from fractions import Fraction
 from typing import List, Sequence, Tuple
@@ -692,10 +694,8 @@ def dead_unit_resume(make_opt, freeze: int, after: int, drop_mask: bool):
     variance is exactly 0) ``freeze`` steps, checkpoint, train ``after`` more; then a fresh model
     and optimizer load the checkpoint (without its ``zero_variance_mask`` entries when
     ``drop_mask``) and train the same ``after`` steps. Returns (the first optimizer, its mask of
-    fc1's weight at the checkpoint, the fresh optimizer, final weights of both)."""
-    import copy
-    import io
-
+    fc1's weight at the checkpoint, the fresh optimizer, the fresh model, the first run's final
+    weights, the resumed run's)."""
     def run(model, opt, steps):
         for t in steps:
             opt.zero_grad()
