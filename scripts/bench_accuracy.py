@@ -20,8 +20,8 @@ per parameter per direction. The default run is 45 distinct (method, lr) runs pe
     python scripts/bench_accuracy.py --grid 0.0001,0.01 --ablation '' --out results/edges.json --no-write
                                                  # the grid's edges (BENCHMARKS.md's table merges such runs)
     python scripts/bench_accuracy.py --seeds 2 --steps 300 --no-write
-    python scripts/bench_accuracy.py --model cnn --final amsgrad,cdadam --ablation ''   # the small CNN (its own section)
-    python scripts/bench_accuracy.py --steps 1500 --final amsgrad,cdadam --ablation ''  # longer runs (their own section)
+    python scripts/bench_accuracy.py --model cnn --final amsgrad,cdadam --ablation ''   # the small CNN (own section)
+    python scripts/bench_accuracy.py --steps 1500 --final amsgrad,cdadam --ablation ''  # longer runs (own section)
     python scripts/bench_accuracy.py --quick     # smoke run: tiny MLP, 60 steps, 1 seed, writes only --out
     python scripts/bench_accuracy.py --render results/bench_accuracy.json
 """

@@ -70,9 +70,9 @@ class ZeroOneAdam(CompressedOptimizer):
     (``mask_zero_variance=False, variance_floor=0``): ``mask_zero_variance`` (default True):
     elements whose v is exactly 0 (no variance step ever saw a gradient there) take no step and
     their u_avg is 0 (in the local-step phase the mask is ``state[p]["zero_variance_mask"]``, made
-    once at the freeze and re-derived on load); ``variance_floor`` (default 0.1; 0 with ``compressor="identity"``): after each variance update (and at the
-    freeze, for ``warmup="cdadam"``), every non-zero v is raised to at least that fraction of the
-    mean v of its block (the 1-bit compressor's blocks: ``OneBitAdam``'s rule,
+    once at the freeze and re-derived on load); ``variance_floor`` (default 0.1; 0 with
+    ``compressor="identity"``): after each variance update (and at the freeze, for
+    ``warmup="cdadam"``), every non-zero v is raised to at least that fraction of the mean v of its block (the 1-bit compressor's blocks: ``OneBitAdam``'s rule,
     ``taciturn.optim.onebit.floor_variance_``), in place, so the floored v is what the variance
     phase's average continues from and what freezes.
 
