@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99))
     p.add_argument("--warmup-ratio", type=float, default=0.06)
     p.add_argument("--block-size", type=int, default=1024, help="blockwise sign's block (compressed optimizers)")
+    p.add_argument("--scale", choices=("l1", "l2"), default="l1", help="blockwise sign's scale: l1 (mean |x|, the "
+                   "papers') or l2 (rms, DeepSpeed's)")
     p.add_argument("--freeze-step", type=int, default=None, help="onebit_adam's warm-up steps (default: 15%% of "
                                                                    "the steps)")
     p.add_argument("--zero", type=int, choices=(0, 1, 2), default=0,
@@ -141,13 +143,19 @@ def deepspeed_config(name: str, args, steps: int) -> dict:
             "optimizer": {"type": rec.name, "params": params}}
 
 
+def sign_options(args) -> dict:
+    """The blockwise sign's settings from ``--block-size`` / ``--scale`` (an optimizer's or a hook's keywords)."""
+    scale = {"compressor_options": {"scale": args.scale}} if args.scale != "l1" else {}
+    return {"block_size": args.block_size, **scale}
+
+
 def extra_kwargs(name: str, args, steps: int) -> dict:
     from taciturn.registry import get_record, valid_kwargs
 
     accepted = valid_kwargs(get_record(name).cls)
     out = {}
     if "block_size" in accepted:
-        out["block_size"] = args.block_size
+        out.update(sign_options(args))
     if "freeze_step" in accepted:
         out["freeze_step"] = args.freeze_step if args.freeze_step is not None else max(1, int(0.15 * steps))
     if args.zero and args.downlink != "1bit":
@@ -184,7 +192,7 @@ def train_one(name: str, args, model_path, train_ds, test_ds, n_labels, collator
         local = taciturn.AMSGrad(model.parameters(), lr=args.lr, betas=tuple(args.betas), process_group="local")
         preset = HOOK_PRESETS[_key(name)]
         kwargs.update(optimizers=(local, None), comm_hook=preset,
-                      comm_hook_kwargs={"block_size": args.block_size} if "sign" in preset else {})
+                      comm_hook_kwargs=sign_options(args) if "sign" in preset else {})
     else:
         config = args.deepspeed_config or deepspeed_config(name, args, steps)
         for key in deepspeed_defaults(config):

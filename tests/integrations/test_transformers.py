@@ -209,3 +209,22 @@ def test_finetune_script_zero_flag_builds_a_sharded_deepspeed_job():
     for bad in (["--zero", "2", "--route", "ddp-hook"], ["--downlink", "fp32"]):
         with pytest.raises(SystemExit):
             script.parse_args(bad)
+
+
+def test_finetune_script_scale_and_block_size_reach_the_optimizer():
+    """``--block-size 256 --scale l2`` build CD-Adam with 256-blocks and the l2 scale (the JSON's
+    params as DeepSpeed hands them over); the default keeps the paper's l1 scale."""
+    script = _script()
+    net = torch.nn.Linear(4, 3)
+    args = script.parse_args(["--route", "deepspeed", "--block-size", "256", "--scale", "l2"])
+    params = script.deepspeed_config("cdadam", args, steps=10)["optimizer"]["params"]
+    import taciturn
+
+    opt = taciturn.create_optimizer("CDAdam", net.parameters(), **params)
+    assert repr(next(iter(opt.exchanges.values())).compressor) == "BlockSign(block_size=256, scale='l2')"
+    default = script.deepspeed_config("cdadam", script.parse_args(["--route", "deepspeed"]), steps=10)
+    assert "compressor_options" not in default["optimizer"]["params"]
+    assert script.sign_options(script.parse_args(["--scale", "l2"])) == {"block_size": 1024,
+                                                                        "compressor_options": {"scale": "l2"}}
+    with pytest.raises(SystemExit):
+        script.parse_args(["--scale", "l3"])
