@@ -19,7 +19,6 @@ that drives a real optimizer through it, ``simulate`` that drives a transcriptio
 """
 from __future__ import annotations
 
-import copy
 import io
 import math
 from fractions import Fraction
@@ -714,7 +713,6 @@ def dead_unit_resume(make_opt, freeze: int, after: int, drop_mask: bool):
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
     if drop_mask:
-        saved["optimizer"] = copy.deepcopy(saved["optimizer"])
         for st in saved["optimizer"]["state"].values():
             st.pop("zero_variance_mask", None)
     fresh_model = make_model(1)
