@@ -26,6 +26,9 @@ class Compressor:
     #: Whether encode_fused / fused_scales take a ``taciturn.segments.Segments`` as x (the
     #: tensors of a bucket read in place; no piece straddles two of them).
     reads_segments: bool = False
+    #: The EMA decay of the magnitude profile (``taciturn.profile``) an exchange keeps for this
+    #: codec and decodes with; None: no profile.
+    profile = None
 
     def units(self, sizes: Sequence[int]) -> List[int]:
         """Unit lengths for consecutive tensors of the given sizes (default: one per tensor)."""

@@ -117,14 +117,28 @@ class BlockSign(ScaledSign):
     """Scaled sign with one scale per block of ``block_size`` elements inside each tensor.
 
     The last block of a tensor is shorter. ``block_size=None`` gives one block per tensor.
+    ``profile=beta`` (0 <= beta < 1; None: off) decodes with the magnitude profile of
+    ``taciturn.profile``, an EMA with decay beta of the exchange's squared results that the
+    exchange keeps in the feedback state: same bytes, the block's magnitude spread per element.
     """
 
-    def __init__(self, block_size: Optional[int] = DEFAULT_BLOCK_SIZE, scale: str = "l1"):
+    def __init__(self, block_size: Optional[int] = DEFAULT_BLOCK_SIZE, scale: str = "l1",
+                 profile: Optional[float] = None):
         super().__init__(scale)
         if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
             raise ValueError(f"block_sign: block_size={block_size!r} must be a positive int or None "
                              "(None = one block per tensor)")
+        if profile is not None:
+            if isinstance(profile, bool) or not isinstance(profile, (int, float)) or not 0 <= profile < 1:
+                raise ValueError(f"block_sign: profile={profile!r} must be the profile's EMA decay in [0, 1), "
+                                 "e.g. 0.99, or None (off)")
+            if block_size is None or scale == "none":
+                raise ValueError("block_sign: profile needs a block_size and scale 'l1' or 'l2' (the weights keep "
+                                 "each block's scale); got "
+                                 f"block_size={block_size!r}, scale={scale!r}")
+            profile = float(profile)
         self.block_size = block_size
+        self.profile = profile
         self.name = "block_sign"
         self.chunk_aligned = block_size is not None
 
@@ -140,4 +154,7 @@ class BlockSign(ScaledSign):
         return out
 
     def describe(self):
-        return {"name": self.name, "block_size": self.block_size, "scale": self.scale}
+        out = {"name": self.name, "block_size": self.block_size, "scale": self.scale}
+        if self.profile is not None:
+            out["profile"] = self.profile
+        return out

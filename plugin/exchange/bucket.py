@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional, Union
 
 import torch
 
+from .. import profile
 from ..comm import Communicator, Handle
 from ..compressors import Compressor
 from ..feedback import Feedback, State
@@ -81,6 +82,12 @@ class BucketExchange:
         self.waiting = 0.0  # of which waiting for collectives
         self.up = self.down = 0
         self.pending: Optional[Handle] = None
+        self.weights: Optional[torch.Tensor] = None  # the magnitude profile's, from ``start`` on
+
+    def codec(self, sl: slice = slice(None)) -> Compressor:
+        """The codec of the bucket's range ``sl``: the compressor, decoding with the weights of
+        its magnitude profile there when it has one."""
+        return self.compressor if self.weights is None else profile.Weighted(self.compressor, self.weights[sl])
 
     def seed_for(self, side: int, chunk: int) -> int:
         """The seed of one side (0 worker, 1 server) of one chunk."""
@@ -117,13 +124,17 @@ class BucketExchange:
             return x.reshape(-1).float()
         if len(x.parts) == 1:
             return x.parts[0].float()
-        if self.compressor.reads_segments and all(p.dtype == torch.float32 for p in x.parts):
+        if self.compressor.reads_segments and self.compressor.profile is None and \
+                all(p.dtype == torch.float32 for p in x.parts):
             return x
         return x.flat(self.work.scratch("flat", self.layout.numel, x.device))
 
     @_timed
     def start(self) -> None:
         self.x = self._input()
+        if self.compressor.profile is not None:
+            self.weights = profile.weights(self.state[profile.KEY], self.layout, self.compressor.scale,
+                                           self.work.keep("weights", self.layout.numel, self.device))
         self.up, self.pending = self.direction.start(self, self.x)
 
     @_timed
@@ -134,7 +145,10 @@ class BucketExchange:
     def _finish(self) -> torch.Tensor:
         gathered = self.wait()
         self.down = gathered.numel()
-        return self.direction.finish(self, gathered)
+        result = self.direction.finish(self, gathered)
+        if self.weights is not None:
+            profile.update(self.state[profile.KEY], result, self.compressor.profile)
+        return result
 
     def finish(self) -> torch.Tensor:
         """The averaged result; records the bucket in ``stats``."""

@@ -22,6 +22,7 @@ from ..comm import Handle
 from ..compressors import Compressor
 from ..feedback import Feedback, FeedbackStep, State
 from ..layout import BucketLayout
+from ..profile import KEY as PROFILE
 
 
 def _fit(payload: torch.Tensor, nbytes: int) -> torch.Tensor:
@@ -58,7 +59,7 @@ class TwoWay:
         for j in range(n):
             sl, pieces = lay.chunk(j), lay.chunk_pieces[j]
             scales = unit_scales[lay.piece_unit[j]] if unit_scales is not None else None
-            payload = compressor.encode_fused(x[sl], pieces, rule.at(sl), scales, ex.seed_for(0, j))
+            payload = ex.codec(sl).encode_fused(x[sl], pieces, rule.at(sl), scales, ex.seed_for(0, j))
             chunks.append(_fit(payload, lay.chunk_nbytes))
         return sum(ch.numel() for ch in chunks), ex.comm.all_to_all_async(chunks)
 
@@ -68,18 +69,19 @@ class TwoWay:
         received = ex.wait()
         sl, pieces = lay.chunk(me), lay.chunk_pieces[me]
         acc, rule = ex.server.server_step(ex.state, ex.error_scale, sl)
-        payload = ex.compressor.serve_fused(received, pieces, acc, rule,
+        payload = ex.codec(sl).serve_fused(received, pieces, acc, rule,
                                             ex.work.scratch("sum", lay.chunk_numel(me), ex.device),
                                             (ex.seed_for(0, me), ex.seed_for(1, me)))
         return ex.comm.all_gather_async(_fit(payload, lay.chunk_nbytes))
 
     @staticmethod
     def finish(ex, gathered: torch.Tensor) -> torch.Tensor:
-        lay, compressor = ex.layout, ex.compressor
+        lay = ex.layout
         target = ex.server.result_target(ex.state)
         result = target if target is not None else ex.work.keep("result", lay.numel, ex.device)
         for j in range(ex.n):
             out, pieces, seed = result[lay.chunk(j)], lay.chunk_pieces[j], ex.seed_for(1, j)
+            compressor = ex.codec(lay.chunk(j))
             if target is not None:
                 compressor.decode_add(gathered[j], pieces, out, seed)
             else:
@@ -102,7 +104,7 @@ class OneWay:
     @staticmethod
     def start(ex, x) -> Tuple[int, Handle]:
         rule = ex.worker.worker_step(ex.state, ex.error_scale)
-        payload = ex.compressor.encode_fused(x, ex.layout.units, rule, seed=ex.seed_for(0, 0))
+        payload = ex.codec().encode_fused(x, ex.layout.units, rule, seed=ex.seed_for(0, 0))
         return payload.numel(), ex.comm.all_gather_async(payload)
 
     @staticmethod
@@ -113,7 +115,7 @@ class OneWay:
     def finish(ex, gathered: torch.Tensor) -> torch.Tensor:
         lay = ex.layout
         buffer = ex.work.scratch if ex.server.keeps_result else ex.work.keep  # the average may be the result
-        a = ex.compressor.decode_mean(gathered, lay.units, ex.seed_for(0, 0), buffer("sum", lay.numel, ex.device))
+        a = ex.codec().decode_mean(gathered, lay.units, ex.seed_for(0, 0), buffer("sum", lay.numel, ex.device))
         return ex.server.accumulate(a, ex.state)
 
 
@@ -170,8 +172,10 @@ def direction(two_way: bool):
 def init_state(worker: Feedback, server: Feedback, layout: BucketLayout, way, rank: int,
                device=None) -> State:
     """Zero fp32 feedback state of one bucket for this rank: the worker rule's tensors
-    (full-length) and the server rule's (the rank's chunk in two-way mode). ``way``: two-way (a bool)
-    or a direction."""
+    (full-length), the server rule's (the rank's chunk in two-way mode) and the codec's
+    magnitude profile (full-length). ``way``: two-way (a bool) or a direction."""
     way = direction(way) if isinstance(way, bool) else way
     lengths = way.state_lengths(worker, server, layout, rank)
+    if layout.compressor.profile is not None:
+        lengths[PROFILE] = layout.numel
     return {k: torch.zeros(n, dtype=torch.float32, device=device) for k, n in lengths.items()}

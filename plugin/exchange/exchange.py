@@ -100,6 +100,10 @@ class Exchange:
                 raise ValueError(f"downlink={downlink!r} must be one of {DOWNLINKS}")
             if not two_way:
                 raise ValueError("a sharded exchange needs the two-way pipeline (the chunk owners run the update rule)")
+            if self.compressor.profile is not None:
+                raise ValueError(f"{self.compressor!r}: a magnitude profile needs every rank to see the averaged "
+                                 "gradient, which a sharded exchange sends only as the model change: "
+                                 "drop profile=... or shard_state")
             codec = self.compressor if downlink == "1bit" else _cast(downlink)
             self.direction = Sharded(codec, downlink == "1bit" and server.name != "none", owner_keys)
         self.bucket_cap_mb = bucket_cap_mb

@@ -1,0 +1,76 @@
+"""Magnitude profile: per-element decode weights for a scaled sign codec, shared by all ranks.
+
+A scaled sign gives every element of a block the same magnitude s_b. Gradients are not flat
+inside a block (a weight matrix's rows and columns differ by orders of magnitude), so the
+profile spreads the block's magnitude by what the exchange has averaged so far:
+
+    p  <- beta * p + (1 - beta) * r * r        after every exchange, r its result (all ranks)
+    a  =  sqrt(p + FLOOR * mean_t(p))          mean_t: over the element's tensor
+    w_j = a_j / norm_b(a)                      norm_b: the block's mean (l1 scale) or rms (l2)
+    C_w(y)_j = w_j * s_b * sign(y_j)
+
+so each block keeps the codec's l1 mass (or l2 energy) and its sign bits, and no byte more
+travels: the encoder is the plain codec's, only decoding multiplies by w (``Weighted``). Every
+rank holds the same r, hence the same p and w, and decodes every payload identically. p
+starts at 0 and a block whose profile is still 0 gets w = 1 (the plain codec): the first
+step is the plain codec, and since w is scale-free in p, starting p at 0 is starting it at
+the first r * r. p is feedback state (``KEY``, in the optimizer's state: checkpoints carry it).
+"""
+from __future__ import annotations
+
+import torch
+
+from .compressors import Compressor
+from .layout import BucketLayout
+from .wire import Pieces
+
+KEY = "magnitude_profile"
+#: of the tensor's mean profile, added to every element's: elements that were ~0 so far still move
+FLOOR = 0.01
+
+
+def weights(p: torch.Tensor, layout: BucketLayout, scale: str, out: torch.Tensor) -> torch.Tensor:
+    """w of the module docstring for a bucket with profile ``p``, written into ``out``."""
+    tensors = Pieces.from_lengths(layout.sizes)
+    floors = tensors.reduce(p, lambda v: v.mean(dim=1)).mul_(FLOOR)
+    tensors.expand_into(out, floors, lambda view, f: view.copy_(f.expand_as(view)))
+    out.add_(p).sqrt_()
+    if scale == "l1":
+        norms = layout.units.reduce(out, lambda v: v.mean(dim=1))
+    else:
+        norms = layout.units.reduce(out, lambda v: v.square().mean(dim=1).sqrt_())
+    inverse = torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
+    flat = norms.eq(0).to(out.dtype)
+
+    def spread(view, pair):
+        view.mul_(pair[:, :, 0]).add_(pair[:, :, 1])
+
+    return layout.units.expand_into(out, torch.stack([inverse, flat], dim=1), spread)
+
+
+def update(p: torch.Tensor, result: torch.Tensor, beta: float) -> None:
+    """p <- beta * p + (1 - beta) * result^2."""
+    p.mul_(beta).addcmul_(result, result, value=1.0 - beta)
+
+
+class Weighted(Compressor):
+    """``codec`` with its decoded values multiplied by ``w`` (one fp32 weight per element of the
+    segment it is used on). Same payloads and bytes as ``codec``; runs in torch ops."""
+
+    def __init__(self, codec: Compressor, w: torch.Tensor):
+        self.codec, self.w = codec, w
+        self.name = codec.name
+        self.unit_scales = codec.unit_scales
+        self.chunk_aligned = codec.chunk_aligned
+
+    def nbytes(self, pieces):
+        return self.codec.nbytes(pieces)
+
+    def encode(self, x, pieces, seed=0, scales=None):
+        return self.codec.encode(x, pieces, seed, scales)
+
+    def decode(self, payload, pieces, seed=0, out=None):
+        return self.codec.decode(payload, pieces, seed, out).mul_(self.w)
+
+    def describe(self):
+        return self.codec.describe()
