@@ -87,10 +87,30 @@ def compression_units(sizes, name, opts):
     return tensor_bounds(sizes)
 
 
+def profile_weights(p, sizes, units):
+    """The magnitude profile's decode weights (taciturn.profile, l1 scale) written plainly: a =
+    sqrt(p + 0.01 * the tensor's mean p), w = a / the block's mean a (1 where that is 0)."""
+    d = sum(sizes)
+    a = torch.cat([p[lo:hi] + 0.01 * p[lo:hi].mean() for lo, hi in segments(tensor_bounds(sizes), d)]).sqrt()
+    w = torch.ones(d)
+    for lo, hi in segments(units, d):
+        if a[lo:hi].mean() > 0:
+            w[lo:hi] = a[lo:hi] / a[lo:hi].mean()
+    return w
+
+
 def _simulate_bucket(xs, sizes, cuts, name, opts, rule, two_way, s):
-    """One bucket: ``xs[t][i]`` is worker i's flat input at step t; returns the results per step."""
+    """One bucket: ``xs[t][i]`` is worker i's flat input at step t; returns the results per step.
+    ``opts["profile"] = beta``: every compression decodes with the magnitude profile's weights,
+    the profile p an EMA of the squared results (from 0)."""
     n, d = len(xs[0]), sum(sizes)
     units = compression_units(sizes, name, opts)
+    beta, p = opts.get("profile"), torch.zeros(d)
+
+    def compress(v, pieces):
+        c = plain_compress_pieces(v, pieces, name, opts)
+        return c if beta is None else c * profile_weights(p, sizes, units)
+
     # Workers compress whole units (a sign scale spans a tensor split by a chunk cut); top-k
     # in two-way mode is applied to each piece of a tensor inside a chunk. The server
     # compresses every piece of a unit that falls in its chunk on its own.
@@ -105,35 +125,35 @@ def _simulate_bucket(xs, sizes, cuts, name, opts, rule, two_way, s):
         sent = []
         for i in range(n):
             if rule == "none":
-                c = plain_compress_pieces(x[i], worker_pieces, name, opts)
+                c = compress(x[i], worker_pieces)
             elif rule == "ef":
-                p = x[i] + s[t] * e[i]
-                c = plain_compress_pieces(p, worker_pieces, name, opts)
-                e[i] = p - c
+                y = x[i] + s[t] * e[i]
+                c = compress(y, worker_pieces)
+                e[i] = y - c
             else:
-                c = plain_compress_pieces(x[i] - h[i], worker_pieces, name, opts)
+                c = compress(x[i] - h[i], worker_pieces)
                 h[i] = h[i] + c
             sent.append(c)
         a = torch.stack(sent).sum(0) / n
         if not two_way:
             if rule == "markov":
                 H = H + a
-                results.append(H.clone())
+                result = H.clone()
             else:
-                results.append(a)
-            continue
-        if rule == "none":
-            result = plain_compress_pieces(a, server_pieces, name, opts)
+                result = a
+        elif rule == "none":
+            result = compress(a, server_pieces)
         elif rule == "ef":
-            p = a + s[t] * e_server
-            result = plain_compress_pieces(p, server_pieces, name, opts)
-            e_server = p - result
+            y = a + s[t] * e_server
+            result = compress(y, server_pieces)
+            e_server = y - result
         else:
             H = H + a
-            c = plain_compress_pieces(H - G, server_pieces, name, opts)
-            G = G + c
+            G = G + compress(H - G, server_pieces)
             result = G.clone()
         results.append(result)
+        if beta is not None:
+            p = beta * p + (1 - beta) * result * result
     return results
 
 

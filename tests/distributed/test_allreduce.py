@@ -24,12 +24,19 @@ INPUTS = {
 }
 BUCKET_CAP_MB = 6000 * 4 / 2 ** 20
 CODECS = {"block_sign": {}, "scaled_sign": {}, "topk": {"ratio": 0.25}, "identity": {}}
+#: case label -> (codec, options) where the label is not the codec's name
+VARIANTS = {"block_sign_profile": ("block_sign", {"block_size": 256, "profile": 0.5})}
 RULES = ("none", "ef", "markov")
 STEPS = 3
 EF_SCALES = (1.0, 0.5, 2.0)  # s = lr_{t-1}/lr_t of a changing learning rate
 
-CASES = [("mixed", codec, rule, mode) for codec in CODECS for rule in RULES for mode in ("two_way", "one_way")]
+CASES = [("mixed", codec, rule, mode) for codec in [*CODECS, *VARIANTS] for rule in RULES
+         for mode in ("two_way", "one_way")]
 CASES += [("tiny", codec, rule, "two_way") for codec in CODECS for rule in RULES]
+
+
+def codec_of(label):
+    return VARIANTS.get(label, (label, CODECS.get(label)))
 
 
 def tensor_ends(sizes):
@@ -56,7 +63,8 @@ def flat_inputs(inputs: str, step: int, rank: int) -> torch.Tensor:
 
 def make_pipeline(inputs, codec, rule, mode, comm):
     sizes = [math.prod(shape) for shape, _ in INPUTS[inputs]]
-    return Exchange(sizes, make_compressor(codec, **CODECS[codec]), make_feedback(rule), make_feedback(rule), comm,
+    name, opts = codec_of(codec)
+    return Exchange(sizes, make_compressor(name, **opts), make_feedback(rule), make_feedback(rule), comm,
                     two_way=mode == "two_way", bucket_cap_mb=BUCKET_CAP_MB)
 
 
@@ -100,7 +108,7 @@ def test_ranks_bit_identical_and_equal_to_single_server_reference(ranks, case, s
     assert counted == {"up": STEPS * wire["up"], "down": STEPS * wire["down"], "fp32": STEPS * wire["fp32"],
                        "steps": STEPS}
     xs = [[flat_inputs(inputs, t, i) for i in range(n)] for t in range(STEPS)]
-    expected = simulate(xs, buckets, codec, CODECS[codec], rule, mode == "two_way", EF_SCALES)
+    expected = simulate(xs, buckets, *codec_of(codec), rule, mode == "two_way", EF_SCALES)
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 

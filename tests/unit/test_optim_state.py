@@ -26,14 +26,15 @@ def build(name, seed=0, **extra):
     return case, model, opt
 
 
-@pytest.mark.parametrize("name", list(ref.CASES))
-def test_resume_bit_identical(name, tmp_path):
-    case, model, opt = build(name)
-    first, _ = ref.train(opt, model, 0, 1, SAVE_AT, case.lr)
+def check_resume(name, tmp_path, **extra):
+    """Train, save at SAVE_AT, go on; a fresh optimizer loading the save must go on bit-identically.
+    Returns the saved state dict and the parameters after each step from SAVE_AT on."""
+    case, model, opt = build(name, **extra)
+    ref.train(opt, model, 0, 1, SAVE_AT, case.lr)
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
     rest, rest_points = ref.train(opt, model, 0, 1, STEPS, case.lr, start=SAVE_AT)
 
-    _, fresh_model, fresh = build(name, seed=123)
+    _, fresh_model, fresh = build(name, seed=123, **extra)
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     fresh_model.load_state_dict(saved["model"])
     fresh.load_state_dict(saved["optimizer"])
@@ -41,6 +42,22 @@ def test_resume_bit_identical(name, tmp_path):
     again, again_points = ref.train(fresh, fresh_model, 0, 1, STEPS, case.lr, start=SAVE_AT)
     for t, (a, b, pa, pb) in enumerate(zip(rest, again, rest_points, again_points)):
         assert torch.equal(a, b) and torch.equal(pa, pb), f"step {SAVE_AT + t} differs after resuming"
+    return saved["optimizer"], rest
+
+
+@pytest.mark.parametrize("name", list(ref.CASES))
+def test_resume_bit_identical(name, tmp_path):
+    check_resume(name, tmp_path)
+
+
+def test_magnitude_profile_is_compression_state_and_resumes_bit_identically(tmp_path):
+    profiled = {"scale": "l2", "profile": 0.9}
+    saved, after = check_resume("cdadam_block64_buckets", tmp_path, compressor_options=profiled)
+    flat = next(v["taciturn"] for v in saved["state"].values() if "taciturn" in v)
+    found = [k for k in flat if k.endswith(".magnitude_profile")]
+    assert found and all(flat[k].gt(0).all() for k in found), "every element's profile is set after 10 steps"
+    _, plain = check_resume("cdadam_block64_buckets", tmp_path, compressor_options={"scale": "l2"})
+    assert any(not torch.equal(a, b) for a, b in zip(after, plain)), "the profile changed nothing"
 
 
 @pytest.mark.parametrize("name, keys", [
