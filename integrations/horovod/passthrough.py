@@ -9,6 +9,7 @@ from typing import Dict, List
 import horovod.torch as hvd
 import torch
 
+from ...comm.horovod import wait
 from .gradients import WireGradients
 
 
@@ -69,7 +70,7 @@ class HorovodPath:
             if callable(handle):  # a sparse allreduce: its result is the averaged sparse gradient
                 p.grad = handle()
                 continue
-            out = self.compression.decompress(hvd.synchronize(handle), ctx)
+            out = self.compression.decompress(wait(handle), ctx)
             if out is not p.grad:
                 p.grad.copy_(out)
         self._wire.resparsify()

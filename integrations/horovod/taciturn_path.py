@@ -14,6 +14,7 @@ import horovod.torch as hvd
 import torch
 
 from ...comm.base import gather_objects
+from ...comm.horovod import wait
 from ...exchange import Exchange, SideStream
 from ...feedback import make_feedback
 from ...metrics import CommStats
@@ -109,7 +110,8 @@ class TaciturnPath:
         exchange; while some rank is joined, through ``_joined_average``. On CUDA either runs on
         the side stream, after ``ready`` (the event ``_launch`` recorded on backward's stream)."""
         if b == 0:
-            here = hvd.allreduce(torch.ones(1), name=f"{self._prefix}.here", op=hvd.Sum, process_set=self._process_set)
+            here = wait(hvd.allreduce_async(torch.ones(1), name=f"{self._prefix}.here", op=hvd.Sum,
+                                            process_set=self._process_set))
             self._everyone_here = int(here.item()) == self.comm.world_size
         with self._side.running(grads, after=ready):
             if self._everyone_here:
@@ -124,7 +126,7 @@ class TaciturnPath:
         start = time.perf_counter()
         handles = [hvd.allreduce_async(g.float(), name=f"{self._prefix}.joined.{self._names[i]}", op=hvd.Average,
                                        process_set=self._process_set) for i, g in zip(self.exchange.buckets[b], grads)]
-        averaged = [hvd.synchronize(h) for h in handles]
+        averaged = [wait(h) for h in handles]
         fp32 = 4 * sum(g.numel() for g in grads)
         self._stats.record(fp32, fp32, fp32, 0.0, time.perf_counter() - start)
         return averaged
