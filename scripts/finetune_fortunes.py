@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=1024, help="blockwise sign's block (compressed optimizers)")
     p.add_argument("--scale", choices=("l1", "l2"), default="l1", help="blockwise sign's scale: l1 (mean |x|, the "
                    "papers') or l2 (rms, DeepSpeed's)")
+    p.add_argument("--profile", type=float, default=None, metavar="BETA",
+                   help="blockwise sign's magnitude profile, its EMA decay (e.g. 0.99; default: off)")
     p.add_argument("--freeze-step", type=int, default=None, help="onebit_adam's warm-up steps (default: 15%% of "
                                                                    "the steps)")
     p.add_argument("--zero", type=int, choices=(0, 1, 2), default=0,
@@ -144,9 +146,12 @@ def deepspeed_config(name: str, args, steps: int) -> dict:
 
 
 def sign_options(args) -> dict:
-    """The blockwise sign's settings from ``--block-size`` / ``--scale`` (an optimizer's or a hook's keywords)."""
-    scale = {"compressor_options": {"scale": args.scale}} if args.scale != "l1" else {}
-    return {"block_size": args.block_size, **scale}
+    """The blockwise sign's settings from ``--block-size`` / ``--scale`` / ``--profile`` (an
+    optimizer's or a hook's keywords)."""
+    options = {"scale": args.scale} if args.scale != "l1" else {}
+    if args.profile is not None:
+        options["profile"] = args.profile
+    return {"block_size": args.block_size, **({"compressor_options": options} if options else {})}
 
 
 def extra_kwargs(name: str, args, steps: int) -> dict:

@@ -213,7 +213,8 @@ def test_finetune_script_zero_flag_builds_a_sharded_deepspeed_job():
 
 def test_finetune_script_scale_and_block_size_reach_the_optimizer():
     """``--block-size 256 --scale l2`` build CD-Adam with 256-blocks and the l2 scale (the JSON's
-    params as DeepSpeed hands them over); the default keeps the paper's l1 scale."""
+    params as DeepSpeed hands them over), ``--profile`` its magnitude profile; the default keeps
+    the paper's l1 scale and no profile."""
     script = _script()
     net = torch.nn.Linear(4, 3)
     args = script.parse_args(["--route", "deepspeed", "--block-size", "256", "--scale", "l2"])
@@ -226,5 +227,11 @@ def test_finetune_script_scale_and_block_size_reach_the_optimizer():
     assert "compressor_options" not in default["optimizer"]["params"]
     assert script.sign_options(script.parse_args(["--scale", "l2"])) == {"block_size": 1024,
                                                                         "compressor_options": {"scale": "l2"}}
+    assert script.sign_options(script.parse_args(["--profile", "0.99"])) == {"block_size": 1024,
+                                                                           "compressor_options": {"profile": 0.99}}
+    profiled = script.deepspeed_config("cdadam", script.parse_args(["--route", "deepspeed", "--profile", "0.9"]),
+                                       steps=10)["optimizer"]["params"]
+    opt = taciturn.create_optimizer("CDAdam", net.parameters(), **profiled)
+    assert next(iter(opt.exchanges.values())).compressor.profile == 0.9
     with pytest.raises(SystemExit):
         script.parse_args(["--scale", "l3"])
