@@ -34,7 +34,7 @@ def wait(handle):
     """``hvd.synchronize(handle)`` once the operation is done. Horovod's own wait spins on
     ``sched_yield`` with the GIL released: on a host with more ranks than free cores, the ranks'
     waiting threads take the cores from the background threads that do the communication
-    (4 ranks on 2 cores: a 4-step two-level exchange took 2-4 minutes instead of seconds)."""
+    (4 ranks on 2 cores: 4 steps of a two-level exchange took 11.6 s instead of 0.7 s)."""
     hvd = _hvd()
     while not hvd.poll(handle):
         time.sleep(POLL_S)

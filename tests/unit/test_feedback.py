@@ -35,8 +35,8 @@ def test_init_state_is_fp32_zeros_of_the_right_lengths(rule, two_way):
     alone = init_state(make_feedback(rule), make_feedback("none"), layout, two_way, rank=1)
     assert {k: v.numel() for k, v in alone.items()} == {k: n for k, n in expected.items() if k.startswith("worker")}
     # a codec with a magnitude profile adds it full-length, beside whatever the rules keep
-    profiled = SimpleNamespace(numel=10, chunk_numel=lambda rank: 4,
-                               compressor=make_compressor("block_sign", block_size=4, profile=0.5))
+    profiled = SimpleNamespace(**{**vars(layout), "compressor": make_compressor("block_sign", block_size=4,
+                                                                                profile=0.5)})
     with_profile = init_state(make_feedback(rule), make_feedback(rule), profiled, two_way, rank=1)
     assert {k: v.numel() for k, v in with_profile.items()} == {**expected, "magnitude_profile": 10}
     assert not with_profile["magnitude_profile"].any()
