@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .compressors import Compressor
 from .layout import BucketLayout
 from .wire import Pieces
@@ -54,8 +55,10 @@ def update(p: torch.Tensor, result: torch.Tensor, beta: float) -> None:
 
 
 class Weighted(Compressor):
-    """``codec`` with its decoded values multiplied by ``w`` (one fp32 weight per element of the
-    segment it is used on). Same payloads and bytes as ``codec``; runs in torch ops."""
+    """``codec`` (a scaled sign) with its decoded values multiplied by ``w`` (one fp32 weight per
+    element of the segment it is used on). Same payloads and bytes as ``codec``. On CPU the
+    codec's fused kernels take the weights (``kernels.sign_*(weights=)``), rounding as the torch
+    path does: (+-s) * w, then any sum; elsewhere (CUDA included) the torch path runs."""
 
     def __init__(self, codec: Compressor, w: torch.Tensor):
         self.codec, self.w = codec, w
@@ -63,14 +66,34 @@ class Weighted(Compressor):
         self.unit_scales = codec.unit_scales
         self.chunk_aligned = codec.chunk_aligned
 
+    def _fused(self, *tensors) -> bool:
+        return kernels.usable(*tensors, self.w, triton=False)
+
     def nbytes(self, pieces):
         return self.codec.nbytes(pieces)
 
     def encode(self, x, pieces, seed=0, scales=None):
         return self.codec.encode(x, pieces, seed, scales)
 
+    def encode_fused(self, x, pieces, fused, scales=None, seed=0):
+        if self._fused(x, fused.h):
+            return self.codec.encode_fused(x, pieces, fused, scales, seed, weights=self.w)
+        return super().encode_fused(x, pieces, fused, scales, seed)
+
+    def serve_fused(self, payloads, pieces, acc, fused, scratch, seeds=(0, 0)):
+        if self._fused(payloads, acc, fused.h) and kernels.serves(pieces, payloads):
+            return self.codec.serve_fused(payloads, pieces, acc, fused, scratch, seeds, weights=self.w)
+        return super().serve_fused(payloads, pieces, acc, fused, scratch, seeds)
+
     def decode(self, payload, pieces, seed=0, out=None):
+        if self._fused(payload, out):
+            return self.codec.decode(payload, pieces, seed, out, weights=self.w)
         return self.codec.decode(payload, pieces, seed, out).mul_(self.w)
+
+    def decode_add(self, payload, pieces, acc, seed=0, tmp=None):
+        if self._fused(payload, acc):
+            return self.codec.decode_add(payload, pieces, acc, seed, tmp, weights=self.w)
+        return super().decode_add(payload, pieces, acc, seed, tmp)
 
     def describe(self):
         return self.codec.describe()

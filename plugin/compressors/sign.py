@@ -68,19 +68,21 @@ class ScaledSign(Compressor):
             return kernels.sign_scales(x, pieces, self.scale, fused.h, fused.alpha)
         return self.scales(fused.input(_flat(x)), pieces)
 
-    def encode_fused(self, x, pieces, fused, scales=None, seed=0):
+    # ``weights`` (the kernel paths only; ``taciturn.profile.Weighted`` passes them where
+    # ``kernels.usable`` takes them): every decoded element is (+-s) * its weight.
+    def encode_fused(self, x, pieces, fused, scales=None, seed=0, weights=None):
         if not kernels.usable(x, fused.h):
             return super().encode_fused(_flat(x), pieces, fused, scales, seed)
         out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8, device=x.device)
         return kernels.sign_encode(x, pieces, self.scale, out, self._head(pieces), h=fused.h, alpha=fused.alpha,
-                                   update=fused.update, scales=scales)
+                                   update=fused.update, scales=scales, weights=weights)
 
-    def serve_fused(self, payloads, pieces, acc, fused, scratch, seeds=(0, 0)):
+    def serve_fused(self, payloads, pieces, acc, fused, scratch, seeds=(0, 0), weights=None):
         if not kernels.serves(pieces, payloads, acc, fused.h):
             return super().serve_fused(payloads, pieces, acc, fused, scratch, seeds)
         out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8, device=payloads.device)
         return kernels.sign_serve(payloads, pieces, self.scale, self._head(pieces), out, acc=acc, h=fused.h,
-                                  alpha=fused.alpha, update=fused.update)
+                                  alpha=fused.alpha, update=fused.update, weights=weights)
 
     def encode(self, x, pieces, seed=0, scales=None):
         out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8, device=x.device)
@@ -92,10 +94,10 @@ class ScaledSign(Compressor):
         out[head:head + packed_len(pieces.numel)] = pack_signs(x)
         return out
 
-    def decode(self, payload, pieces, seed=0, out=None):
+    def decode(self, payload, pieces, seed=0, out=None, weights=None):
         head = self._head(pieces)
         if kernels.usable(payload, out):
-            return kernels.sign_decode(payload, pieces, self.scale, head, out)
+            return kernels.sign_decode(payload, pieces, self.scale, head, out, weights=weights)
         scales = from_bytes(payload, 0, pieces.count, torch.float32) if head else \
             torch.ones(pieces.count, dtype=torch.float32, device=payload.device)
         bits = unpack_signs(payload[head:head + packed_len(pieces.numel)], pieces.numel)
@@ -104,9 +106,10 @@ class ScaledSign(Compressor):
         out.copy_(bits)
         return pieces.expand_into(out, scales, _fill_signed)
 
-    def decode_add(self, payload, pieces, acc, seed=0, tmp=None):
+    def decode_add(self, payload, pieces, acc, seed=0, tmp=None, weights=None):
         if kernels.usable(payload, acc):
-            return kernels.sign_decode(payload, pieces, self.scale, self._head(pieces), acc, accumulate=True)
+            return kernels.sign_decode(payload, pieces, self.scale, self._head(pieces), acc, accumulate=True,
+                                       weights=weights)
         return super().decode_add(payload, pieces, acc, seed, tmp)
 
     def describe(self):

@@ -70,9 +70,10 @@ _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_
 #: file next to sign.cpp adds its functions here
 SIGNATURES = {
     "tac_sign_scales": [_ptr, _ptr, _ptr, _i64, _ptr, _f32, _ptr, _i64, _i64, _int, _ptr, _int],
-    "tac_sign_encode": [_ptr, _ptr, _ptr, _i64, _ptr, _f32, _int, _ptr, _i64, _i64, _int, _ptr, _ptr, _ptr, _int],
-    "tac_sign_decode": [_ptr, _ptr, _ptr, _i64, _i64, _int, _ptr, _int, _int],
-    "tac_sign_serve": [_ptr, _ptr, _int, _ptr, _i64, _i64, _int, _ptr, _ptr, _f32, _int, _ptr, _ptr, _int],
+    "tac_sign_encode": [_ptr, _ptr, _ptr, _i64, _ptr, _f32, _int, _ptr, _i64, _i64, _int, _ptr, _ptr, _ptr, _ptr,
+                        _int],
+    "tac_sign_decode": [_ptr, _ptr, _ptr, _i64, _i64, _int, _ptr, _ptr, _int, _int],
+    "tac_sign_serve": [_ptr, _ptr, _int, _ptr, _i64, _i64, _int, _ptr, _ptr, _f32, _int, _ptr, _ptr, _ptr, _int],
     "tac_topk_encode": [_ptr, _ptr, _f32, _int, _ptr, _i64, _i64, _ptr, _ptr, _int],
     "tac_amsgrad": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _int],
     "tac_adam": [_ptr, _ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _f32, _int],
@@ -227,7 +228,8 @@ def _check(x, pieces: Pieces, *states: Optional[torch.Tensor]) -> None:
         raise ValueError(f"taciturn.kernels: {x.numel()} elements given for pieces of {pieces.numel}")
     for h in states:
         if h is not None and h.numel() != x.numel():
-            raise ValueError(f"taciturn.kernels: feedback state of {h.numel()} elements for {x.numel()} inputs")
+            raise ValueError(f"taciturn.kernels: a state or weight tensor of {h.numel()} elements for {x.numel()} "
+                             "inputs")
 
 
 def sign_scales(x, pieces: Pieces, scale: str, h: Optional[torch.Tensor] = None,
@@ -246,17 +248,25 @@ def sign_scales(x, pieces: Pieces, scale: str, h: Optional[torch.Tensor] = None,
     return out
 
 
+def _no_triton_weights(weights: Optional[torch.Tensor], *tensors) -> None:
+    if weights is not None and on_triton(*tensors):
+        raise ValueError("taciturn.kernels: the Triton kernels decode without weights; a weighted codec "
+                         "(magnitude profile) runs its torch path on CUDA")
+
+
 def sign_encode(x, pieces: Pieces, scale: str, payload: torch.Tensor, head: int, *,
                 h: Optional[torch.Tensor] = None, alpha: float = 0.0, update: str = "none",
-                scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+                scales: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Write the sign payload of y = x + alpha*h into ``payload`` and update ``h`` in the same pass.
 
     ``payload[:head]`` gets the fp32 scales (unless ``scale`` is "none"), ``payload[head:]`` the
     packed signs; bytes after them are left alone. ``update``: "none", "markov" (h += C(y)) or
-    "ef" (h = y - C(y)). ``scales`` (one per piece) replaces the computed ones. x: a tensor or
+    "ef" (h = y - C(y)). ``scales`` (one per piece) replaces the computed ones. ``weights`` (one
+    per element, CPU only): C(y) is decoded as (+-s) * weights for the update. x: a tensor or
     ``Segments`` whose parts no piece straddles.
     """
-    _check(x, pieces, h)
+    _check(x, pieces, h, weights)
+    _no_triton_weights(weights, x)
     if update != "none" and h is None:
         raise ValueError(f"taciturn.kernels: update={update!r} needs the state tensor h")
     if payload.numel() < head + packed_len(pieces.numel):
@@ -270,17 +280,20 @@ def sign_encode(x, pieces: Pieces, scale: str, payload: torch.Tensor, head: int,
     runs, nruns = _runs(pieces)
     source = _source(x)
     library().tac_sign_encode(*source, _addr(h), alpha, _UPDATES[update], runs, nruns, x.numel(),
-                              _SCALES[scale], _addr(scales), payload.data_ptr(), payload.data_ptr() + head,
-                              _threads(x.numel()))
+                              _SCALES[scale], _addr(scales), _addr(weights), payload.data_ptr(),
+                              payload.data_ptr() + head, _threads(x.numel()))
     return payload
 
 
 def sign_decode(payload: torch.Tensor, pieces: Pieces, scale: str, head: int,
-                out: Optional[torch.Tensor] = None, accumulate: bool = False) -> torch.Tensor:
-    """C from a sign payload into ``out`` (allocated when None), or added to ``out``."""
+                out: Optional[torch.Tensor] = None, accumulate: bool = False,
+                weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """C from a sign payload into ``out`` (allocated when None), or added to ``out``; with
+    ``weights`` (one per element, CPU only) each element is (+-s) * weight."""
     if out is None:
         out = torch.empty(pieces.numel, dtype=torch.float32, device=payload.device)
-    _check(out, pieces)
+    _check(out, pieces, weights)
+    _no_triton_weights(weights, payload)
     if payload.numel() < head + packed_len(pieces.numel):
         raise ValueError(f"taciturn.kernels: payload of {payload.numel()} bytes is too small")
     if on_triton(payload):
@@ -288,17 +301,20 @@ def sign_decode(payload: torch.Tensor, pieces: Pieces, scale: str, head: int,
         return triton_sign.decode(payload, pieces, scale, head, out, accumulate)
     runs, nruns = _runs(pieces)
     library().tac_sign_decode(payload.data_ptr(), payload.data_ptr() + head, runs, nruns, pieces.numel,
-                              _SCALES[scale], out.data_ptr(), int(accumulate), _threads(pieces.numel))
+                              _SCALES[scale], _addr(weights), out.data_ptr(), int(accumulate),
+                              _threads(pieces.numel))
     return out
 
 
 def sign_serve(payloads: torch.Tensor, pieces: Pieces, scale: str, head: int, out: torch.Tensor, *,
                acc: Optional[torch.Tensor] = None, h: Optional[torch.Tensor] = None, alpha: float = 0.0,
-               update: str = "none") -> torch.Tensor:
+               update: str = "none", weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The server phase in one pass per piece: a = mean of the decoded rows of ``payloads``
     (n, bytes), x = a, or ``acc += a`` and x = acc; then the payload of y = x + alpha*h into
-    ``out`` with h updated as in ``sign_encode``. On CPU pieces of at most ``LOCAL_MAX`` elements."""
-    for t in (acc, h):
+    ``out`` with h updated as in ``sign_encode``, every decoding weighted by ``weights`` as there.
+    On CPU pieces of at most ``LOCAL_MAX`` elements."""
+    _no_triton_weights(weights, payloads)
+    for t in (acc, h, weights):
         if t is not None and t.numel() != pieces.numel:
             raise ValueError(f"taciturn.kernels: state of {t.numel()} elements for pieces of {pieces.numel}")
     if update != "none" and h is None:
@@ -316,6 +332,6 @@ def sign_serve(payloads: torch.Tensor, pieces: Pieces, scale: str, head: int, ou
     bits = (ctypes.c_void_p * n)(*[r + head for r in rows])
     runs, nruns = _runs(pieces)
     library().tac_sign_serve(heads, bits, n, runs, nruns, pieces.numel, _SCALES[scale], _addr(acc), _addr(h),
-                             alpha, _UPDATES[update], out.data_ptr(), out.data_ptr() + head,
+                             alpha, _UPDATES[update], _addr(weights), out.data_ptr(), out.data_ptr() + head,
                              _threads(pieces.numel))
     return out

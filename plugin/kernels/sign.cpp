@@ -7,6 +7,9 @@
 //
 // Encode reads y = x + alpha * h and updates h in the same pass over each piece:
 //   KEEP: h untouched;  MARKOV: h += C(y);  ERROR: h = y - C(y).
+// A weighted codec (the magnitude profile, taciturn/profile.py) decodes element i as
+// (+-s) * w[i]: every kernel takes w (null: unweighted), indexed like h or out. Its products and
+// sums round one at a time, as the torch path's mul_ then add_ do (no contraction into fma).
 // A piece of at most kLocal elements is done by one thread, its scale pass and its sign pass
 // back to back while it is in cache; longer pieces are cut into segments shared by all threads.
 // Pieces whose ends are not on a multiple of 8 share a byte with a neighbour: those bytes are
@@ -136,7 +139,30 @@ void pack(const float* y, int64_t i0, int64_t i1, uint8_t* bits) {
   if (a1 < i1) or_bits(y + (a1 - i0), a1, i1, bits);
 }
 
-void update(const float* __restrict y, float* __restrict h, int mode, float s, int64_t n) {
+// h updated from weighted signs; contraction off: (+-s) * w[i] rounds before the add.
+__attribute__((noinline, optimize("fp-contract=off"))) void update_weighted(const float* __restrict y, float* __restrict h,
+                                                                  int mode, float s, int64_t n,
+                                                                  const float* __restrict w) {
+  if (mode == kMarkov) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float c = (y[i] >= 0.0f ? s : -s) * w[i];
+      h[i] += c;
+    }
+  } else if (mode == kError) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float c = (y[i] >= 0.0f ? s : -s) * w[i];
+      h[i] = y[i] - c;
+    }
+  }
+}
+
+void update(const float* __restrict y, float* __restrict h, int mode, float s, int64_t n, const float* w) {
+  if (w) {
+    update_weighted(y, h, mode, s, n, w);
+    return;
+  }
   if (mode == kMarkov) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) h[i] += y[i] >= 0.0f ? s : -s;
@@ -148,13 +174,14 @@ void update(const float* __restrict y, float* __restrict h, int mode, float s, i
 
 // Signs of [i0, i1) and the update of h there, tile by tile: y is computed once per tile, so
 // the bit sent and the sign applied to h always agree.
-void encode_range(const Input& in, float* h, int mode, float s, int64_t i0, int64_t i1, uint8_t* bits) {
+void encode_range(const Input& in, float* h, int mode, float s, int64_t i0, int64_t i1, uint8_t* bits,
+                  const float* w) {
   alignas(64) float buf[kTile];
   for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
     const int64_t t1 = std::min(i1, t0 + kTile);
     const float* y = in.tile(t0, t1, buf);
     pack(y, t0, t1, bits);
-    update(y, h + t0, mode, s, t1 - t0);
+    update(y, h + t0, mode, s, t1 - t0, w ? w + t0 : nullptr);
   }
 }
 
@@ -197,16 +224,57 @@ void unpack_bytes(const uint8_t* bits, int64_t nbytes, float s, float* out, bool
   }
 }
 
-// Elements [i0, i1) of C into out[0, i1 - i0) (+= when accumulate).
-void decode_range(const uint8_t* bits, float s, int64_t i0, int64_t i1, float* out, bool accumulate) {
+// out[0, 8 * nbytes) = (+-s) * w from bits[0, nbytes) (+= when accumulate); contraction off.
+__attribute__((noinline, optimize("fp-contract=off"))) void unpack_weighted(const uint8_t* bits, int64_t nbytes, float s,
+                                                                  const float* __restrict w, float* __restrict out,
+                                                                  bool accumulate) {
+  int64_t b = 0;
+#if defined(__AVX512F__)
+  const __m512 pos = _mm512_set1_ps(s), neg = _mm512_set1_ps(-s);
+  for (; b + 2 <= nbytes; b += 2) {
+    uint16_t m;
+    std::memcpy(&m, bits + b, 2);
+    __m512 c = _mm512_mul_ps(_mm512_mask_blend_ps(m, neg, pos), _mm512_loadu_ps(w + 8 * b));
+    if (accumulate) c = _mm512_add_ps(_mm512_loadu_ps(out + 8 * b), c);
+    _mm512_storeu_ps(out + 8 * b, c);
+  }
+#elif defined(__AVX2__)
+  const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s);
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (; b < nbytes; ++b) {
+    const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits[b]), bit), bit);
+    __m256 c = _mm256_mul_ps(_mm256_blendv_ps(neg, pos, _mm256_castsi256_ps(set)), _mm256_loadu_ps(w + 8 * b));
+    if (accumulate) c = _mm256_add_ps(_mm256_loadu_ps(out + 8 * b), c);
+    _mm256_storeu_ps(out + 8 * b, c);
+  }
+#endif
+  for (; b < nbytes; ++b) {
+    const float* sign = kSigns.v[bits[b]];
+    for (int j = 0; j < 8; ++j) {
+      const float c = (s * sign[j]) * w[8 * b + j];
+      out[8 * b + j] = accumulate ? out[8 * b + j] + c : c;
+    }
+  }
+}
+
+// One element's weighted value (+-s) * w, rounded before any add (contraction off).
+__attribute__((noinline, optimize("fp-contract=off"))) float weighted(float signed_scale, float w) { return signed_scale * w; }
+
+// Elements [i0, i1) of C into out[0, i1 - i0) (+= when accumulate); w (nullable) indexed like out.
+void decode_range(const uint8_t* bits, float s, int64_t i0, int64_t i1, float* out, bool accumulate,
+                  const float* w) {
   auto put = [&](int64_t i) {
-    const float c = s * kSigns.v[bits[i >> 3]][i & 7];
+    float c = s * kSigns.v[bits[i >> 3]][i & 7];
+    if (w) c = weighted(c, w[i - i0]);
     out[i - i0] = accumulate ? out[i - i0] + c : c;
   };
   const int64_t a0 = std::min(i1, (i0 + 7) & ~int64_t(7));
   const int64_t a1 = std::max(a0, i1 & ~int64_t(7));
   for (int64_t i = i0; i < a0; ++i) put(i);
-  unpack_bytes(bits + a0 / 8, (a1 - a0) / 8, s, out + (a0 - i0), accumulate);
+  if (w)
+    unpack_weighted(bits + a0 / 8, (a1 - a0) / 8, s, w + (a0 - i0), out + (a0 - i0), accumulate);
+  else
+    unpack_bytes(bits + a0 / 8, (a1 - a0) / 8, s, out + (a0 - i0), accumulate);
   for (int64_t i = a1; i < i1; ++i) put(i);
 }
 
@@ -236,10 +304,11 @@ void tac_sign_scales(const float* x, const float* const* segs, const int64_t* st
 
 // Payload of y = x + alpha * h: the scales into `head` (4 bytes per piece, none for kUnit),
 // the signs into `bits` ((numel + 7) / 8 bytes); h updated per `mode`. `given` (nullable)
-// replaces the computed scales. x as in tac_sign_scales.
+// replaces the computed scales; `w` (nullable) weights the C(y) that updates h. x as in
+// tac_sign_scales.
 void tac_sign_encode(const float* x, const float* const* segs, const int64_t* starts, int64_t nsegs, float* h,
                      float alpha, int mode, const int64_t* runs, int64_t nruns, int64_t numel, int scale,
-                     const float* given, uint8_t* head, uint8_t* bits, int threads) {
+                     const float* given, const float* w, uint8_t* head, uint8_t* bits, int threads) {
   const Input in{x ? Source{x} : Source{nullptr, 0, segs, starts, nsegs}, alpha != 0.0f ? h : nullptr, alpha};
   const bool need_sum = !given && scale != kUnit;
   auto scale_of = [&](const Piece& p, double sum) {
@@ -253,7 +322,7 @@ void tac_sign_encode(const float* x, const float* const* segs, const int64_t* st
     for_pieces(runs, nruns, lo, hi, [&](const Piece& p) {
       if (p.start < lo || p.end - p.start > kLocal) return;
       const float s = scale_of(p, need_sum ? range_sum(in, scale, p.start, p.end) : 0.0);
-      encode_range(in, h, mode, s, p.start, p.end, bits);
+      encode_range(in, h, mode, s, p.start, p.end, bits, w);
     });
   });
   int64_t index = 0;
@@ -273,20 +342,21 @@ void tac_sign_encode(const float* x, const float* const* segs, const int64_t* st
       for (double v : partial) sum += v;
       const float s = scale_of(p, sum);
       parallel(threads, [&](int t, int n) {
-        for (int64_t j = t; j < segments; j += n) encode_range(in, h, mode, s, seg(j), seg(j + 1), bits);
+        for (int64_t j = t; j < segments; j += n) encode_range(in, h, mode, s, seg(j), seg(j + 1), bits, w);
       });
     }
   }
 }
 
-// out = C, or out += C when `accumulate`, from a payload's scales and signs.
+// out = C, or out += C when `accumulate`, from a payload's scales and signs (weighted by w).
 void tac_sign_decode(const uint8_t* head, const uint8_t* bits, const int64_t* runs, int64_t nruns, int64_t numel,
-                     int scale, float* out, int accumulate, int threads) {
+                     int scale, const float* w, float* out, int accumulate, int threads) {
   parallel(threads, [&](int t, int n) {
     const int64_t lo = cut(numel, t, n), hi = cut(numel, t + 1, n);
     for_pieces(runs, nruns, lo, hi, [&](const Piece& p) {
       const int64_t i0 = std::max(lo, p.start);
-      decode_range(bits, piece_scale_of(head, scale, p.index), i0, std::min(hi, p.end), out + i0, accumulate != 0);
+      decode_range(bits, piece_scale_of(head, scale, p.index), i0, std::min(hi, p.end), out + i0, accumulate != 0,
+                   w ? w + i0 : nullptr);
     });
   });
 }
@@ -296,10 +366,10 @@ void tac_sign_decode(const uint8_t* head, const uint8_t* bits, const int64_t* ru
 // x = a, or with `acc` (Markov's H): acc += a and x = acc; then y = x + alpha * h and its
 // payload (into head, bits), h updated per `mode` as in tac_sign_encode. Pieces of at most
 // kLocal elements only (LOCAL_MAX in __init__.py); the same bytes and state as decoding,
-// adding, dividing and encoding separately.
+// adding, dividing and encoding separately. `w` (nullable) weights every decoded value.
 void tac_sign_serve(const uint8_t* const* heads, const uint8_t* const* bits_in, int n, const int64_t* runs,
                     int64_t nruns, int64_t numel, int scale, float* acc, float* h, float alpha, int mode,
-                    uint8_t* head, uint8_t* bits, int threads) {
+                    const float* w, uint8_t* head, uint8_t* bits, int threads) {
   std::memset(bits, 0, (numel + 7) / 8);
   parallel(threads, [&](int t, int nt) {
     std::vector<float> y(kLocal);
@@ -308,7 +378,8 @@ void tac_sign_serve(const uint8_t* const* heads, const uint8_t* const* bits_in, 
       if (p.start < lo) return;
       const int64_t len = p.end - p.start;
       for (int j = 0; j < n; ++j)
-        decode_range(bits_in[j], piece_scale_of(heads[j], scale, p.index), p.start, p.end, y.data(), j > 0);
+        decode_range(bits_in[j], piece_scale_of(heads[j], scale, p.index), p.start, p.end, y.data(), j > 0,
+                     w ? w + p.start : nullptr);
       const float count = static_cast<float>(n);
       float* __restrict ys = y.data();
       if (acc) {
@@ -324,7 +395,7 @@ void tac_sign_serve(const uint8_t* const* heads, const uint8_t* const* bits_in, 
       const Input in{Source{ys, p.start}, nullptr, 0.0f};
       float s = scale != kUnit ? piece_scale(scale, range_sum(in, scale, p.start, p.end), len) : 1.0f;
       if (scale != kUnit) std::memcpy(head + 4 * p.index, &s, 4);
-      encode_range(in, h, mode, s, p.start, p.end, bits);
+      encode_range(in, h, mode, s, p.start, p.end, bits, w);
     });
   });
 }

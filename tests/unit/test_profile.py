@@ -1,14 +1,24 @@
 """The magnitude profile (taciturn.profile): its weights keep each block's mass or energy, the
-codec's bytes do not change, and what cannot carry it is refused with the fix."""
+codec's bytes do not change, the fused CPU kernels decode with the weights as the torch path
+does, bit for bit, and what cannot carry it is refused with the fix."""
 from __future__ import annotations
+
+import os
+import sys
 
 import pytest
 import torch
 
-import taciturn
-from taciturn import Exchange, make_communicator, make_compressor, profile
-from taciturn.feedback import make_feedback
-from taciturn.layout import BucketLayout
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernel_checks import check_pipeline_with_and_without_kernel, torch_path  # noqa: E402
+
+import taciturn  # noqa: E402
+from taciturn import Exchange, kernels, make_communicator, make_compressor, profile  # noqa: E402
+from taciturn.compressors import Compressor  # noqa: E402
+from taciturn.feedback import FeedbackStep, make_feedback  # noqa: E402
+from taciturn.layout import BucketLayout  # noqa: E402
+from taciturn.wire import Pieces  # noqa: E402
 
 SIZES = (700, 3, 1300)  # blocks of 256 with short tails, a tensor smaller than a block
 
@@ -78,3 +88,86 @@ def test_sharded_state_refuses_a_profile():
     with pytest.raises(ValueError, match="drop profile=... or shard_state"):
         taciturn.CDAdam(model.parameters(), lr=1e-3, shard_state=True, process_group="local",
                         compressor_options={"scale": "l2", "profile": 0.99})
+
+
+# ---------------------------------------------------------------- the weighted kernels
+def _sample(d, seed):
+    x = torch.randn(d, generator=torch.Generator().manual_seed(seed)) * 3 + 0.5
+    x[seed % 13::29] = 0.0
+    return x
+
+
+def _parts(scale):
+    """A profiled layout's units and its 3 ranks' chunks, with weights from a random profile."""
+    lay = BucketLayout(SIZES, 3, make_compressor("block_sign", block_size=256, scale=scale, profile=0.9))
+    p = torch.rand(lay.numel, generator=torch.Generator().manual_seed(5)) ** 4
+    w = profile.weights(p, lay, scale, torch.empty(lay.numel))
+    parts = [(slice(0, lay.numel), lay.units)] + [(lay.chunk(j), lay.chunk_pieces[j]) for j in range(3)]
+    return make_compressor("block_sign", block_size=256, scale=scale), w, parts
+
+
+@pytest.fixture
+def weighted_calls(monkeypatch):
+    """Names of the kernel entries called with weights (the test fails if the codec fell back)."""
+    calls = []
+    for entry in ("sign_encode", "sign_decode", "sign_serve"):
+        kernel = getattr(kernels, entry)
+
+        def counted(*args, _entry=entry, _kernel=kernel, **kwargs):
+            if kwargs.get("weights") is not None:
+                calls.append(_entry)
+            return _kernel(*args, **kwargs)
+        monkeypatch.setattr(kernels, entry, counted)
+    return calls
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="fused kernels could not be built here")
+@pytest.mark.parametrize("scale", ["l1", "l2"])
+def test_weighted_kernels_round_as_the_torch_path(scale, weighted_calls):
+    """Decoding, decode-add, the fused Markov / EF update and the fused server phase with weights
+    in the kernels give the torch path's values bit for bit ((+-s) * w, then the sums)."""
+    plain, w, parts = _parts(scale)
+    for sl, pieces in parts:
+        d = pieces.numel
+        fast = profile.Weighted(plain, w[sl])
+        payload = plain.encode(_sample(d, 1), pieces)
+        with torch_path():
+            ref = fast.decode(payload, pieces)
+            acc_ref = fast.decode_add(payload, pieces, _sample(d, 2))
+        assert torch.equal(fast.decode(payload, pieces), ref)
+        assert torch.equal(fast.decode_add(payload, pieces, _sample(d, 2)), acc_ref)
+        for rule, alpha in (("markov", -1.0), ("ef", 1.0)):
+            x, h0 = _sample(d, 3), _sample(d, 4) * 0.5
+            h = h0.clone()
+            sent = fast.encode_fused(x, pieces, FeedbackStep(h, alpha, rule))
+            assert torch.equal(sent, plain.encode_fused(x, pieces, FeedbackStep(h0.clone(), alpha, rule)))
+            with torch_path():
+                c = fast.decode(sent, pieces)
+            assert torch.equal(h, h0 + c if rule == "markov" else (x + alpha * h0) - c)
+        payloads = torch.stack([plain.encode(_sample(d, 10 + i), pieces) for i in range(3)])
+        state = {"server_markov": _sample(d, 20), "result_markov": _sample(d, 21)}
+        twin = {k: v.clone() for k, v in state.items()}
+        served = fast.serve_fused(payloads, pieces, state["server_markov"],
+                                  FeedbackStep(state["result_markov"], -1.0, "none"), torch.empty(d))
+        steps = Compressor.serve_fused(fast, payloads, pieces, twin["server_markov"],
+                                       FeedbackStep(twin["result_markov"], -1.0, "none"), torch.empty(d))
+        assert torch.equal(served, steps) and all(torch.equal(state[k], twin[k]) for k in state)
+    assert {"sign_encode", "sign_decode", "sign_serve"} <= set(weighted_calls)
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="fused kernels could not be built here")
+@pytest.mark.parametrize("two_way", [True, False], ids=["two_way", "one_way"])
+@pytest.mark.parametrize("rule", ["markov", "ef"])
+def test_profiled_pipeline_same_with_and_without_kernels(rule, two_way, monkeypatch):
+    codec = make_compressor("block_sign", block_size=256, scale="l2", profile=0.9)
+    check_pipeline_with_and_without_kernel(monkeypatch, kernels, "sign_encode", codec, rule, two_way, _sample,
+                                           seed=10, tol=1e-5, sizes=(5, 1030, 7, 3000, 3, 1))
+
+
+def test_weights_are_refused_by_the_triton_kernels(monkeypatch):
+    monkeypatch.setattr(kernels, "TRITON_DEVICES", {"cpu"})
+    codec = make_compressor("block_sign", block_size=256)
+    pieces = codec.units([300])
+    with pytest.raises(ValueError, match="runs its torch path on CUDA"):
+        kernels.sign_decode(torch.zeros(codec.nbytes(Pieces.from_lengths(pieces)), dtype=torch.uint8),
+                            Pieces.from_lengths(pieces), "l1", 8, weights=torch.ones(300))
