@@ -31,8 +31,12 @@ FLOOR = 0.01
 
 
 def weights(p: torch.Tensor, layout: BucketLayout, scale: str, out: torch.Tensor) -> torch.Tensor:
-    """w of the module docstring for a bucket with profile ``p``, written into ``out``."""
+    """w of the module docstring for a bucket with profile ``p``, written into ``out`` (on CPU by
+    the fused kernel, equal to this torch path up to rounding)."""
     tensors = Pieces.from_lengths(layout.sizes)
+    if kernels.usable(p, out, triton=False):
+        blocks = torch.tensor([len(layout.compressor.units([s])) for s in layout.sizes if s > 0])
+        return kernels.profile_weights(p, tensors, layout.units, blocks, FLOOR, scale, out)
     floors = tensors.reduce(p, lambda v: v.mean(dim=1)).mul_(FLOOR)
     tensors.expand_into(out, floors, lambda view, f: view.copy_(f.expand_as(view)))
     out.add_(p).sqrt_()

@@ -10,7 +10,9 @@ outputs pays; the ratio column is against it) and ``out.copy_(x)`` (into an exis
 
 The sign codecs run twice: "torch" is their plain torch path (kernels off), "fused" the CPU
 kernels of taciturn.kernels (one pass per block: y = x + alpha*h, scales, signs and the
-state update; decode from the scales and bits). A sender at 10 Gbit/s ships fp32 at
+state update; decode from the scales and bits). A codec with a magnitude profile
+(taciturn.profile) also pays, per round, for its weights from the profile and for the
+profile's update from the decoded result, as an exchange does once per step. A sender at 10 Gbit/s ships fp32 at
 1.25 GB/s, so a codec must stay above that (issue 3 asks for 1.5 GB/s on this 2-core CPU
 for block_sign with Markov and with EF).
 
@@ -30,8 +32,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench import machine_note, table, write_section  # noqa: E402
 
-from taciturn import kernels, make_compressor  # noqa: E402
+from taciturn import kernels, make_compressor, profile  # noqa: E402
 from taciturn.feedback import make_feedback  # noqa: E402
+from taciturn.layout import BucketLayout  # noqa: E402
 from taciturn.wire import Pieces  # noqa: E402
 
 SECTION = "compression"
@@ -40,6 +43,8 @@ TITLE = "## Compression throughput (scripts/bench_compress.py)"
 # (label, compressor name, options, feedback rules)
 CODECS = [
     ("block_sign (1024)", "block_sign", {}, ("none", "ef", "markov")),
+    ("block_sign (256, l2)", "block_sign", {"block_size": 256, "scale": "l2"}, ("markov",)),
+    ("block_sign (256, l2, profile)", "block_sign", {"block_size": 256, "scale": "l2", "profile": 0.99}, ("markov",)),
     ("scaled_sign (per tensor)", "scaled_sign", {}, ("none", "ef", "markov")),
     ("topk 1%", "topk", {"ratio": 0.01}, ("none", "ef")),
     ("randk 1%", "randk", {"ratio": 0.01}, ("none", "ef")),
@@ -64,8 +69,14 @@ def median_time(fn, reps: int, sync) -> float:
 def worker_round(codec, rule, pieces, x, state, out):
     """The worker phase of comm/allreduce.py on one chunk (encode with the feedback rule and
     its state update), then the decode a receiver does. Torch ops with the kernels off (the
-    decode for the state update is then a separate pass), the fused kernel with them on."""
+    decode for the state update is then a separate pass), the fused kernel with them on.
+    With a magnitude profile (``state["profile"]``): its weights first, its update last."""
+    if codec.profile is not None:
+        layout = BucketLayout((x.numel(),), 1, codec)
+        codec = profile.Weighted(codec, profile.weights(state["profile"], layout, codec.scale, state["weights"]))
     codec.decode(codec.encode_fused(x, pieces, rule.worker_step(state, 1.0)), pieces, out=out)
+    if "profile" in state:
+        profile.update(state["profile"], out, codec.codec.profile)
 
 
 def measure(sizes, reps, device, threads):
@@ -86,6 +97,8 @@ def measure(sizes, reps, device, threads):
                 paths = ["torch", "fused"] if codec.fuses(x) else ["torch"]
                 for path in paths:
                     state = {k: torch.zeros_like(x) for k in rule.worker_keys}
+                    if codec.profile is not None:
+                        state.update(profile=x.square(), weights=torch.empty_like(x))
                     previous = kernels.set_enabled(path == "fused")
                     try:
                         t = median_time(lambda: worker_round(codec, rule, pieces, x, state, out), reps, sync)

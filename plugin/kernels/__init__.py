@@ -1,5 +1,6 @@
 """Fused CPU kernels: the sign codecs with their feedback update in the same pass, the fused
-server phase, top-k selection (``topk.py``) and the optimizers' update rules (``update.py``).
+server phase, the magnitude profile's weights, top-k selection (``topk.py``) and the optimizers'
+update rules (``update.py``).
 
 The torch path of a Markov worker makes several passes over memory and allocates full-size
 temporaries (y = x - h, a byte per sign before packing, the decoded C(y)); the kernel in
@@ -74,6 +75,8 @@ SIGNATURES = {
                         _int],
     "tac_sign_decode": [_ptr, _ptr, _ptr, _i64, _i64, _int, _ptr, _ptr, _int, _int],
     "tac_sign_serve": [_ptr, _ptr, _int, _ptr, _i64, _i64, _int, _ptr, _ptr, _f32, _int, _ptr, _ptr, _ptr, _int],
+    "tac_profile_means": [_ptr, _ptr, _i64, _ptr, _int],
+    "tac_profile_weights": [_ptr, _ptr, _i64, _i64, _ptr, _int, _ptr, _int],
     "tac_topk_encode": [_ptr, _ptr, _f32, _int, _ptr, _i64, _i64, _ptr, _ptr, _int],
     "tac_amsgrad": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _int],
     "tac_adam": [_ptr, _ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _f32, _int],
@@ -334,4 +337,24 @@ def sign_serve(payloads: torch.Tensor, pieces: Pieces, scale: str, head: int, ou
     library().tac_sign_serve(heads, bits, n, runs, nruns, pieces.numel, _SCALES[scale], _addr(acc), _addr(h),
                              alpha, _UPDATES[update], _addr(weights), out.data_ptr(), out.data_ptr() + head,
                              _threads(pieces.numel))
+    return out
+
+
+def profile_weights(p: torch.Tensor, tensors: Pieces, blocks: Pieces, blocks_per_tensor: torch.Tensor,
+                    floor: float, scale: str, out: torch.Tensor) -> torch.Tensor:
+    """The magnitude profile's decode weights (``taciturn.profile.weights``) into ``out``: per
+    block b of ``blocks`` (``blocks_per_tensor`` of them in each piece of ``tensors``),
+    a = sqrt(p + floor * the mean of p over b's tensor), divided by its mean ("l1") or rms ("l2");
+    1 where that is 0. CPU tensors only; the same for any thread count."""
+    _check(p, blocks, out)
+    _check(p, tensors)
+    means = torch.empty(tensors.count, dtype=torch.float32)
+    runs, nruns = _runs(tensors)
+    library().tac_profile_means(p.data_ptr(), runs, nruns, means.data_ptr(), _threads(p.numel()))
+    floors = means.mul_(floor).repeat_interleave(blocks_per_tensor)
+    if floors.numel() != blocks.count:
+        raise ValueError(f"taciturn.kernels: {floors.numel()} floors for {blocks.count} blocks")
+    runs, nruns = _runs(blocks)
+    library().tac_profile_weights(p.data_ptr(), runs, nruns, p.numel(), floors.data_ptr(), _SCALES[scale],
+                                  out.data_ptr(), _threads(p.numel()))
     return out

@@ -3,8 +3,12 @@
 #pragma once
 
 #include <omp.h>
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace tac {
@@ -38,6 +42,19 @@ void parallel(int threads, F f) {
   }
 #pragma omp parallel num_threads(threads)
   f(omp_get_thread_num(), omp_get_num_threads());
+}
+
+// d[0, n) = sqrt(d[0, n)). Vectorized by hand: the compiler keeps std::sqrt scalar (it may set errno).
+inline void sqrt_tile(float* d, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, _mm512_sqrt_ps(_mm512_loadu_ps(d + i)));
+#elif defined(__AVX__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, _mm256_sqrt_ps(_mm256_loadu_ps(d + i)));
+#elif defined(__SSE__)
+  for (; i + 4 <= n; i += 4) _mm_storeu_ps(d + i, _mm_sqrt_ps(_mm_loadu_ps(d + i)));
+#endif
+  for (; i < n; ++i) d[i] = std::sqrt(d[i]);
 }
 
 }  // namespace tac

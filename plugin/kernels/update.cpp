@@ -39,19 +39,6 @@ void for_tiles(int64_t numel, int threads, F f) {
   });
 }
 
-// d[0, n) = sqrt(d[0, n)). Vectorized by hand: the compiler keeps std::sqrt scalar (it may set errno).
-void sqrt_tile(float* d, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, _mm512_sqrt_ps(_mm512_loadu_ps(d + i)));
-#elif defined(__AVX__)
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, _mm256_sqrt_ps(_mm256_loadu_ps(d + i)));
-#elif defined(__SSE__)
-  for (; i + 4 <= n; i += 4) _mm_storeu_ps(d + i, _mm_sqrt_ps(_mm_loadu_ps(d + i)));
-#endif
-  for (; i < n; ++i) d[i] = std::sqrt(d[i]);
-}
-
 // The scalars of Adam's moments: m = b1 m + a1 g ; v = b2 v + a2 g^2 (a1 = 1 - b1, a2 = 1 - b2).
 struct Betas {
   float b1, a1, b2, a2;
@@ -86,7 +73,7 @@ void amsgrad_tile(float* __restrict x, const float* __restrict g, float* __restr
     vmax[i] = top;
     d[i] = top + eps;
   }
-  sqrt_tile(d, n);
+  tac::sqrt_tile(d, n);
   descend(x, m, d, step, n);
 }
 
@@ -102,7 +89,7 @@ void adam_tile(float* __restrict x, const float* __restrict g, float* __restrict
     v[i] = vi;
     d[i] = vi / c2;
   }
-  sqrt_tile(d, n);
+  tac::sqrt_tile(d, n);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) d[i] += eps;
   descend(x, m, d, step, n);

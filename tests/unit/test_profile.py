@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernel_checks import check_pipeline_with_and_without_kernel, torch_path  # noqa: E402
+from kernel_checks import check_pipeline_with_and_without_kernel, threads, torch_path  # noqa: E402
 
 import taciturn  # noqa: E402
 from taciturn import Exchange, kernels, make_communicator, make_compressor, profile  # noqa: E402
@@ -57,6 +57,24 @@ def test_weights_follow_the_profile_and_keep_each_blocks_norm(scale):
             torch.testing.assert_close(blocks(c).abs().sum(1), blocks(y).abs().sum(1))
         else:
             torch.testing.assert_close(blocks(c).square().sum(1), blocks(y).square().sum(1))
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="fused kernels could not be built here")
+@pytest.mark.parametrize("scale", ["l1", "l2"])
+def test_weights_kernel_equals_the_torch_path_for_any_thread_count(scale):
+    lay = BucketLayout((70_000, 0, 5, 600_000), 2, make_compressor("block_sign", block_size=256, scale=scale,
+                                                                   profile=0.9))
+    p = torch.rand(lay.numel, generator=torch.Generator().manual_seed(3)) ** 4
+    p[256:512] = 0
+    p[70_000:70_005] = 0  # a tensor of one short block, all 0: its floor is 0 too
+    with torch_path():
+        ref = profile.weights(p, lay, scale, torch.empty(lay.numel))
+    fast = []
+    for n in (1, 2):  # 2 threads take a bucket of 2 * 2^18 elements or more
+        with threads(n):
+            fast.append(profile.weights(p, lay, scale, torch.empty(lay.numel)))
+    torch.testing.assert_close(fast[0], ref, rtol=1e-5, atol=0)
+    assert torch.equal(fast[0], fast[1]) and torch.equal(fast[0][70_000:70_005], torch.ones(5))
 
 
 def test_zero_profile_decodes_as_the_plain_codec():
