@@ -43,7 +43,8 @@ class BucketLayout:
     rank j; ``chunk_pieces[j]`` are the units cut at the chunk's edges, and ``piece_unit[j]``
     maps each of those pieces back to its unit (the worker's scale of a sign codec is the
     whole unit's). ``chunk_nbytes`` is the padded payload size of every chunk, the same on all
-    ranks, so the collectives move equal-sized buffers.
+    ranks, so the collectives move equal-sized buffers. ``tensor_units`` counts the units of
+    every non-empty tensor, in order (the magnitude profile's floors are per tensor).
     """
 
     sizes: Tuple[int, ...]
@@ -51,6 +52,7 @@ class BucketLayout:
     compressor: Compressor
     numel: int = 0
     units: Pieces = field(init=False)
+    tensor_units: torch.Tensor = field(init=False)
     cuts: List[int] = field(init=False)
     chunk_pieces: List[Pieces] = field(init=False)
     piece_unit: List[torch.Tensor] = field(init=False)
@@ -61,6 +63,8 @@ class BucketLayout:
         self.numel = sum(self.sizes)
         unit_lengths = self.compressor.units(self.sizes)
         self.units = Pieces.from_lengths(unit_lengths)
+        self.tensor_units = torch.tensor([len(self.compressor.units([s])) for s in self.sizes if s > 0],
+                                         dtype=torch.long)
         unit_bounds = [0]
         for length in unit_lengths:
             unit_bounds.append(unit_bounds[-1] + length)

@@ -35,8 +35,7 @@ def weights(p: torch.Tensor, layout: BucketLayout, scale: str, out: torch.Tensor
     the fused kernel, equal to this torch path up to rounding)."""
     tensors = Pieces.from_lengths(layout.sizes)
     if kernels.usable(p, out, triton=False):
-        blocks = torch.tensor([len(layout.compressor.units([s])) for s in layout.sizes if s > 0])
-        return kernels.profile_weights(p, tensors, layout.units, blocks, FLOOR, scale, out)
+        return kernels.profile_weights(p, tensors, layout.units, layout.tensor_units, FLOOR, scale, out)
     floors = tensors.reduce(p, lambda v: v.mean(dim=1)).mul_(FLOOR)
     tensors.expand_into(out, floors, lambda view, f: view.copy_(f.expand_as(view)))
     out.add_(p).sqrt_()

@@ -35,7 +35,6 @@ from _bench import machine_note, table, write_section  # noqa: E402
 from taciturn import kernels, make_compressor, profile  # noqa: E402
 from taciturn.feedback import make_feedback  # noqa: E402
 from taciturn.layout import BucketLayout  # noqa: E402
-from taciturn.wire import Pieces  # noqa: E402
 
 SECTION = "compression"
 CLONE, COPY = "copy: x.clone() (new buffer)", "copy: out.copy_(x) (existing buffer)"
@@ -66,13 +65,12 @@ def median_time(fn, reps: int, sync) -> float:
     return statistics.median(times)
 
 
-def worker_round(codec, rule, pieces, x, state, out):
+def worker_round(codec, rule, pieces, x, state, out, layout):
     """The worker phase of comm/allreduce.py on one chunk (encode with the feedback rule and
     its state update), then the decode a receiver does. Torch ops with the kernels off (the
     decode for the state update is then a separate pass), the fused kernel with them on.
     With a magnitude profile (``state["profile"]``): its weights first, its update last."""
     if codec.profile is not None:
-        layout = BucketLayout((x.numel(),), 1, codec)
         codec = profile.Weighted(codec, profile.weights(state["profile"], layout, codec.scale, state["weights"]))
     codec.decode(codec.encode_fused(x, pieces, rule.worker_step(state, 1.0)), pieces, out=out)
     if "profile" in state:
@@ -91,7 +89,8 @@ def measure(sizes, reps, device, threads):
         results.setdefault((COPY, "", "", threads), {})[d] = median_time(lambda: out.copy_(x), reps, sync)
         for label, name, opts, rules in CODECS:
             codec = make_compressor(name, **opts)
-            pieces = Pieces.from_lengths(codec.units([d]))
+            layout = BucketLayout((d,), 1, codec)
+            pieces = layout.units
             for rule_name in rules:
                 rule = make_feedback(rule_name)
                 paths = ["torch", "fused"] if codec.fuses(x) else ["torch"]
@@ -101,7 +100,7 @@ def measure(sizes, reps, device, threads):
                         state.update(profile=x.square(), weights=torch.empty_like(x))
                     previous = kernels.set_enabled(path == "fused")
                     try:
-                        t = median_time(lambda: worker_round(codec, rule, pieces, x, state, out), reps, sync)
+                        t = median_time(lambda: worker_round(codec, rule, pieces, x, state, out, layout), reps, sync)
                     finally:
                         kernels.set_enabled(previous)
                     results.setdefault((label, rule_name, path, threads), {})[d] = t
