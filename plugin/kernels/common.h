@@ -44,6 +44,19 @@ void parallel(int threads, F f) {
   f(omp_get_thread_num(), omp_get_num_threads());
 }
 
+// Sum of |y| (or of y^2 when `squares`) over y[0, n), in float: one tile of a longer sum.
+inline float tile_sum(const float* y, int64_t n, bool squares) {
+  float acc = 0;
+  if (squares) {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) acc += y[i] * y[i];
+  } else {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) acc += std::fabs(y[i]);
+  }
+  return acc;
+}
+
 // d[0, n) = sqrt(d[0, n)). Vectorized by hand: the compiler keeps std::sqrt scalar (it may set errno).
 inline void sqrt_tile(float* d, int64_t n) {
   int64_t i = 0;

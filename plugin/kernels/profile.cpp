@@ -60,15 +60,7 @@ void tac_profile_weights(const float* p, const int64_t* runs, int64_t nruns, int
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) a[i] = p[t0 + i] + f;
         tac::sqrt_tile(a, len);
-        float acc = 0;
-        if (scale == kL2) {
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < len; ++i) acc += a[i] * a[i];
-        } else {
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < len; ++i) acc += a[i];
-        }
-        sum += acc;
+        sum += tac::tile_sum(a, len, scale == kL2);  // a >= 0: the sum of |a| is that of a
       }
       const double mean = sum / double(b.end - b.start);
       const float norm = static_cast<float>(scale == kL2 ? std::sqrt(mean) : mean);

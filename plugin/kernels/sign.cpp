@@ -82,16 +82,7 @@ double range_sum(const Input& in, int scale, int64_t i0, int64_t i1) {
   double total = 0;
   for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
     const int64_t n = std::min(i1, t0 + kTile) - t0;
-    const float* y = in.tile(t0, t0 + n, buf);
-    float acc = 0;
-    if (scale == kL2) {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < n; ++i) acc += y[i] * y[i];
-    } else {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < n; ++i) acc += std::fabs(y[i]);
-    }
-    total += acc;
+    total += tac::tile_sum(in.tile(t0, t0 + n, buf), n, scale == kL2);
   }
   return total;
 }
@@ -140,9 +131,9 @@ void pack(const float* y, int64_t i0, int64_t i1, uint8_t* bits) {
 }
 
 // h updated from weighted signs; contraction off: (+-s) * w[i] rounds before the add.
-__attribute__((noinline, optimize("fp-contract=off"))) void update_weighted(const float* __restrict y, float* __restrict h,
-                                                                  int mode, float s, int64_t n,
-                                                                  const float* __restrict w) {
+__attribute__((noinline, optimize("fp-contract=off"))) void update_weighted(const float* __restrict y,
+                                                                            float* __restrict h, int mode, float s,
+                                                                            int64_t n, const float* __restrict w) {
   if (mode == kMarkov) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
@@ -195,8 +186,11 @@ struct SignTable {
 };
 const SignTable kSigns;
 
-// out[0, 8 * nbytes) = +-s from bits[0, nbytes) (+= when accumulate).
-void unpack_bytes(const uint8_t* bits, int64_t nbytes, float s, float* out, bool accumulate) {
+// out[0, 8 * nbytes) = +-s from bits[0, nbytes), times w[i] when w is given (+= when
+// accumulate). Contraction off: a weighted value rounds before it is added.
+__attribute__((optimize("fp-contract=off"))) void unpack_bytes(const uint8_t* bits, int64_t nbytes, float s,
+                                                               const float* __restrict w, float* __restrict out,
+                                                               bool accumulate) {
   int64_t b = 0;
 #if defined(__AVX512F__)
   const __m512 pos = _mm512_set1_ps(s), neg = _mm512_set1_ps(-s);
@@ -204,6 +198,7 @@ void unpack_bytes(const uint8_t* bits, int64_t nbytes, float s, float* out, bool
     uint16_t m;
     std::memcpy(&m, bits + b, 2);
     __m512 c = _mm512_mask_blend_ps(m, neg, pos);
+    if (w) c = _mm512_mul_ps(c, _mm512_loadu_ps(w + 8 * b));
     if (accumulate) c = _mm512_add_ps(_mm512_loadu_ps(out + 8 * b), c);
     _mm512_storeu_ps(out + 8 * b, c);
   }
@@ -213,6 +208,7 @@ void unpack_bytes(const uint8_t* bits, int64_t nbytes, float s, float* out, bool
   for (; b < nbytes; ++b) {
     const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits[b]), bit), bit);
     __m256 c = _mm256_blendv_ps(neg, pos, _mm256_castsi256_ps(set));
+    if (w) c = _mm256_mul_ps(c, _mm256_loadu_ps(w + 8 * b));
     if (accumulate) c = _mm256_add_ps(_mm256_loadu_ps(out + 8 * b), c);
     _mm256_storeu_ps(out + 8 * b, c);
   }
@@ -220,45 +216,17 @@ void unpack_bytes(const uint8_t* bits, int64_t nbytes, float s, float* out, bool
   for (; b < nbytes; ++b) {
     const float* sign = kSigns.v[bits[b]];
     float* o = out + 8 * b;
-    for (int j = 0; j < 8; ++j) o[j] = accumulate ? o[j] + s * sign[j] : s * sign[j];
-  }
-}
-
-// out[0, 8 * nbytes) = (+-s) * w from bits[0, nbytes) (+= when accumulate); contraction off.
-__attribute__((noinline, optimize("fp-contract=off"))) void unpack_weighted(const uint8_t* bits, int64_t nbytes, float s,
-                                                                  const float* __restrict w, float* __restrict out,
-                                                                  bool accumulate) {
-  int64_t b = 0;
-#if defined(__AVX512F__)
-  const __m512 pos = _mm512_set1_ps(s), neg = _mm512_set1_ps(-s);
-  for (; b + 2 <= nbytes; b += 2) {
-    uint16_t m;
-    std::memcpy(&m, bits + b, 2);
-    __m512 c = _mm512_mul_ps(_mm512_mask_blend_ps(m, neg, pos), _mm512_loadu_ps(w + 8 * b));
-    if (accumulate) c = _mm512_add_ps(_mm512_loadu_ps(out + 8 * b), c);
-    _mm512_storeu_ps(out + 8 * b, c);
-  }
-#elif defined(__AVX2__)
-  const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s);
-  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  for (; b < nbytes; ++b) {
-    const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits[b]), bit), bit);
-    __m256 c = _mm256_mul_ps(_mm256_blendv_ps(neg, pos, _mm256_castsi256_ps(set)), _mm256_loadu_ps(w + 8 * b));
-    if (accumulate) c = _mm256_add_ps(_mm256_loadu_ps(out + 8 * b), c);
-    _mm256_storeu_ps(out + 8 * b, c);
-  }
-#endif
-  for (; b < nbytes; ++b) {
-    const float* sign = kSigns.v[bits[b]];
     for (int j = 0; j < 8; ++j) {
-      const float c = (s * sign[j]) * w[8 * b + j];
-      out[8 * b + j] = accumulate ? out[8 * b + j] + c : c;
+      const float c = w ? (s * sign[j]) * w[8 * b + j] : s * sign[j];
+      o[j] = accumulate ? o[j] + c : c;
     }
   }
 }
 
 // One element's weighted value (+-s) * w, rounded before any add (contraction off).
-__attribute__((noinline, optimize("fp-contract=off"))) float weighted(float signed_scale, float w) { return signed_scale * w; }
+__attribute__((noinline, optimize("fp-contract=off"))) float weighted(float signed_scale, float w) {
+  return signed_scale * w;
+}
 
 // Elements [i0, i1) of C into out[0, i1 - i0) (+= when accumulate); w (nullable) indexed like out.
 void decode_range(const uint8_t* bits, float s, int64_t i0, int64_t i1, float* out, bool accumulate,
@@ -271,10 +239,7 @@ void decode_range(const uint8_t* bits, float s, int64_t i0, int64_t i1, float* o
   const int64_t a0 = std::min(i1, (i0 + 7) & ~int64_t(7));
   const int64_t a1 = std::max(a0, i1 & ~int64_t(7));
   for (int64_t i = i0; i < a0; ++i) put(i);
-  if (w)
-    unpack_weighted(bits + a0 / 8, (a1 - a0) / 8, s, w + (a0 - i0), out + (a0 - i0), accumulate);
-  else
-    unpack_bytes(bits + a0 / 8, (a1 - a0) / 8, s, out + (a0 - i0), accumulate);
+  unpack_bytes(bits + a0 / 8, (a1 - a0) / 8, s, w ? w + (a0 - i0) : nullptr, out + (a0 - i0), accumulate);
   for (int64_t i = a1; i < i1; ++i) put(i);
 }
 
