@@ -65,11 +65,12 @@ def median_time(fn, reps: int, sync) -> float:
     return statistics.median(times)
 
 
-def worker_round(codec, rule, pieces, x, state, out, layout):
+def worker_round(codec, rule, pieces, x, state, out, layout=None):
     """The worker phase of comm/allreduce.py on one chunk (encode with the feedback rule and
     its state update), then the decode a receiver does. Torch ops with the kernels off (the
     decode for the state update is then a separate pass), the fused kernel with them on.
-    With a magnitude profile (``state["profile"]``): its weights first, its update last."""
+    With a magnitude profile (``state["profile"]``, and the ``layout`` of x): its weights
+    first, its update last."""
     if codec.profile is not None:
         codec = profile.Weighted(codec, profile.weights(state["profile"], layout, codec.scale, state["weights"]))
     codec.decode(codec.encode_fused(x, pieces, rule.worker_step(state, 1.0)), pieces, out=out)
