@@ -22,6 +22,7 @@ import torch
 
 from . import kernels
 from .compressors import Compressor
+from .kernels.update import square_ema
 from .layout import BucketLayout
 from .wire import Pieces
 
@@ -53,7 +54,10 @@ def weights(p: torch.Tensor, layout: BucketLayout, scale: str, out: torch.Tensor
 
 
 def update(p: torch.Tensor, result: torch.Tensor, beta: float) -> None:
-    """p <- beta * p + (1 - beta) * result^2."""
+    """p <- beta * p + (1 - beta) * result^2 (on CPU by the fused kernel, rounding as these ops)."""
+    if kernels.usable(p, result, triton=False):
+        square_ema(p, result, beta)
+        return
     p.mul_(beta).addcmul_(result, result, value=1.0 - beta)
 
 

@@ -81,6 +81,7 @@ SIGNATURES = {
     "tac_amsgrad": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _int],
     "tac_adam": [_ptr, _ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _f32, _int],
     "tac_momentum": [_ptr, _ptr, _ptr, _i64, _f32, _int],
+    "tac_square_ema": [_ptr, _ptr, _i64, _f32, _f32, _int],
 }
 
 

@@ -44,10 +44,13 @@ struct Betas {
   float b1, a1, b2, a2;
 };
 
+// v.mul_(b2).addcmul_(g, g, value=a2).
+inline float square_ema(float b2, float a2, float g, float v) { return std::fma(a2 * g, g, v * b2); }
+
 // exp_avg.mul_(b1).add_(g, alpha=a1) and exp_avg_sq.mul_(b2).addcmul_(g, g, value=a2).
 inline void moments(const Betas& c, float g, float& m, float& v) {
   m = std::fma(c.a1, g, m * c.b1);
-  v = std::fma(c.a2 * g, g, v * c.b2);
+  v = square_ema(c.b2, c.a2, g, v);
 }
 
 // torch.maximum(a, b): NaN when either is.
@@ -134,6 +137,16 @@ void tac_adam(float* x, const float* g, float* m, float* v, int64_t numel, float
   const Betas c{b1, a1, b2, a2};
   for_tiles(numel, threads,
             [&](int64_t i, int64_t n) { adam_tile(x + i, g + i, m + i, v + i, c, c2, eps, step, n); });
+}
+
+// v = b2 v + a2 g^2 alone (the magnitude profile's EMA, taciturn/profile.py).
+void tac_square_ema(float* v, const float* g, int64_t numel, float b2, float a2, int threads) {
+  for_tiles(numel, threads, [&](int64_t i0, int64_t n) {
+    float* __restrict vs = v + i0;
+    const float* __restrict gs = g + i0;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) vs[i] = square_ema(b2, a2, gs[i], vs[i]);
+  });
 }
 
 // Heavy ball: buf = mu buf + g ; with `out` (nullable, Nesterov) also out = g + mu buf.

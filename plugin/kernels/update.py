@@ -78,3 +78,9 @@ def momentum(g: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool
                                _threads(n))
     torch.autograd.graph.increment_version(buf)
     return buf if out is None else out
+
+
+def square_ema(v: torch.Tensor, g: torch.Tensor, beta: float) -> None:
+    """v.mul_(beta).addcmul_(g, g, value=1 - beta) in one pass (CPU tensors only)."""
+    n = _numel(v, g)
+    library().tac_square_ema(v.data_ptr(), g.data_ptr(), n, beta, 1 - beta, _threads(n))

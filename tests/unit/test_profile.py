@@ -77,6 +77,17 @@ def test_weights_kernel_equals_the_torch_path_for_any_thread_count(scale):
     assert torch.equal(fast[0], fast[1]) and torch.equal(fast[0][70_000:70_005], torch.ones(5))
 
 
+@pytest.mark.skipif(kernels.library() is None, reason="fused kernels could not be built here")
+def test_profile_update_kernel_rounds_as_the_torch_ops():
+    gen = torch.Generator().manual_seed(4)
+    p, r = torch.rand(600_001, generator=gen), torch.randn(600_001, generator=gen) * 3
+    fast, ref = p.clone(), p.clone()
+    profile.update(fast, r, 0.99)
+    with torch_path():
+        profile.update(ref, r, 0.99)
+    assert torch.equal(fast, ref) and not torch.equal(fast, p)
+
+
 def test_zero_profile_decodes_as_the_plain_codec():
     lay = profiled_layout("l2")
     w = profile.weights(torch.zeros(lay.numel), lay, "l2", torch.empty(lay.numel))
