@@ -3,9 +3,10 @@
 //   a_i = sqrt(p_i + f_b),  norm_b = mean(a) (l1) or sqrt(mean(a^2)) (l2),
 //   w_i = a_i / norm_b, or 1 for every element of a block whose norm is 0,
 // in two passes over the block while it is in cache, where the torch path makes about eight
-// over the whole bucket. The floors come from tac_profile_means. Every sum is in double, in an
-// order that does not depend on the thread count, so neither do the weights (they differ from
-// the torch path's by rounding only, and torch's own means depend on its thread count).
+// over the whole bucket. The floors come from tac_profile_means. Every sum is taken in an order
+// that does not depend on the thread count (float within a tile, double across tiles and
+// segments), so neither do the weights; they differ from the torch path's by rounding only
+// (torch's own means depend on its thread count).
 #include "common.h"
 
 #include <algorithm>
