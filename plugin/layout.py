@@ -34,6 +34,18 @@ def _cut_points(bounds: Sequence[int], total: int, n: int) -> List[int]:
     return cuts
 
 
+def _units_per_tensor(sizes: Sequence[int], unit_lengths: Sequence[int]) -> List[int]:
+    """How many of the consecutive ``unit_lengths`` make up each non-empty tensor of ``sizes``."""
+    counts, units = [], iter(unit_lengths)
+    for size in sizes:
+        if size > 0:
+            count, covered = 0, 0
+            while covered < size:
+                covered, count = covered + next(units), count + 1
+            counts.append(count)
+    return counts
+
+
 @dataclass
 class BucketLayout:
     """Everything about one bucket that does not change between steps.
@@ -63,8 +75,7 @@ class BucketLayout:
         self.numel = sum(self.sizes)
         unit_lengths = self.compressor.units(self.sizes)
         self.units = Pieces.from_lengths(unit_lengths)
-        self.tensor_units = torch.tensor([len(self.compressor.units([s])) for s in self.sizes if s > 0],
-                                         dtype=torch.long)
+        self.tensor_units = torch.tensor(_units_per_tensor(self.sizes, unit_lengths), dtype=torch.long)
         unit_bounds = [0]
         for length in unit_lengths:
             unit_bounds.append(unit_bounds[-1] + length)

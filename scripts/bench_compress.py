@@ -12,8 +12,8 @@ The sign codecs run twice: "torch" is their plain torch path (kernels off), "fus
 kernels of taciturn.kernels (one pass per block: y = x + alpha*h, scales, signs and the
 state update; decode from the scales and bits). A codec with a magnitude profile
 (taciturn.profile) also pays, per round, for its weights from the profile and for the
-profile's update from the decoded result, as an exchange does once per step. A sender at 10 Gbit/s ships fp32 at
-1.25 GB/s, so a codec must stay above that (issue 3 asks for 1.5 GB/s on this 2-core CPU
+profile's update from the decoded result, as an exchange does once per step. A sender at
+10 Gbit/s ships fp32 at 1.25 GB/s, so a codec must stay above that (issue 3 asks for 1.5 GB/s on this 2-core CPU
 for block_sign with Markov and with EF).
 
     python scripts/bench_compress.py                 # 1M, 25M and 100M; writes BENCHMARKS.md
@@ -43,7 +43,8 @@ TITLE = "## Compression throughput (scripts/bench_compress.py)"
 CODECS = [
     ("block_sign (1024)", "block_sign", {}, ("none", "ef", "markov")),
     ("block_sign (256, l2)", "block_sign", {"block_size": 256, "scale": "l2"}, ("markov",)),
-    ("block_sign (256, l2, profile)", "block_sign", {"block_size": 256, "scale": "l2", "profile": 0.99}, ("markov",)),
+    ("block_sign (256, l2, profile)", "block_sign", {"block_size": 256, "scale": "l2", "profile": 0.99},
+     ("markov",)),
     ("scaled_sign (per tensor)", "scaled_sign", {}, ("none", "ef", "markov")),
     ("topk 1%", "topk", {"ratio": 0.01}, ("none", "ef")),
     ("randk 1%", "randk", {"ratio": 0.01}, ("none", "ef")),
@@ -71,11 +72,12 @@ def worker_round(codec, rule, pieces, x, state, out, layout=None):
     decode for the state update is then a separate pass), the fused kernel with them on.
     With a magnitude profile (``state["profile"]``, and the ``layout`` of x): its weights
     first, its update last."""
-    if codec.profile is not None:
+    beta = codec.profile
+    if beta is not None:
         codec = profile.Weighted(codec, profile.weights(state["profile"], layout, codec.scale, state["weights"]))
     codec.decode(codec.encode_fused(x, pieces, rule.worker_step(state, 1.0)), pieces, out=out)
-    if "profile" in state:
-        profile.update(state["profile"], out, codec.codec.profile)
+    if beta is not None:
+        profile.update(state["profile"], out, beta)
 
 
 def measure(sizes, reps, device, threads):
@@ -101,7 +103,8 @@ def measure(sizes, reps, device, threads):
                         state.update(profile=x.square(), weights=torch.empty_like(x))
                     previous = kernels.set_enabled(path == "fused")
                     try:
-                        t = median_time(lambda: worker_round(codec, rule, pieces, x, state, out, layout), reps, sync)
+                        t = median_time(lambda: worker_round(codec, rule, pieces, x, state, out, layout), reps,
+                                        sync)
                     finally:
                         kernels.set_enabled(previous)
                     results.setdefault((label, rule_name, path, threads), {})[d] = t

@@ -130,37 +130,33 @@ void pack(const float* y, int64_t i0, int64_t i1, uint8_t* bits) {
   if (a1 < i1) or_bits(y + (a1 - i0), a1, i1, bits);
 }
 
-// h updated from weighted signs; contraction off: (+-s) * w[i] rounds before the add.
-__attribute__((noinline, optimize("fp-contract=off"))) void update_weighted(const float* __restrict y,
-                                                                            float* __restrict h, int mode, float s,
-                                                                            int64_t n, const float* __restrict w) {
+// h updated from C(y) = +-s (times w[i] when kWeighted). Contraction off: a weighted value
+// rounds before it is added, as the torch path's mul_ then add_ / sub.
+template <bool kWeighted>
+__attribute__((optimize("fp-contract=off"))) void update_signs(const float* __restrict y, float* __restrict h,
+                                                               int mode, float s, int64_t n,
+                                                               const float* __restrict w) {
   if (mode == kMarkov) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const float c = (y[i] >= 0.0f ? s : -s) * w[i];
-      h[i] += c;
+      const float c = y[i] >= 0.0f ? s : -s;
+      h[i] += kWeighted ? c * w[i] : c;
     }
   } else if (mode == kError) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const float c = (y[i] >= 0.0f ? s : -s) * w[i];
-      h[i] = y[i] - c;
+      const float c = y[i] >= 0.0f ? s : -s;
+      h[i] = y[i] - (kWeighted ? c * w[i] : c);
     }
   }
 }
 
-void update(const float* __restrict y, float* __restrict h, int mode, float s, int64_t n, const float* w) {
-  if (w) {
-    update_weighted(y, h, mode, s, n, w);
-    return;
-  }
-  if (mode == kMarkov) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) h[i] += y[i] >= 0.0f ? s : -s;
-  } else if (mode == kError) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) h[i] = y[i] - (y[i] >= 0.0f ? s : -s);
-  }
+// The update of h with w (nullable): one loop body, compiled with and without the weights.
+void update(const float* y, float* h, int mode, float s, int64_t n, const float* w) {
+  if (w)
+    update_signs<true>(y, h, mode, s, n, w);
+  else
+    update_signs<false>(y, h, mode, s, n, w);
 }
 
 // Signs of [i0, i1) and the update of h there, tile by tile: y is computed once per tile, so
@@ -223,24 +219,26 @@ __attribute__((optimize("fp-contract=off"))) void unpack_bytes(const uint8_t* bi
   }
 }
 
-// One element's weighted value (+-s) * w, rounded before any add (contraction off).
-__attribute__((noinline, optimize("fp-contract=off"))) float weighted(float signed_scale, float w) {
-  return signed_scale * w;
+// Elements [j0, j1) of C one by one into out (+= when accumulate), out[0] and w[0] (nullable)
+// being element i0. Contraction off, as in unpack_bytes.
+__attribute__((optimize("fp-contract=off"))) void decode_elements(const uint8_t* bits, float s, int64_t i0,
+                                                                  int64_t j0, int64_t j1, const float* w, float* out,
+                                                                  bool accumulate) {
+  for (int64_t i = j0; i < j1; ++i) {
+    float c = s * kSigns.v[bits[i >> 3]][i & 7];
+    if (w) c *= w[i - i0];
+    out[i - i0] = accumulate ? out[i - i0] + c : c;
+  }
 }
 
 // Elements [i0, i1) of C into out[0, i1 - i0) (+= when accumulate); w (nullable) indexed like out.
 void decode_range(const uint8_t* bits, float s, int64_t i0, int64_t i1, float* out, bool accumulate,
                   const float* w) {
-  auto put = [&](int64_t i) {
-    float c = s * kSigns.v[bits[i >> 3]][i & 7];
-    if (w) c = weighted(c, w[i - i0]);
-    out[i - i0] = accumulate ? out[i - i0] + c : c;
-  };
   const int64_t a0 = std::min(i1, (i0 + 7) & ~int64_t(7));
   const int64_t a1 = std::max(a0, i1 & ~int64_t(7));
-  for (int64_t i = i0; i < a0; ++i) put(i);
+  decode_elements(bits, s, i0, i0, a0, w, out, accumulate);
   unpack_bytes(bits + a0 / 8, (a1 - a0) / 8, s, w ? w + (a0 - i0) : nullptr, out + (a0 - i0), accumulate);
-  for (int64_t i = a1; i < i1; ++i) put(i);
+  decode_elements(bits, s, i0, a1, i1, w, out, accumulate);
 }
 
 float piece_scale_of(const uint8_t* head, int scale, int64_t index) {
