@@ -21,6 +21,15 @@ _GATHER = 0x0102040810204080
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+#: 16-bit indices (top-k's "bf16" encoding) count from the start of their window of this many elements
+INDEX_WINDOW = 1 << 16
+
+
+def index_windows(numel: int) -> int:
+    """The 16-bit index windows of a segment of ``numel`` elements."""
+    return -(-numel // INDEX_WINDOW)
+
+
 def padded(nbytes: int) -> int:
     """``nbytes`` rounded up to the payload alignment."""
     return -(-nbytes // ALIGN) * ALIGN

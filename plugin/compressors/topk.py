@@ -1,4 +1,11 @@
-"""Top-k sparsification: k fp32 values and k int32 indices per piece."""
+"""Sparsification: top-k and random-k, their values (and top-k's indices) on the wire.
+
+Two encodings. ``"fp32"`` (the papers'): k fp32 values, then k int32 indices from the start
+of the segment, 8 bytes per kept entry. ``"bf16"``: the entries in index order, k bf16 values
+and k uint16 indices within 65,536-element windows of the segment, after one int32 count per
+window: 4 bytes per kept entry, so twice the entries for the same bytes. Feedback keeps what
+bf16 rounds off (EF's error, Markov's sequence are updated from the decoded values).
+"""
 from __future__ import annotations
 
 import math
@@ -9,8 +16,10 @@ import torch
 
 from .. import kernels
 from ..kernels.topk import topk_encode
-from ..wire import Pieces, from_bytes, padded
+from ..wire import INDEX_WINDOW, Pieces, from_bytes, index_windows, padded
 from .base import Compressor
+
+ENCODINGS = ("fp32", "bf16")
 
 
 def exact_ratio(ratio: Union[float, Fraction]) -> Fraction:
@@ -25,11 +34,12 @@ def keep_count(length: int, ratio: Union[float, Fraction]) -> int:
 
 
 class _Sparse(Compressor):
-    """Shared layout of sparse payloads: per piece, k values (fp32) then k indices (int32)."""
+    """Shared layout of sparse payloads (the module's two encodings)."""
 
     sends_indices = True
 
-    def __init__(self, ratio: Optional[float] = None, k: Optional[int] = None, name: str = ""):
+    def __init__(self, ratio: Optional[float] = None, k: Optional[int] = None, name: str = "",
+                 encoding: str = "fp32"):
         if (ratio is None) == (k is None):
             if ratio is None:
                 ratio = 0.01
@@ -39,6 +49,11 @@ class _Sparse(Compressor):
             raise ValueError(f"{name}: ratio={ratio!r} must be in (0, 1]; e.g. ratio=0.01 keeps 1%")
         if k is not None and (not isinstance(k, int) or k < 1):
             raise ValueError(f"{name}: k={k!r} must be a positive int")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"{name}: encoding={encoding!r} must be one of {ENCODINGS}: 'fp32' sends fp32 values "
+                             f"(and int32 indices), 'bf16' bf16 values (and 16-bit indices)")
+        self.encoding = encoding
+        self._value_dtype = torch.float32 if encoding == "fp32" else torch.bfloat16
         self.ratio = None if ratio is None else float(ratio)
         self._exact_ratio = None if ratio is None else exact_ratio(ratio)
         self.k = k
@@ -46,7 +61,7 @@ class _Sparse(Compressor):
 
     def _options(self) -> dict:
         """Constructor options other than ``ratio``/``k`` (kept by ``bind``)."""
-        return {}
+        return {"encoding": self.encoding}
 
     def bind(self, numel: int) -> "_Sparse":
         """Resolve an absolute ``k`` against the total number of elements it applies to: the
@@ -64,27 +79,50 @@ class _Sparse(Compressor):
             return self.bind(pieces.numel).counts(pieces) if pieces.numel else []
         return [keep_count(n, self._exact_ratio) for n in pieces.lengths()]
 
+    def _layout(self, pieces: Pieces):
+        """(entries, bytes of the header, of one value, of one index) of a payload."""
+        total = sum(self.counts(pieces))
+        if self.encoding == "fp32":
+            return total, 0, 4, 4 if self.sends_indices else 0
+        if not self.sends_indices:
+            return total, 0, 2, 0
+        return total, 4 * index_windows(pieces.numel), 2, 2
+
     def nbytes(self, pieces):
-        return padded(8 * sum(self.counts(pieces)))
+        total, header, value, index = self._layout(pieces)
+        return padded(header + (value + index) * total)
 
     def indices(self, x: torch.Tensor, pieces: Pieces, seed: int):
         raise NotImplementedError
 
     def encode(self, x, pieces, seed=0, scales=None):
         idx = self.indices(x, pieces, seed)
-        total = idx.numel()
+        total, header, value, index = self._layout(pieces)
+        if header:
+            idx = idx.sort().values
         out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8, device=x.device)
-        out[:4 * total] = x[idx].to(torch.float32).view(torch.uint8)
-        if self.sends_indices:
-            out[4 * total:8 * total] = idx.to(torch.int32).view(torch.uint8)
+        out[header:header + value * total] = x[idx].to(self._value_dtype).view(torch.uint8)
+        at = header + value * total
+        if index == 4:
+            out[at:at + 4 * total] = idx.to(torch.int32).view(torch.uint8)
+        elif index == 2:
+            per_window = torch.bincount(idx // INDEX_WINDOW, minlength=index_windows(pieces.numel))
+            out[:header] = per_window.to(torch.int32).view(torch.uint8)
+            out[at:at + 2 * total] = (idx % INDEX_WINDOW).to(torch.uint16).view(torch.uint8)
         return out
 
     def _entries(self, payload: torch.Tensor, pieces: Pieces, seed: int):
-        """The values a payload carries and their indices (views of the payload where it sends them)."""
-        total = sum(self.counts(pieces))
-        values = from_bytes(payload, 0, total, torch.float32)
-        if self.sends_indices:
-            return values, from_bytes(payload, 4 * total, total, torch.int32)
+        """The values (fp32) a payload carries and their indices."""
+        total, header, value, index = self._layout(pieces)
+        values = from_bytes(payload, header, total, self._value_dtype).to(torch.float32)
+        at = header + value * total
+        if index == 4:
+            return values, from_bytes(payload, at, total, torch.int32)
+        if index == 2:
+            per_window = from_bytes(payload, 0, header // 4, torch.int32).to(torch.int64)
+            starts = torch.arange(0, pieces.numel, INDEX_WINDOW, dtype=torch.int64, device=payload.device)
+            return values, starts.repeat_interleave(per_window, output_size=total) + from_bytes(
+                payload, at, total, torch.uint16).to(torch.int64)
         return values, self.indices(None, pieces, seed).to(payload.device)
 
     def decode(self, payload, pieces, seed=0, out=None):
@@ -99,7 +137,7 @@ class _Sparse(Compressor):
         return acc.index_add_(0, idx, values)
 
     def describe(self):
-        return {"name": self.name, "ratio": self.ratio, "k": self.k}
+        return {"name": self.name, "ratio": self.ratio, "k": self.k, "encoding": self.encoding}
 
 
 class TopK(_Sparse):
@@ -114,14 +152,14 @@ class TopK(_Sparse):
     more). The two paths may keep different entries among equal magnitudes.
     """
 
-    def __init__(self, ratio=None, k=None, mode: str = "exact"):
-        super().__init__(ratio, k, "topk")
+    def __init__(self, ratio=None, k=None, mode: str = "exact", encoding: str = "fp32"):
+        super().__init__(ratio, k, "topk", encoding)
         if mode not in ("exact", "sampled"):
             raise ValueError(f"topk: mode={mode!r} must be 'exact' or 'sampled'")
         self.mode = mode
 
     def _options(self):
-        return {"mode": self.mode}
+        return {**super()._options(), "mode": self.mode}
 
     def _piece_topk(self, v: torch.Tensor, k: int, seed: int) -> torch.Tensor:
         mag = v.abs()
@@ -153,7 +191,8 @@ class TopK(_Sparse):
                        update: str = "none") -> torch.Tensor:
         """The payload of y = x + alpha*h from the CPU kernel, h updated as ``update`` says."""
         out = torch.zeros(self.nbytes(pieces), dtype=torch.uint8)
-        return topk_encode(x, pieces, self.counts(pieces), out, h=h, alpha=alpha, update=update)
+        return topk_encode(x, pieces, self.counts(pieces), out, h=h, alpha=alpha, update=update,
+                           encoding=self.encoding)
 
     def indices(self, x, pieces, seed):
         parts = []
@@ -178,15 +217,12 @@ class RandK(_Sparse):
 
     sends_indices = False
 
-    def __init__(self, ratio=None, k=None, seed: int = 0):
-        super().__init__(ratio, k, "randk")
+    def __init__(self, ratio=None, k=None, seed: int = 0, encoding: str = "fp32"):
+        super().__init__(ratio, k, "randk", encoding)
         self.seed = int(seed)
 
     def _options(self):
-        return {"seed": self.seed}
-
-    def nbytes(self, pieces):
-        return padded(4 * sum(self.counts(pieces)))
+        return {**super()._options(), "seed": self.seed}
 
     def indices(self, x, pieces, seed):
         gen = torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + seed) % (2 ** 63))

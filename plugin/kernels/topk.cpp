@@ -3,9 +3,12 @@
 // A segment of `numel` fp32 elements is split into pieces, given as runs (start, count, length)
 // of consecutive pieces of equal length. Piece b keeps the k_b entries of y = x + alpha * h of
 // largest magnitude; among entries as large as the k_b-th largest, the lowest indices. The
-// payload is the one the torch path of TopK writes: the kept values (fp32) piece after piece,
-// then their indices (int32, from the start of the segment) in the same order. The order within
-// a piece depends on the values only, never on the number of threads.
+// payload is the one the torch path of TopK writes in its encoding. "fp32": the kept values
+// piece after piece, then their int32 indices from the start of the segment in the same order
+// (the order within a piece depends on the values only, never on the number of threads).
+// "bf16": the kept entries in index order, as one int32 count per 65,536-element window of the
+// segment, the values rounded to bf16 (to nearest even, as torch rounds), then the indices'
+// low 16 bits.
 //
 // The selection is a radix select on |y|'s bits (sign cleared: the bits order like the
 // magnitudes). A histogram of the top 11 bits finds the bin of the k-th largest; the entries of
@@ -16,8 +19,9 @@
 // k, one pass gathers the entries at or above that bin, and the radix select runs on those
 // (on the whole piece after all when the guess held fewer than k or too many).
 //
-// h is updated with the selection: KEEP: untouched; MARKOV: h += C(y) (y added at the kept
-// entries); ERROR: h = y - C(y) (y written over h by the first pass, the kept entries then 0).
+// h is updated with the selection: KEEP: untouched; MARKOV: h += C(y) (the values sent added at
+// the kept entries); ERROR: h = y - C(y) (y written over h by the first pass, the kept entries
+// then what the encoding rounds off: 0 in fp32).
 #include "common.h"
 
 #include <omp.h>
@@ -27,6 +31,8 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -42,6 +48,7 @@ constexpr int kBins = 1 << 11;  // bins of the widest level
 constexpr int kCopies = 4;      // histograms counted round robin
 constexpr int kBlock = 8;       // entries tested at once when gathering the large ones
 constexpr int64_t kStride = 16; // one tile in kStride is sampled
+constexpr int kWindowBits = 16; // "bf16" indices count from the start of their window
 
 using tac::for_pieces;
 using tac::Piece;
@@ -58,6 +65,21 @@ void for_each(int count, F f) {
 
 // Start of segment s of a piece cut in `segments`.
 int64_t edge(const Piece& p, int s, int segments) { return p.start + (p.end - p.start) * s / segments; }
+
+// y rounded to bf16 (to nearest even; NaN to the quiet NaN torch writes), as its 16 bits.
+uint16_t to_bf16(float y) {
+  uint32_t bits;
+  std::memcpy(&bits, &y, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+float from_bf16(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float y;
+  std::memcpy(&y, &bits, 4);
+  return y;
+}
 
 uint32_t magnitude(float y) {
   uint32_t bits;
@@ -185,8 +207,8 @@ void pick(const float* cvals, const int32_t* cidx, int64_t m, int64_t need, floa
 // The top k (0 < k <= length) of piece p into vals/idx by radix select, the passes shared by
 // `segments` threads (one segment each); y is written into `store` by the first pass if given.
 // They come as the entries above the bin of the k-th largest in index order, then the ones
-// picked from that bin in index order.
-void radix_select(Input in, float* store, const Piece& p, int64_t k, float* vals, int32_t* idx, int segments) {
+// picked from that bin in index order; returns how many come first.
+int64_t radix_select(Input in, float* store, const Piece& p, int64_t k, float* vals, int32_t* idx, int segments) {
   auto seg = [&](int s) { return edge(p, s, segments); };
   if (k == p.end - p.start) {  // every entry, in index order
     for_each(segments, [&](int s) {
@@ -195,7 +217,7 @@ void radix_select(Input in, float* store, const Piece& p, int64_t k, float* vals
         for (int64_t i = t0; i < t1; ++i) idx[i - p.start] = static_cast<int32_t>(i);
       });
     });
-    return;
+    return k;
   }
   const int64_t few = std::max(kTile, (p.end - p.start) / 32);  // a bin this small is gathered
   std::vector<uint32_t> copies(size_t(segments) * kCopies * kBins);
@@ -249,6 +271,7 @@ void radix_select(Input in, float* store, const Piece& p, int64_t k, float* vals
             inside_at[s], exact ? need : inside);
   });
   if (!exact) pick(cv, ci, inside, need, vals + kept, idx + kept);
+  return kept;
 }
 
 // A level-0 bin at or above which, judging by one tile in kStride of piece p, comfortably more
@@ -290,10 +313,11 @@ void gather(const Input& in, float* store, uint32_t bound, int64_t i0, int64_t i
   });
 }
 
-// The top k of piece p as `radix_select` gives them, from the entries at or above a bin guessed
-// by `sample_bound`, gathered in one pass (y written into `store` if given). False, vals/idx
-// untouched, when that bin held fewer than k entries or more than a sixteenth of the piece.
-bool sampled_select(const Input& in, float* store, const Piece& p, int64_t k, float* vals, int32_t* idx,
+// The top k of piece p as `radix_select` gives them (and its count of the first ones), from the
+// entries at or above a bin guessed by `sample_bound`, gathered in one pass (y written into
+// `store` if given). -1, vals/idx untouched, when that bin held fewer than k entries or more
+// than a sixteenth of the piece.
+int64_t sampled_select(const Input& in, float* store, const Piece& p, int64_t k, float* vals, int32_t* idx,
                     int segments) {
   const int64_t cap = (p.end - p.start) / 16;
   const uint32_t bound = sample_bound(in, p, k);
@@ -303,7 +327,7 @@ bool sampled_select(const Input& in, float* store, const Piece& p, int64_t k, fl
   });
   int64_t m = 0;
   for (const Found& f : found) m += f.count;
-  if (m < k || m > cap) return false;
+  if (m < k || m > cap) return -1;
   std::vector<float> cvals;
   std::vector<int32_t> cidx;
   cvals.reserve(m);
@@ -312,55 +336,86 @@ bool sampled_select(const Input& in, float* store, const Piece& p, int64_t k, fl
     cvals.insert(cvals.end(), f.vals.begin(), f.vals.end());
     cidx.insert(cidx.end(), f.idx.begin(), f.idx.end());
   }
-  radix_select(Input{cvals.data(), nullptr, 0.0f}, nullptr, Piece{0, 0, m}, k, vals, idx, 1);
+  const int64_t first = radix_select(Input{cvals.data(), nullptr, 0.0f}, nullptr, Piece{0, 0, m}, k, vals, idx, 1);
   for (int64_t j = 0; j < k; ++j) idx[j] = cidx[idx[j]];
-  return true;
+  return first;
 }
 
-// h at the kept entries: MARKOV h += y, ERROR h = 0 (h already holds y there).
-void update(float* h, int mode, const float* vals, const int32_t* idx, int64_t k) {
+// The k entries of vals/idx, two runs in index order ([0, first) and [first, k)), merged into one.
+void merge(float* vals, int32_t* idx, int64_t first, int64_t k) {
+  if (first == 0 || first == k) return;
+  std::vector<std::pair<int32_t, float>> run(k);
+  for (int64_t j = 0; j < k; ++j) run[j] = {idx[j], vals[j]};
+  std::inplace_merge(run.begin(), run.begin() + first, run.end(),
+                     [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (int64_t j = 0; j < k; ++j) std::tie(idx[j], vals[j]) = run[j];
+}
+
+// h at the kept entries, y there being vals and the value sent y rounded to bf16 when `bf16`:
+// MARKOV h += the value sent, ERROR h = y - the value sent (h holds y there already).
+void update(float* h, int mode, const float* vals, const int32_t* idx, int64_t k, bool bf16) {
+  auto sent = [&](float v) { return bf16 ? from_bf16(to_bf16(v)) : v; };
   if (mode == kMarkov) {
-    for (int64_t j = 0; j < k; ++j) h[idx[j]] += vals[j];
+    for (int64_t j = 0; j < k; ++j) h[idx[j]] += sent(vals[j]);
   } else if (mode == kError) {
-    for (int64_t j = 0; j < k; ++j) h[idx[j]] = 0.0f;
+    for (int64_t j = 0; j < k; ++j) h[idx[j]] = vals[j] - sent(vals[j]);
   }
 }
 
-// The top k of piece p into vals/idx and h updated per `mode`, the passes over the piece shared
-// by `segments` threads.
-void select_piece(Input in, float* h, int mode, const Piece& p, int64_t k, float* vals, int32_t* idx, int segments) {
+// The top k of piece p into vals/idx (in index order when `bf16`) and h updated per `mode`, the
+// passes over the piece shared by `segments` threads.
+void select_piece(Input in, float* h, int mode, const Piece& p, int64_t k, float* vals, int32_t* idx, int segments,
+                  bool bf16) {
   if (k <= 0) return;
   float* store = mode == kError ? h : nullptr;
-  bool done = false;
+  int64_t first = -1;
   if (p.end - p.start > kLocal && 64 * k <= p.end - p.start) {
-    done = sampled_select(in, store, p, k, vals, idx, segments);
+    first = sampled_select(in, store, p, k, vals, idx, segments);
     if (store) {  // y is in h now
       in = Input{h, nullptr, 0.0f};
       store = nullptr;
     }
   }
-  if (!done) radix_select(in, store, p, k, vals, idx, segments);
-  update(h, mode, vals, idx, k);
+  if (first < 0) first = radix_select(in, store, p, k, vals, idx, segments);
+  if (bf16) merge(vals, idx, first, k);
+  update(h, mode, vals, idx, k, bf16);
+}
+
+// The "bf16" payload of the `total` entries vals/idx (in index order) of a segment of `numel`.
+void write_bf16(const float* vals, const int32_t* idx, int64_t total, int64_t numel, uint8_t* payload) {
+  const int64_t windows = (numel + (int64_t(1) << kWindowBits) - 1) >> kWindowBits;
+  int32_t* per_window = reinterpret_cast<int32_t*>(payload);
+  uint16_t* values = reinterpret_cast<uint16_t*>(payload + 4 * windows);
+  uint16_t* low = values + total;
+  std::fill(per_window, per_window + windows, 0);
+  for (int64_t j = 0; j < total; ++j) {
+    ++per_window[idx[j] >> kWindowBits];
+    values[j] = to_bf16(vals[j]);
+    low[j] = static_cast<uint16_t>(idx[j] & ((1 << kWindowBits) - 1));
+  }
 }
 
 }  // namespace
 
 extern "C" {
 
-// Top-k payload of y = x + alpha * h: counts[b] kept entries of piece b, values into
-// payload[0, 4 * total) and indices into payload[4 * total, 8 * total) (total = sum of counts);
-// h updated per `mode`.
+// Top-k payload of y = x + alpha * h: counts[b] kept entries of piece b (total = sum of counts),
+// fp32 (`bf16` 0): values into payload[0, 4 * total) and indices into payload[4 * total, 8 * total);
+// `bf16` 1: the "bf16" payload. h updated per `mode`.
 void tac_topk_encode(const float* x, float* h, float alpha, int mode, const int64_t* runs, int64_t nruns,
-                     int64_t numel, const int64_t* counts, uint8_t* payload, int threads) {
+                     int64_t numel, const int64_t* counts, uint8_t* payload, int threads, int bf16) {
   int64_t pieces = 0;
   for (int64_t r = 0; r < nruns; ++r) pieces += runs[3 * r + 1];
   std::vector<int64_t> offset(pieces + 1, 0);
   for (int64_t b = 0; b < pieces; ++b) offset[b + 1] = offset[b] + counts[b];
-  float* vals = reinterpret_cast<float*>(payload);
-  int32_t* idx = reinterpret_cast<int32_t*>(payload + 4 * offset[pieces]);
+  const int64_t total = offset[pieces];
+  std::vector<float> bf16_vals(bf16 ? total : 0);  // the "bf16" entries before they are encoded
+  std::vector<int32_t> bf16_idx(bf16 ? total : 0);
+  float* vals = bf16 ? bf16_vals.data() : reinterpret_cast<float*>(payload);
+  int32_t* idx = bf16 ? bf16_idx.data() : reinterpret_cast<int32_t*>(payload + 4 * total);
   const Input in{x, alpha != 0.0f ? h : nullptr, alpha};
   auto run = [&](const Piece& p, int segments) {
-    select_piece(in, h, mode, p, counts[p.index], vals + offset[p.index], idx + offset[p.index], segments);
+    select_piece(in, h, mode, p, counts[p.index], vals + offset[p.index], idx + offset[p.index], segments, bf16);
   };
   auto local = [&](const Piece& p) { return threads <= 1 || p.end - p.start <= kLocal; };
   parallel(threads, [&](int t, int n) {  // short pieces, each by one thread
@@ -372,6 +427,7 @@ void tac_topk_encode(const float* x, float* h, float alpha, int mode, const int6
   for_pieces(runs, nruns, 0, numel, [&](const Piece& p) {  // long pieces, each by all threads
     if (!local(p)) run(p, threads);
   });
+  if (bf16) write_bf16(vals, idx, total, numel, payload);
 }
 
 }  // extern "C"

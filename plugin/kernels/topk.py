@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..wire import Pieces
+from ..wire import Pieces, index_windows
 from . import _UPDATES, _addr, _check, _runs, _threads, library
 
 #: indices go on the wire as int32
@@ -20,14 +20,17 @@ _MAX_NUMEL = 2 ** 31 - 1
 
 
 def topk_encode(x: torch.Tensor, pieces: Pieces, counts: Sequence[int], payload: torch.Tensor, *,
-                h: Optional[torch.Tensor] = None, alpha: float = 0.0, update: str = "none") -> torch.Tensor:
+                h: Optional[torch.Tensor] = None, alpha: float = 0.0, update: str = "none",
+                encoding: str = "fp32") -> torch.Tensor:
     """Write the top-k payload of y = x + alpha*h into ``payload`` and update ``h`` in the same call.
 
     Piece b keeps the ``counts[b]`` entries of largest |y| (among entries as large as the last
-    one kept, the lowest indices). ``payload[:4 * total]`` gets their fp32 values piece after
-    piece, ``payload[4 * total:8 * total]`` their int32 indices from the start of x in the same
-    order (``total = sum(counts)``); bytes after them are left alone. ``update``: "none",
-    "markov" (h += C(y)) or "ef" (h = y - C(y)).
+    one kept, the lowest indices). ``encoding`` "fp32": ``payload[:4 * total]`` gets their fp32
+    values piece after piece, ``payload[4 * total:8 * total]`` their int32 indices from the
+    start of x in the same order (``total = sum(counts)``). "bf16": the layout of
+    ``taciturn.compressors.topk`` (window counts, bf16 values, 16-bit indices, in index order).
+    Bytes after them are left alone. ``update``: "none", "markov" (h += C(y)) or "ef"
+    (h = y - C(y)), C(y) the values as sent.
     """
     _check(x, pieces, h)
     if update != "none" and h is None:
@@ -37,10 +40,14 @@ def topk_encode(x: torch.Tensor, pieces: Pieces, counts: Sequence[int], payload:
     lengths = pieces.lengths()
     if len(counts) != len(lengths) or any(not 0 <= k <= n for k, n in zip(counts, lengths)):
         raise ValueError(f"taciturn.kernels: counts {list(counts)} do not fit pieces of lengths {lengths}")
-    if payload.numel() < 8 * sum(counts):
-        raise ValueError(f"taciturn.kernels: payload of {payload.numel()} bytes is too small")
+    if encoding not in ("fp32", "bf16"):
+        raise ValueError(f"taciturn.kernels: encoding={encoding!r} must be 'fp32' or 'bf16'")
+    bf16 = encoding == "bf16"
+    need = 4 * (index_windows(x.numel()) + sum(counts)) if bf16 else 8 * sum(counts)
+    if payload.numel() < need:
+        raise ValueError(f"taciturn.kernels: payload of {payload.numel()} bytes is too small ({need} needed)")
     kept = torch.tensor(counts, dtype=torch.int64)
     runs, nruns = _runs(pieces)
     library().tac_topk_encode(x.data_ptr(), _addr(h), alpha, _UPDATES[update], runs, nruns, x.numel(),
-                              kept.data_ptr(), payload.data_ptr(), _threads(x.numel()))
+                              kept.data_ptr(), payload.data_ptr(), _threads(x.numel()), int(bf16))
     return payload

@@ -22,6 +22,8 @@ CODECS = {
     "topk": ("topk", {"ratio": 0.1}),
     "topk_sampled": ("topk", {"ratio": 0.1, "mode": "sampled"}),
     "randk": ("randk", {"ratio": 0.1}),
+    "topk_bf16": ("topk", {"ratio": 0.1, "encoding": "bf16"}),
+    "randk_bf16": ("randk", {"ratio": 0.1, "encoding": "bf16"}),
     "identity": ("identity", {}),
     "fp16": ("fp16", {}),
     "bf16": ("bf16", {}),
@@ -76,10 +78,10 @@ def content_bytes(cid, d):
     if cid in SIGN_CODECS:
         size = block_size_of(cid)
         return 4 * (-(-d // size) if size else 1) + -(-d // 8)
-    if name == "topk":
-        return 8 * kept(d, opts["ratio"])
-    if name == "randk":
-        return 4 * kept(d, opts["ratio"])
+    if name == "topk" and opts.get("encoding") == "bf16":  # a count per 65,536-element window
+        return 4 * -(-d // 65536) + 4 * kept(d, opts["ratio"])
+    if name in ("topk", "randk"):
+        return (4 if opts.get("encoding", "fp32") == "fp32" else 2) * (2 if name == "topk" else 1) * kept(d, opts["ratio"])
     return {"identity": 4, "fp16": 2, "bf16": 2}[name] * d
 
 
@@ -276,6 +278,17 @@ def test_randk_contraction_in_expectation():
 
 
 @pytest.mark.parametrize("d", SIZES, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("name", ["topk", "randk"])
+def test_bf16_encoding_sends_the_fp32_selection_rounded_in_half_the_bytes(name, d):
+    x = sample(d, seed=16)
+    fp32, bf16 = make_compressor(name, ratio=0.1), make_compressor(name, ratio=0.1, encoding="bf16")
+    assert torch.equal(bf16.compress(x, seed=2), fp32.compress(x, seed=2).to(torch.bfloat16).float())
+    pieces = Pieces.from_lengths([d])
+    header = 4 * -(-d // 65536) if name == "topk" else 0
+    assert bf16.nbytes(pieces) - header <= fp32.nbytes(pieces) // 2 + 8
+
+
+@pytest.mark.parametrize("d", SIZES, ids=lambda d: f"d{d}")
 def test_topk_contraction(d):
     x = sample(d, seed=14)
     err = (codec("topk").compress(x) - x).pow(2).sum()
@@ -316,6 +329,8 @@ BAD = [
     (("topk",), {"k": 0}, "k=0 must be a positive int"),
     (("topk",), {"ratio": 0.1, "k": 3}, "give ratio or k, not both"),
     (("topk",), {"mode": "fast"}, "mode='fast' must be 'exact' or 'sampled'"),
+    (("topk",), {"encoding": "fp16"}, "encoding='fp16' must be one of"),
+    (("randk",), {"encoding": "int8"}, "encoding='int8' must be one of"),
     (("block_sign",), {"block_size": 0}, "block_size=0 must be a positive int or None"),
     (("block_sign",), {"block_size": -4}, "block_size=-4 must be a positive int or None"),
     (("block_sign",), {"block_size": 2.5}, "block_size=2.5 must be a positive int or None"),

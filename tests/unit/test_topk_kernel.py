@@ -264,3 +264,86 @@ def test_bad_arguments_name_the_problem():
         topk_encode(torch.zeros(100), pieces, [101], payload)
     with pytest.raises(ValueError, match="too small"):
         topk_encode(torch.zeros(100), pieces, [11], payload)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("lid", LAYOUTS)
+def test_bf16_payload_is_the_torch_paths_byte_for_byte(lid, ratio):
+    """The "bf16" encoding puts the entries in index order, so both paths write the same bytes:
+    one int32 count per 65,536-element window, the values rounded to bf16, the low 16 bits of
+    the indices. The entries are the fp32 encoding's, rounded."""
+    codec = make_compressor("topk", ratio=ratio, encoding="bf16")
+    pieces = Pieces.from_lengths(LAYOUTS[lid])
+    x = gaussian(pieces.numel, 16)
+    payload = codec.encode(x, pieces)
+    with torch_path():
+        assert torch.equal(payload, codec.encode(x, pieces))
+    windows = -(-pieces.numel // 2 ** 16)
+    total = sum(codec.counts(pieces))
+    assert payload.numel() == -(-(4 * windows + 4 * total) // 8) * 8
+    fp32 = make_compressor("topk", ratio=ratio)
+    expected = fp32.decode(fp32.encode(x, pieces), pieces)
+    kept = expected.nonzero().squeeze(1)
+    assert torch.equal(payload[:4 * windows].view(torch.int32).long(), torch.bincount(kept // 2 ** 16, minlength=windows))
+    assert torch.equal(codec.decode(payload, pieces), expected.to(torch.bfloat16).float())
+
+
+def test_bf16_windows_with_no_entries_and_one_with_all():
+    """The largest entries all in the third window of a segment of five: the others count 0."""
+    codec = make_compressor("topk", ratio=0.001, encoding="bf16")
+    d = 5 * 2 ** 16 - 3
+    x = gaussian(d, 17) * 1e-3
+    x[2 * 2 ** 16 + 5:2 * 2 ** 16 + 5000:7] = 100.0 + torch.arange(0, 4995, 7).float()
+    pieces = Pieces.from_lengths([d])
+    payload = codec.encode(x, pieces)
+    k = codec.counts(pieces)[0]
+    assert payload[:20].view(torch.int32).tolist() == [0, 0, k, 0, 0]
+    out = codec.decode(payload, pieces)
+    assert torch.equal(out.nonzero().squeeze(1), torch.arange(2 * 2 ** 16 + 5, 2 * 2 ** 16 + 5000, 7)[-k:])
+    assert torch.equal(out[out != 0], x[out != 0].to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("rid", RULES)
+@pytest.mark.parametrize("lid", ["7", "70000", "1e6+3", "mixed"])
+def test_bf16_feedback_keeps_what_the_rounding_drops(lid, rid):
+    """EF's error is y - the bf16 values sent (not 0) at the kept entries, Markov's sequence
+    adds the values sent: the state follows the decoded payload, in the kernel and in torch."""
+    rule, alpha = RULES[rid]
+    codec = make_compressor("topk", ratio=0.01, encoding="bf16")
+    pieces = Pieces.from_lengths(LAYOUTS[lid])
+    x, h0 = gaussian(pieces.numel, 18), gaussian(pieces.numel, 19) * 0.5
+    y = x + alpha * h0
+    for path in ("kernel", "torch"):
+        h = h0.clone() if rule != "none" else None
+        if path == "kernel":
+            payload = codec.encode_fused(x, pieces, FeedbackStep(h, alpha, rule))
+        else:
+            with torch_path():
+                payload = codec.encode_fused(x, pieces, FeedbackStep(h, alpha, rule))
+        c = codec.decode(payload, pieces)
+        if rule == "markov":
+            assert torch.equal(h, h0 + c)
+        elif rule == "ef":
+            assert torch.equal(h, y - c)
+            kept = c != 0
+            assert h[kept].abs().max() <= y[kept].abs().max() * 2 ** -8 and h[kept].ne(0).any()
+
+
+def test_bf16_bytes_do_not_depend_on_the_thread_count():
+    codec = make_compressor("topk", ratio=0.02, encoding="bf16")
+    pieces = Pieces.from_lengths(LAYOUTS["mixed"] + [2 ** 20, 10 ** 6 + 3])
+    x, h0 = tied(pieces.numel, 20) + gaussian(pieces.numel, 21) * 1e-3, gaussian(pieces.numel, 22)
+    results = []
+    for n in (1, 2):
+        h = h0.clone()
+        with threads(n):
+            results.append((codec.encode_fused(x, pieces, FeedbackStep(h, 1.0, "ef")), h))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("two_way", [True, False], ids=["two_way", "one_way"])
+@pytest.mark.parametrize("rule", ["ef", "markov"])
+def test_bf16_pipeline_same_with_and_without_the_kernel(rule, two_way, monkeypatch):
+    check_pipeline_with_and_without_kernel(monkeypatch, topk_module, "topk_encode",
+                                           make_compressor("topk", ratio=0.05, encoding="bf16"), rule, two_way,
+                                           gaussian, seed=23, tol=0)
