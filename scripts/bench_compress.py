@@ -47,6 +47,7 @@ CODECS = [
      ("markov",)),
     ("scaled_sign (per tensor)", "scaled_sign", {}, ("none", "ef", "markov")),
     ("topk 1%", "topk", {"ratio": 0.01}, ("none", "ef")),
+    ("topk 2%, bf16", "topk", {"ratio": 0.02, "encoding": "bf16"}, ("ef",)),
     ("randk 1%", "randk", {"ratio": 0.01}, ("none", "ef")),
     ("fp16", "fp16", {}, ("none",)),
     ("bf16", "bf16", {}, ("none",)),

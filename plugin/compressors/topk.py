@@ -106,8 +106,9 @@ class _Sparse(Compressor):
         if index == 4:
             out[at:at + 4 * total] = idx.to(torch.int32).view(torch.uint8)
         elif index == 2:
-            per_window = torch.bincount(idx // INDEX_WINDOW, minlength=index_windows(pieces.numel))
-            out[:header] = per_window.to(torch.int32).view(torch.uint8)
+            per_window = torch.zeros(header // 4, dtype=torch.int32, device=x.device)  # no bincount: no host sync
+            per_window.index_add_(0, idx // INDEX_WINDOW, torch.ones_like(idx, dtype=torch.int32))
+            out[:header] = per_window.view(torch.uint8)
             out[at:at + 2 * total] = (idx % INDEX_WINDOW).to(torch.uint16).view(torch.uint8)
         return out
 
