@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from .. import kernels
-from ..kernels.topk import topk_encode
+from ..kernels.topk import topk_decode, topk_encode
 from ..wire import INDEX_WINDOW, Pieces, from_bytes, index_windows, padded
 from .base import Compressor
 
@@ -126,14 +126,22 @@ class _Sparse(Compressor):
                 payload, at, total, torch.uint16).to(torch.int64)
         return values, self.indices(None, pieces, seed).to(payload.device)
 
+    def _kernel_decodes(self, payload: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether the CPU kernel writes the entries (payloads with indices, CPU fp32 out)."""
+        return self.sends_indices and kernels.usable(payload, out, triton=False)
+
     def decode(self, payload, pieces, seed=0, out=None):
-        values, idx = self._entries(payload, pieces, seed)
         if out is None:
             out = torch.empty(pieces.numel, dtype=torch.float32, device=payload.device)
+        if self._kernel_decodes(payload, out):
+            return topk_decode(payload, sum(self.counts(pieces)), out, encoding=self.encoding)
+        values, idx = self._entries(payload, pieces, seed)
         return out.zero_().index_put_((idx,), values)
 
     def decode_add(self, payload, pieces, acc, seed=0, tmp=None):
         """``acc += decode(payload)`` at the kept entries only (no full-size temporary; ``tmp`` unused)."""
+        if self._kernel_decodes(payload, acc):
+            return topk_decode(payload, sum(self.counts(pieces)), acc, encoding=self.encoding, accumulate=True)
         values, idx = self._entries(payload, pieces, seed)
         return acc.index_add_(0, idx, values)
 

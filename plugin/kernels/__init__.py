@@ -78,6 +78,7 @@ SIGNATURES = {
     "tac_profile_means": [_ptr, _ptr, _i64, _ptr, _int],
     "tac_profile_weights": [_ptr, _ptr, _i64, _i64, _ptr, _int, _ptr, _int],
     "tac_topk_encode": [_ptr, _ptr, _f32, _int, _ptr, _i64, _i64, _ptr, _ptr, _int, _int],
+    "tac_topk_decode": [_ptr, _i64, _i64, _int, _ptr, _int, _int],
     "tac_amsgrad": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _int],
     "tac_adam": [_ptr, _ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _f32, _int],
     "tac_momentum": [_ptr, _ptr, _ptr, _i64, _f32, _int],

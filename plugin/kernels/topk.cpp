@@ -274,37 +274,54 @@ int64_t radix_select(Input in, float* store, const Piece& p, int64_t k, float* v
   return kept;
 }
 
-// A level-0 bin at or above which, judging by one tile in kStride of piece p, comfortably more
-// than k entries lie.
-uint32_t sample_bound(const Input& in, const Piece& p, int64_t k) {
-  std::vector<uint32_t> copies(kCopies * kBins, 0u);
-  int64_t seen = 0;
-  for (int64_t t0 = p.start; t0 < p.end; t0 += kStride * kTile) {
-    const int64_t t1 = std::min(p.end, t0 + kTile);
-    histogram(in, nullptr, 0, 0, t0, t1, copies.data());
-    seen += t1 - t0;
-  }
-  fold(copies.data());
-  const double expected = double(k) * seen / (p.end - p.start);
+// Entries whose bits of |y| above `shift` are at least `prefix`.
+struct Bound {
+  uint32_t prefix;
+  int shift;
+};
+
+// A bound above which, judging by one tile in kStride of piece p, comfortably more than k
+// entries lie: the level-0 bin where they start, narrowed to a level-1 bin inside it (so the
+// entries above it are few more than k: a level-0 bin spans a quarter of an octave).
+Bound sample_bound(const Input& in, const Piece& p, int64_t k) {
+  std::vector<uint32_t> copies(kCopies * kBins);
+  auto sample = [&](int level, uint32_t prefix) {  // the sample's histogram of a level, folded
+    std::fill(copies.begin(), copies.end(), 0u);
+    int64_t seen = 0;
+    for (int64_t t0 = p.start; t0 < p.end; t0 += kStride * kTile) {
+      const int64_t t1 = std::min(p.end, t0 + kTile);
+      histogram(in, nullptr, level, prefix, t0, t1, copies.data());
+      seen += t1 - t0;
+    }
+    fold(copies.data());
+    return seen;
+  };
+  const double expected = double(k) * sample(0, 0) / (p.end - p.start);
   const double enough = expected + 4 * std::sqrt(expected) + 16;
   uint32_t bin = kBins - 1;
   int64_t sum = copies[bin];
   while (bin > 0 && sum < enough) sum += copies[--bin];
-  return bin;
+  if (sum < enough) return {0, kShift[1]};  // every entry
+  const double rest = enough - double(sum - copies[bin]);  // needed from inside the bin
+  const int width = kShift[1] - kShift[2];
+  sample(1, bin);
+  uint32_t sub = (1u << width) - 1;
+  int64_t inside = copies[sub];
+  while (sub > 0 && inside < rest) inside += copies[--sub];
+  return {(bin << width) | sub, kShift[2]};
 }
 
-// Entries at or above a level-0 bin, in index order: the first `cap` of them, and how many.
+// Entries at or above a bound, in index order: the first `cap` of them, and how many.
 struct Found {
   std::vector<float> vals;
   std::vector<int32_t> idx;
   int64_t count = 0;
 };
 
-// The entries of [i0, i1) at or above level-0 bin `bound` into `found`; y written into `store`
-// if given.
-void gather(const Input& in, float* store, uint32_t bound, int64_t i0, int64_t i1, int64_t cap, Found& found) {
+// The entries of [i0, i1) at or above `bound` into `found`; y written into `store` if given.
+void gather(const Input& in, float* store, Bound bound, int64_t i0, int64_t i1, int64_t cap, Found& found) {
   for_tiles(in, store, i0, i1, [&](const float* y, int64_t t0, int64_t t1) {
-    for_large(y, t0, t1 - t0, bound, kShift[1], [&](float v, int64_t i) {
+    for_large(y, t0, t1 - t0, bound.prefix, bound.shift, [&](float v, int64_t i) {
       if (found.count++ < cap) {
         found.vals.push_back(v);
         found.idx.push_back(static_cast<int32_t>(i));
@@ -314,13 +331,13 @@ void gather(const Input& in, float* store, uint32_t bound, int64_t i0, int64_t i
 }
 
 // The top k of piece p as `radix_select` gives them (and its count of the first ones), from the
-// entries at or above a bin guessed by `sample_bound`, gathered in one pass (y written into
+// entries at or above a bound guessed by `sample_bound`, gathered in one pass (y written into
 // `store` if given). -1, vals/idx untouched, when that bin held fewer than k entries or more
 // than a sixteenth of the piece.
 int64_t sampled_select(const Input& in, float* store, const Piece& p, int64_t k, float* vals, int32_t* idx,
                     int segments) {
   const int64_t cap = (p.end - p.start) / 16;
-  const uint32_t bound = sample_bound(in, p, k);
+  const Bound bound = sample_bound(in, p, k);
   std::vector<Found> found(segments);
   for_each(segments, [&](int s) {
     gather(in, store, bound, edge(p, s, segments), edge(p, s + 1, segments), cap, found[s]);
@@ -369,7 +386,7 @@ void select_piece(Input in, float* h, int mode, const Piece& p, int64_t k, float
   if (k <= 0) return;
   float* store = mode == kError ? h : nullptr;
   int64_t first = -1;
-  if (p.end - p.start > kLocal && 64 * k <= p.end - p.start) {
+  if (p.end - p.start > kLocal && 32 * k <= p.end - p.start) {
     first = sampled_select(in, store, p, k, vals, idx, segments);
     if (store) {  // y is in h now
       in = Input{h, nullptr, 0.0f};
@@ -428,6 +445,37 @@ void tac_topk_encode(const float* x, float* h, float alpha, int mode, const int6
     if (!local(p)) run(p, threads);
   });
   if (bf16) write_bf16(vals, idx, total, numel, payload);
+}
+
+// The `total` entries of a top-k payload (`bf16`: the "bf16" layout, else fp32 values then int32
+// indices) of a segment of `numel` elements, written into out (zeroed first) or, `accumulate`,
+// added to it. Entries with an index outside the segment are skipped (never from encode).
+void tac_topk_decode(const uint8_t* payload, int64_t total, int64_t numel, int bf16, float* out, int accumulate,
+                     int threads) {
+  if (!accumulate) {
+    parallel(threads, [&](int t, int n) {
+      const int64_t lo = numel * t / n, hi = numel * (t + 1) / n;
+      std::memset(out + lo, 0, 4 * (hi - lo));
+    });
+  }
+  auto put = [&](int64_t i, float v) {
+    if (i >= 0 && i < numel) out[i] = accumulate ? out[i] + v : v;
+  };
+  if (!bf16) {
+    const float* vals = reinterpret_cast<const float*>(payload);
+    const int32_t* idx = reinterpret_cast<const int32_t*>(payload + 4 * total);
+    for (int64_t j = 0; j < total; ++j) put(idx[j], vals[j]);
+    return;
+  }
+  const int64_t windows = (numel + (int64_t(1) << kWindowBits) - 1) >> kWindowBits;
+  const int32_t* per_window = reinterpret_cast<const int32_t*>(payload);
+  const uint16_t* values = reinterpret_cast<const uint16_t*>(payload + 4 * windows);
+  const uint16_t* low = values + total;
+  int64_t j = 0;
+  for (int64_t w = 0; w < windows; ++w) {
+    const int64_t base = w << kWindowBits;
+    for (const int64_t end = std::min(total, j + per_window[w]); j < end; ++j) put(base + low[j], from_bf16(values[j]));
+  }
 }
 
 }  // extern "C"

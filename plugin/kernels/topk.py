@@ -51,3 +51,16 @@ def topk_encode(x: torch.Tensor, pieces: Pieces, counts: Sequence[int], payload:
     library().tac_topk_encode(x.data_ptr(), _addr(h), alpha, _UPDATES[update], runs, nruns, x.numel(),
                               kept.data_ptr(), payload.data_ptr(), _threads(x.numel()), int(bf16))
     return payload
+
+
+def topk_decode(payload: torch.Tensor, total: int, out: torch.Tensor, *, encoding: str = "fp32",
+                accumulate: bool = False) -> torch.Tensor:
+    """The ``total`` entries of a top-k payload (``topk_encode``'s layout in ``encoding``) written
+    into ``out`` (zeroed first; the segment is ``out``), or added to it when ``accumulate``."""
+    bf16 = encoding == "bf16"
+    need = 4 * (index_windows(out.numel()) + total) if bf16 else 8 * total
+    if payload.numel() < need:
+        raise ValueError(f"taciturn.kernels: payload of {payload.numel()} bytes is too small ({need} needed)")
+    library().tac_topk_decode(payload.data_ptr(), total, out.numel(), int(bf16), out.data_ptr(), int(accumulate),
+                              _threads(out.numel()))
+    return out
