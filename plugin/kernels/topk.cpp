@@ -31,7 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <tuple>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -311,61 +311,88 @@ Bound sample_bound(const Input& in, const Piece& p, int64_t k) {
   return {(bin << width) | sub, kShift[2]};
 }
 
-// Entries at or above a bound, in index order: the first `cap` of them, and how many.
+// Entries at or above a bound, in index order (arrays grown as needed, never initialised).
 struct Found {
-  std::vector<float> vals;
-  std::vector<int32_t> idx;
-  int64_t count = 0;
+  std::unique_ptr<float[]> vals;
+  std::unique_ptr<int32_t[]> idx;
+  int64_t size = 0;   // room for
+  int64_t count = 0;  // entries found
+
+  void reserve(int64_t n) {
+    if (n <= size) return;
+    std::unique_ptr<float[]> v(new float[n]);
+    std::unique_ptr<int32_t[]> i(new int32_t[n]);
+    std::copy(vals.get(), vals.get() + count, v.get());
+    std::copy(idx.get(), idx.get() + count, i.get());
+    vals = std::move(v);
+    idx = std::move(i);
+    size = n;
+  }
 };
 
-// The entries of [i0, i1) at or above `bound` into `found`; y written into `store` if given.
-void gather(const Input& in, float* store, Bound bound, int64_t i0, int64_t i1, int64_t cap, Found& found) {
+// The entries of [i0, i1) at or above `bound` into `found` (room for `expect` made first),
+// until more than `cap` are found; y written into `store` if given (all of it). A block of
+// kBlock entries with none that large is skipped on one vectorised test; the others are
+// written without branches, the count advanced by the ones at or above the bound.
+void gather(const Input& in, float* store, Bound bound, int64_t i0, int64_t i1, int64_t cap, int64_t expect,
+            Found& found) {
+  found.reserve(expect + kBlock);
+  // the entries y[i, i + n) (n <= kBlock), written, the count advanced by the large ones
+  auto keep = [&](const float* y, int64_t t0, int64_t i, int64_t n) {
+    if (found.count + kBlock > found.size) found.reserve(2 * found.size);
+    float* vals = found.vals.get();
+    int32_t* idx = found.idx.get();
+    int64_t c = found.count;
+    for (int64_t j = i; j < i + n; ++j) {
+      vals[c] = y[j];
+      idx[c] = static_cast<int32_t>(t0 + j);
+      c += (magnitude(y[j]) >> bound.shift) >= bound.prefix;
+    }
+    found.count = c;
+  };
   for_tiles(in, store, i0, i1, [&](const float* y, int64_t t0, int64_t t1) {
-    for_large(y, t0, t1 - t0, bound.prefix, bound.shift, [&](float v, int64_t i) {
-      if (found.count++ < cap) {
-        found.vals.push_back(v);
-        found.idx.push_back(static_cast<int32_t>(i));
-      }
-    });
+    const int64_t n = t1 - t0;
+    int64_t i = 0;
+    for (; i + kBlock <= n && found.count <= cap; i += kBlock) {
+      uint32_t largest = 0;
+#pragma omp simd reduction(max : largest)
+      for (int j = 0; j < kBlock; ++j) largest = std::max(largest, magnitude(y[i + j]));
+      if ((largest >> bound.shift) >= bound.prefix) keep(y, t0, i, kBlock);
+    }
+    if (i < n && found.count <= cap) keep(y, t0, i, n - i);
   });
 }
 
 // The top k of piece p as `radix_select` gives them (and its count of the first ones), from the
 // entries at or above a bound guessed by `sample_bound`, gathered in one pass (y written into
-// `store` if given). -1, vals/idx untouched, when that bin held fewer than k entries or more
-// than a sixteenth of the piece.
+// `store` if given). -1, vals/idx untouched, when fewer than k entries or more than a sixteenth
+// of the piece lay above it.
 int64_t sampled_select(const Input& in, float* store, const Piece& p, int64_t k, float* vals, int32_t* idx,
-                    int segments) {
+                       int segments) {
   const int64_t cap = (p.end - p.start) / 16;
   const Bound bound = sample_bound(in, p, k);
+  const int64_t expect = (k + k / 16) / segments;  // the bound leaves a few percent more than k
   std::vector<Found> found(segments);
   for_each(segments, [&](int s) {
-    gather(in, store, bound, edge(p, s, segments), edge(p, s + 1, segments), cap, found[s]);
+    gather(in, store, bound, edge(p, s, segments), edge(p, s + 1, segments), cap, expect, found[s]);
   });
   int64_t m = 0;
   for (const Found& f : found) m += f.count;
   if (m < k || m > cap) return -1;
-  std::vector<float> cvals;
-  std::vector<int32_t> cidx;
-  cvals.reserve(m);
-  cidx.reserve(m);
-  for (const Found& f : found) {
-    cvals.insert(cvals.end(), f.vals.begin(), f.vals.end());
-    cidx.insert(cidx.end(), f.idx.begin(), f.idx.end());
+  Found all;  // the segments' entries one after the other
+  if (segments == 1) {
+    all = std::move(found[0]);
+  } else {
+    all.reserve(m);
+    for (const Found& f : found) {
+      std::copy(f.vals.get(), f.vals.get() + f.count, all.vals.get() + all.count);
+      std::copy(f.idx.get(), f.idx.get() + f.count, all.idx.get() + all.count);
+      all.count += f.count;
+    }
   }
-  const int64_t first = radix_select(Input{cvals.data(), nullptr, 0.0f}, nullptr, Piece{0, 0, m}, k, vals, idx, 1);
-  for (int64_t j = 0; j < k; ++j) idx[j] = cidx[idx[j]];
+  const int64_t first = radix_select(Input{all.vals.get(), nullptr, 0.0f}, nullptr, Piece{0, 0, m}, k, vals, idx, 1);
+  for (int64_t j = 0; j < k; ++j) idx[j] = all.idx[idx[j]];
   return first;
-}
-
-// The k entries of vals/idx, two runs in index order ([0, first) and [first, k)), merged into one.
-void merge(float* vals, int32_t* idx, int64_t first, int64_t k) {
-  if (first == 0 || first == k) return;
-  std::vector<std::pair<int32_t, float>> run(k);
-  for (int64_t j = 0; j < k; ++j) run[j] = {idx[j], vals[j]};
-  std::inplace_merge(run.begin(), run.begin() + first, run.end(),
-                     [](const auto& a, const auto& b) { return a.first < b.first; });
-  for (int64_t j = 0; j < k; ++j) std::tie(idx[j], vals[j]) = run[j];
 }
 
 // h at the kept entries, y there being vals and the value sent y rounded to bf16 when `bf16`:
@@ -379,11 +406,12 @@ void update(float* h, int mode, const float* vals, const int32_t* idx, int64_t k
   }
 }
 
-// The top k of piece p into vals/idx (in index order when `bf16`) and h updated per `mode`, the
-// passes over the piece shared by `segments` threads.
-void select_piece(Input in, float* h, int mode, const Piece& p, int64_t k, float* vals, int32_t* idx, int segments,
-                  bool bf16) {
-  if (k <= 0) return;
+// The top k of piece p into vals/idx as two runs in index order, and h updated per `mode` (the
+// values sent rounded to bf16 when `bf16`), the passes over the piece shared by `segments`
+// threads; returns the length of the first run.
+int64_t select_piece(Input in, float* h, int mode, const Piece& p, int64_t k, float* vals, int32_t* idx,
+                     int segments, bool bf16) {
+  if (k <= 0) return 0;
   float* store = mode == kError ? h : nullptr;
   int64_t first = -1;
   if (p.end - p.start > kLocal && 32 * k <= p.end - p.start) {
@@ -394,21 +422,33 @@ void select_piece(Input in, float* h, int mode, const Piece& p, int64_t k, float
     }
   }
   if (first < 0) first = radix_select(in, store, p, k, vals, idx, segments);
-  if (bf16) merge(vals, idx, first, k);
   update(h, mode, vals, idx, k, bf16);
+  return first;
 }
 
-// The "bf16" payload of the `total` entries vals/idx (in index order) of a segment of `numel`.
-void write_bf16(const float* vals, const int32_t* idx, int64_t total, int64_t numel, uint8_t* payload) {
+// The "bf16" payload of a segment of `numel` elements from the entries vals/idx of its pieces:
+// piece b's at [offset[b], offset[b + 1]) as two runs in index order, the first `first[b]` long,
+// merged on the way into the payload's index order.
+void write_bf16(const float* vals, const int32_t* idx, const std::vector<int64_t>& offset,
+                const std::vector<int64_t>& first, int64_t numel, uint8_t* payload) {
   const int64_t windows = (numel + (int64_t(1) << kWindowBits) - 1) >> kWindowBits;
+  const int64_t total = offset.back();
   int32_t* per_window = reinterpret_cast<int32_t*>(payload);
   uint16_t* values = reinterpret_cast<uint16_t*>(payload + 4 * windows);
   uint16_t* low = values + total;
   std::fill(per_window, per_window + windows, 0);
-  for (int64_t j = 0; j < total; ++j) {
+  int64_t o = 0;
+  auto put = [&](int64_t j) {
     ++per_window[idx[j] >> kWindowBits];
-    values[j] = to_bf16(vals[j]);
-    low[j] = static_cast<uint16_t>(idx[j] & ((1 << kWindowBits) - 1));
+    values[o] = to_bf16(vals[j]);
+    low[o++] = static_cast<uint16_t>(idx[j] & ((1 << kWindowBits) - 1));
+  };
+  for (size_t b = 0; b + 1 < offset.size(); ++b) {
+    int64_t a = offset[b], c = offset[b] + first[b];
+    const int64_t a_end = c, c_end = offset[b + 1];
+    while (a < a_end && c < c_end) put(idx[a] < idx[c] ? a++ : c++);
+    while (a < a_end) put(a++);
+    while (c < c_end) put(c++);
   }
 }
 
@@ -431,8 +471,10 @@ void tac_topk_encode(const float* x, float* h, float alpha, int mode, const int6
   float* vals = bf16 ? bf16_vals.data() : reinterpret_cast<float*>(payload);
   int32_t* idx = bf16 ? bf16_idx.data() : reinterpret_cast<int32_t*>(payload + 4 * total);
   const Input in{x, alpha != 0.0f ? h : nullptr, alpha};
+  std::vector<int64_t> first(pieces, 0);
   auto run = [&](const Piece& p, int segments) {
-    select_piece(in, h, mode, p, counts[p.index], vals + offset[p.index], idx + offset[p.index], segments, bf16);
+    first[p.index] = select_piece(in, h, mode, p, counts[p.index], vals + offset[p.index], idx + offset[p.index],
+                                  segments, bf16);
   };
   auto local = [&](const Piece& p) { return threads <= 1 || p.end - p.start <= kLocal; };
   parallel(threads, [&](int t, int n) {  // short pieces, each by one thread
@@ -444,7 +486,7 @@ void tac_topk_encode(const float* x, float* h, float alpha, int mode, const int6
   for_pieces(runs, nruns, 0, numel, [&](const Piece& p) {  // long pieces, each by all threads
     if (!local(p)) run(p, threads);
   });
-  if (bf16) write_bf16(vals, idx, total, numel, payload);
+  if (bf16) write_bf16(vals, idx, offset, first, numel, payload);
 }
 
 // The `total` entries of a top-k payload (`bf16`: the "bf16" layout, else fp32 values then int32
