@@ -1,10 +1,11 @@
-"""The fused CPU top-k kernel (``topk.cpp``), built and loaded with the other kernels.
+"""The fused CPU top-k kernels (``topk.cpp``), built and loaded with the other kernels.
 
-An exact top-k by magnitude per piece without a sort: a radix select on the bits of |y| (on a
-long piece, first one pass gathering the entries above a bound guessed from a sample), with the
-feedback update of y = x + alpha*h in the same call. On one core it is about 40 times faster
-than ``torch.topk`` (25M elements, 1% kept: 14 ms). Callers ask
-``taciturn.kernels.usable(*tensors)`` first.
+Encode: an exact top-k by magnitude per piece without a sort, a radix select on the bits of |y|
+(on a long piece keeping up to 1/32 of it, first one pass gathering the entries above a bound
+guessed from a sample), with the feedback update of y = x + alpha*h in the same call. On one
+core it is about 40 times faster than ``torch.topk`` (25M elements, 1% kept: 14 ms). Decode: the
+payload's entries scattered into a zeroed (or added to an existing) segment, in place of torch's
+index_put_ / index_add_. Callers ask ``taciturn.kernels.usable(*tensors)`` first.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """The fused CPU top-k kernel (taciturn.kernels.topk) against torch.topk and the torch path.
 
 The kernel keeps the same entries as torch.topk when no two magnitudes tie, and among ties at the
-k-th largest the lowest indices; the payload layout is TopK's (all values, then all int32
-indices), the order within a piece the kernel's own. Its feedback updates match the unfused
-torch computation, and the bytes do not depend on the thread count.
+k-th largest the lowest indices; the payload layout is TopK's (fp32: all values, then all int32
+indices, the order within a piece the kernel's own; bf16: the torch path's bytes exactly). Its
+feedback updates match the unfused torch computation, the bytes do not depend on the thread
+count, and its decode writes what torch's index_put_ / index_add_ write.
 """
 from __future__ import annotations
 
@@ -347,3 +348,24 @@ def test_bf16_pipeline_same_with_and_without_the_kernel(rule, two_way, monkeypat
     check_pipeline_with_and_without_kernel(monkeypatch, topk_module, "topk_encode",
                                            make_compressor("topk", ratio=0.05, encoding="bf16"), rule, two_way,
                                            gaussian, seed=23, tol=0)
+
+
+@pytest.mark.parametrize("encoding", ["fp32", "bf16"])
+@pytest.mark.parametrize("lid", ["7", "70000", "1e6+3", "mixed"])
+def test_decode_kernel_matches_the_torch_path(lid, encoding):
+    """decode (into a dirty buffer) and decode_add write the entries the torch path's index_put_
+    and index_add_ write, bit for bit, in both encodings."""
+    codec = make_compressor("topk", ratio=0.02, encoding=encoding)
+    pieces = Pieces.from_lengths(LAYOUTS[lid])
+    x, acc0 = gaussian(pieces.numel, 24), gaussian(pieces.numel, 25)
+    payload = codec.encode(x, pieces)
+    assert codec._kernel_decodes(payload, acc0)
+    out, acc = torch.full((pieces.numel,), float("nan")), acc0.clone()
+    codec.decode(payload, pieces, out=out)
+    codec.decode_add(payload, pieces, acc)
+    with torch_path():
+        assert not codec._kernel_decodes(payload, acc0)
+        ref_out = codec.decode(payload, pieces, out=torch.full((pieces.numel,), float("nan")))
+        ref_acc = codec.decode_add(payload, pieces, acc0.clone())
+    assert torch.equal(out, ref_out) and torch.equal(acc, ref_acc)
+    assert int((out != 0).sum()) == sum(codec.counts(pieces))
