@@ -81,7 +81,8 @@ def content_bytes(cid, d):
     if name == "topk" and opts.get("encoding") == "bf16":  # a count per 65,536-element window
         return 4 * -(-d // 65536) + 4 * kept(d, opts["ratio"])
     if name in ("topk", "randk"):
-        return (4 if opts.get("encoding", "fp32") == "fp32" else 2) * (2 if name == "topk" else 1) * kept(d, opts["ratio"])
+        value = 4 if opts.get("encoding", "fp32") == "fp32" else 2
+        return value * (2 if name == "topk" else 1) * kept(d, opts["ratio"])
     return {"identity": 4, "fp16": 2, "bf16": 2}[name] * d
 
 
