@@ -226,8 +226,10 @@ def presets(rank):
     """Every taciturn preset equals the core's CompressedAMSGrad with the same ingredients
     (same tensor order: the wrapper's buckets hold the parameters in reverse)."""
     out = {}
-    for name in ("cdadam", "dist_ef_block_sign", "sparsams_topk", "ef_sign", "markov_sign", "bf16"):
-        preset = getattr(thvd.Compression, name)
+    chosen = {name: getattr(thvd.Compression, name)
+              for name in ("cdadam", "dist_ef_block_sign", "sparsams_topk", "ef_sign", "markov_sign", "bf16")}
+    chosen["sparsams_topk_bf16"] = thvd.Compression.sparsams_topk(ratio=0.02, encoding="bf16")
+    for name, preset in chosen.items():
         spec = preset.preset
         m_ref, m = model(), model()
         ref = taciturn.CompressedAMSGrad(list(m_ref.parameters())[::-1], lr=LR, compressor=spec.compressor,

@@ -81,15 +81,18 @@ def test_bytes_per_step_match_the_wire_formula(ranks):
         assert wire["fp32"] / wire["up"] > 15                # 1 bit per element + scales, padded
 
 
-@pytest.mark.parametrize("preset", ["cdadam", "dist_ef_block_sign", "sparsams_topk", "ef_sign", "markov_sign", "bf16"])
+@pytest.mark.parametrize("preset", ["cdadam", "dist_ef_block_sign", "sparsams_topk", "sparsams_topk_bf16", "ef_sign",
+                                    "markov_sign", "bf16"])
 def test_preset_equals_core_optimizer_with_same_ingredients(ranks, preset):
     for res in scenario(ranks, "presets"):
         got = res[preset]
         assert max(got["diffs"]) <= 1e-7, got["diffs"]
         assert got["spread"] == 0.0
         assert (got["bytes_up"], got["bytes_down"]) == (got["wire"]["up"], got["wire"]["down"])
-    if preset == "sparsams_topk":  # one-way: every rank receives every rank's payload
+    if preset.startswith("sparsams_topk"):  # one-way: every rank receives every rank's payload
         assert got["bytes_down"] == RANKS * got["bytes_up"]
+    if preset == "sparsams_topk_bf16":  # top-2 % in 4 bytes an entry: about the bytes of top-1 % in 8
+        assert abs(got["bytes_up"] - res["sparsams_topk"]["bytes_up"]) <= 0.05 * res["sparsams_topk"]["bytes_up"]
 
 
 def test_buckets_communicate_while_backward_still_runs(ranks):
