@@ -158,7 +158,8 @@ class TopK(_Sparse):
     threshold from a 1% random sample (seeded, so it is the same on every rank) set a little low,
     and runs the exact top-k only on the entries above it (all of them when the sample set it too
     high): the same entries as exact top-k, faster on large tensors (pieces of 100k elements or
-    more). The two paths may keep different entries among equal magnitudes.
+    more). The two paths may keep different entries among equal magnitudes. ``encoding``: "fp32"
+    or "bf16" (the module's two payload layouts; in "bf16" both paths write the same bytes).
     """
 
     def __init__(self, ratio=None, k=None, mode: str = "exact", encoding: str = "fp32"):
