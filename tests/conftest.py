@@ -69,7 +69,7 @@ def plain_compress(v: torch.Tensor, name: str, opts: dict) -> torch.Tensor:
         k = min(v.numel(), max(1, math.ceil(Fraction(str(opts["ratio"])) * v.numel())))
         out = torch.zeros_like(v)
         idx = torch.sort(v.abs(), descending=True, stable=True).indices[:k]  # ties: lowest indices
-        out[idx] = v[idx]
+        out[idx] = v[idx].to(torch.bfloat16).float() if opts.get("encoding") == "bf16" else v[idx]
         return out
     if name == "identity":
         return v.clone()

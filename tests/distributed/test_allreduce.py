@@ -25,7 +25,8 @@ INPUTS = {
 BUCKET_CAP_MB = 6000 * 4 / 2 ** 20
 CODECS = {"block_sign": {}, "scaled_sign": {}, "topk": {"ratio": 0.25}, "identity": {}}
 #: case label -> (codec, options) where the label is not the codec's name
-VARIANTS = {"block_sign_profile": ("block_sign", {"block_size": 256, "profile": 0.5})}
+VARIANTS = {"block_sign_profile": ("block_sign", {"block_size": 256, "profile": 0.5}),
+            "topk_bf16": ("topk", {"ratio": 0.25, "encoding": "bf16"})}
 RULES = ("none", "ef", "markov")
 STEPS = 3
 EF_SCALES = (1.0, 0.5, 2.0)  # s = lr_{t-1}/lr_t of a changing learning rate
