@@ -109,7 +109,9 @@ class _Sparse(Compressor):
             per_window = torch.zeros(header // 4, dtype=torch.int32, device=x.device)  # no bincount: no host sync
             per_window.index_add_(0, idx // INDEX_WINDOW, torch.ones_like(idx, dtype=torch.int32))
             out[:header] = per_window.view(torch.uint8)
-            out[at:at + 2 * total] = (idx % INDEX_WINDOW).to(torch.uint16).view(torch.uint8)
+            low = idx % INDEX_WINDOW  # as int16 with the same bits (torch < 2.3 has no uint16)
+            low = torch.where(low < 2 ** 15, low, low - INDEX_WINDOW).to(torch.int16)
+            out[at:at + 2 * total] = low.view(torch.uint8)
         return out
 
     def _entries(self, payload: torch.Tensor, pieces: Pieces, seed: int):
@@ -122,8 +124,8 @@ class _Sparse(Compressor):
         if index == 2:
             per_window = from_bytes(payload, 0, header // 4, torch.int32).to(torch.int64)
             starts = torch.arange(0, pieces.numel, INDEX_WINDOW, dtype=torch.int64, device=payload.device)
-            return values, starts.repeat_interleave(per_window, output_size=total) + from_bytes(
-                payload, at, total, torch.uint16).to(torch.int64)
+            low = from_bytes(payload, at, total, torch.int16).to(torch.int64) % INDEX_WINDOW
+            return values, starts.repeat_interleave(per_window, output_size=total) + low
         return values, self.indices(None, pieces, seed).to(payload.device)
 
     def _kernel_decodes(self, payload: torch.Tensor, out: torch.Tensor) -> bool:
