@@ -13,8 +13,8 @@ kernels of taciturn.kernels (one pass per block: y = x + alpha*h, scales, signs 
 state update; decode from the scales and bits). A codec with a magnitude profile
 (taciturn.profile) also pays, per round, for its weights from the profile and for the
 profile's update from the decoded result, as an exchange does once per step. A sender at
-10 Gbit/s ships fp32 at 1.25 GB/s, so a codec must stay above that (issue 3 asks for 1.5 GB/s on this 2-core CPU
-for block_sign with Markov and with EF).
+10 Gbit/s ships fp32 at 1.25 GB/s, so a codec must stay above that (issue 3 asks for 1.5 GB/s
+on this 2-core CPU for block_sign with Markov and with EF).
 
     python scripts/bench_compress.py                 # 1M, 25M and 100M; writes BENCHMARKS.md
     python scripts/bench_compress.py --sizes 1e6 --reps 3 --no-write

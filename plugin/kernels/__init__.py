@@ -1,6 +1,6 @@
 """Fused CPU kernels: the sign codecs with their feedback update in the same pass, the fused
-server phase, the magnitude profile's weights, top-k selection and decoding (``topk.py``) and the optimizers'
-update rules (``update.py``).
+server phase, the magnitude profile's weights, top-k selection and decoding (``topk.py``) and
+the optimizers' update rules (``update.py``).
 
 The torch path of a Markov worker makes several passes over memory and allocates full-size
 temporaries (y = x - h, a byte per sign before packing, the decoded C(y)); the kernel in

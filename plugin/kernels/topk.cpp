@@ -81,6 +81,9 @@ float from_bf16(uint16_t v) {
   return y;
 }
 
+// The "bf16" index windows of a segment of `numel` elements.
+int64_t index_windows(int64_t numel) { return (numel + (int64_t(1) << kWindowBits) - 1) >> kWindowBits; }
+
 uint32_t magnitude(float y) {
   uint32_t bits;
   std::memcpy(&bits, &y, 4);
@@ -390,7 +393,8 @@ int64_t sampled_select(const Input& in, float* store, const Piece& p, int64_t k,
       all.count += f.count;
     }
   }
-  const int64_t first = radix_select(Input{all.vals.get(), nullptr, 0.0f}, nullptr, Piece{0, 0, m}, k, vals, idx, 1);
+  const int64_t first =
+      radix_select(Input{all.vals.get(), nullptr, 0.0f}, nullptr, Piece{0, 0, m}, k, vals, idx, 1);
   for (int64_t j = 0; j < k; ++j) idx[j] = all.idx[idx[j]];
   return first;
 }
@@ -431,7 +435,7 @@ int64_t select_piece(Input in, float* h, int mode, const Piece& p, int64_t k, fl
 // merged on the way into the payload's index order.
 void write_bf16(const float* vals, const int32_t* idx, const std::vector<int64_t>& offset,
                 const std::vector<int64_t>& first, int64_t numel, uint8_t* payload) {
-  const int64_t windows = (numel + (int64_t(1) << kWindowBits) - 1) >> kWindowBits;
+  const int64_t windows = index_windows(numel);
   const int64_t total = offset.back();
   int32_t* per_window = reinterpret_cast<int32_t*>(payload);
   uint16_t* values = reinterpret_cast<uint16_t*>(payload + 4 * windows);
@@ -509,14 +513,15 @@ void tac_topk_decode(const uint8_t* payload, int64_t total, int64_t numel, int b
     for (int64_t j = 0; j < total; ++j) put(idx[j], vals[j]);
     return;
   }
-  const int64_t windows = (numel + (int64_t(1) << kWindowBits) - 1) >> kWindowBits;
+  const int64_t windows = index_windows(numel);
   const int32_t* per_window = reinterpret_cast<const int32_t*>(payload);
   const uint16_t* values = reinterpret_cast<const uint16_t*>(payload + 4 * windows);
   const uint16_t* low = values + total;
   int64_t j = 0;
   for (int64_t w = 0; w < windows; ++w) {
     const int64_t base = w << kWindowBits;
-    for (const int64_t end = std::min(total, j + per_window[w]); j < end; ++j) put(base + low[j], from_bf16(values[j]));
+    for (const int64_t end = std::min(total, j + per_window[w]); j < end; ++j)
+      put(base + low[j], from_bf16(values[j]));
   }
 }
 

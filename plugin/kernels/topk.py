@@ -20,6 +20,13 @@ from . import _UPDATES, _addr, _check, _runs, _threads, library
 _MAX_NUMEL = 2 ** 31 - 1
 
 
+def _payload_bytes(numel: int, total: int, encoding: str) -> int:
+    """Bytes of a payload of ``total`` entries of a segment of ``numel`` elements (unpadded)."""
+    if encoding not in ("fp32", "bf16"):
+        raise ValueError(f"taciturn.kernels: encoding={encoding!r} must be 'fp32' or 'bf16'")
+    return 4 * (index_windows(numel) + total) if encoding == "bf16" else 8 * total
+
+
 def topk_encode(x: torch.Tensor, pieces: Pieces, counts: Sequence[int], payload: torch.Tensor, *,
                 h: Optional[torch.Tensor] = None, alpha: float = 0.0, update: str = "none",
                 encoding: str = "fp32") -> torch.Tensor:
@@ -41,16 +48,13 @@ def topk_encode(x: torch.Tensor, pieces: Pieces, counts: Sequence[int], payload:
     lengths = pieces.lengths()
     if len(counts) != len(lengths) or any(not 0 <= k <= n for k, n in zip(counts, lengths)):
         raise ValueError(f"taciturn.kernels: counts {list(counts)} do not fit pieces of lengths {lengths}")
-    if encoding not in ("fp32", "bf16"):
-        raise ValueError(f"taciturn.kernels: encoding={encoding!r} must be 'fp32' or 'bf16'")
-    bf16 = encoding == "bf16"
-    need = 4 * (index_windows(x.numel()) + sum(counts)) if bf16 else 8 * sum(counts)
+    need = _payload_bytes(x.numel(), sum(counts), encoding)
     if payload.numel() < need:
         raise ValueError(f"taciturn.kernels: payload of {payload.numel()} bytes is too small ({need} needed)")
     kept = torch.tensor(counts, dtype=torch.int64)
     runs, nruns = _runs(pieces)
     library().tac_topk_encode(x.data_ptr(), _addr(h), alpha, _UPDATES[update], runs, nruns, x.numel(),
-                              kept.data_ptr(), payload.data_ptr(), _threads(x.numel()), int(bf16))
+                              kept.data_ptr(), payload.data_ptr(), _threads(x.numel()), int(encoding == "bf16"))
     return payload
 
 
@@ -58,10 +62,9 @@ def topk_decode(payload: torch.Tensor, total: int, out: torch.Tensor, *, encodin
                 accumulate: bool = False) -> torch.Tensor:
     """The ``total`` entries of a top-k payload (``topk_encode``'s layout in ``encoding``) written
     into ``out`` (zeroed first; the segment is ``out``), or added to it when ``accumulate``."""
-    bf16 = encoding == "bf16"
-    need = 4 * (index_windows(out.numel()) + total) if bf16 else 8 * total
+    need = _payload_bytes(out.numel(), total, encoding)
     if payload.numel() < need:
         raise ValueError(f"taciturn.kernels: payload of {payload.numel()} bytes is too small ({need} needed)")
-    library().tac_topk_decode(payload.data_ptr(), total, out.numel(), int(bf16), out.data_ptr(), int(accumulate),
-                              _threads(out.numel()))
+    library().tac_topk_decode(payload.data_ptr(), total, out.numel(), int(encoding == "bf16"), out.data_ptr(),
+                              int(accumulate), _threads(out.numel()))
     return out
