@@ -28,10 +28,13 @@ per parameter per direction. The default run is 45 distinct (method, lr) runs pe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
+from datetime import timedelta
 from typing import Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,11 +42,13 @@ sys.path.insert(0, HERE)
 
 from _bench import (ROOT, cnn, img_path, machine_note, mlp, rel, run_ranks, save_and_publish, table,  # noqa: E402
                     write_section)
+from netcluster import Cluster  # noqa: E402
 
 SECTION = "bench_accuracy"
 GRID = (3e-4, 1e-3, 3e-3)
 ABLATION_LR = 1e-3
 STEPS = 600
+CHANNELS = (8, 16)
 FREEZE_FRACTION = 0.15
 WINDOW, EVERY = 150, 25
 
@@ -193,17 +198,56 @@ def plan(final: Sequence[str], ablation: Sequence[str], grid: Sequence[float]) -
     return runs
 
 
-def run_all(runs: List[dict], cfg: dict, seeds: int, timeout: float) -> Dict[str, list]:
-    """key -> one result per seed (rank 0's; the ranks are checked to agree)."""
+def run_all(runs: List[dict], cfg: dict, seeds: int, timeout: float, rate: Optional[str] = None) -> tuple:
+    """(key -> one result per seed (rank 0's; the ranks are checked to agree), the network).
+    ``rate``: run the ranks in a cluster of network namespaces joined by links of that rate
+    (scripts/netcluster.py), so each run's training time includes its collectives at that rate."""
     out: Dict[str, list] = {r["key"]: [] for r in runs}
-    for seed in range(seeds):
-        started = time.time()
-        ranks = run_ranks(train_rank, cfg["ranks"], runs, dict(cfg, seed=seed), timeout=timeout)
-        for a, b in zip(ranks[0], ranks[1:][0] if len(ranks) > 1 else ranks[0]):
-            a["ranks_agree"] = a["checksum"] == b["checksum"] and a["curve"] == b["curve"]
-            out[a["key"]].append(a)
-        print(f"bench_accuracy: seed {seed} done in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
-    return out
+    cluster = contextlib.nullcontext() if rate is None else Cluster(cfg["ranks"], rate)
+    with cluster, tempfile.TemporaryDirectory(prefix="bench-accuracy-") as tmp:
+        net = "loopback" if rate is None else cluster.describe()
+        for seed in range(seeds):
+            started = time.time()
+            if rate is None:
+                ranks = run_ranks(train_rank, cfg["ranks"], runs, dict(cfg, seed=seed), timeout=timeout)
+            else:
+                ranks = _run_in_cluster(cluster, runs, dict(cfg, seed=seed, timeout=timeout), tmp)
+            for a, b in zip(ranks[0], ranks[1:][0] if len(ranks) > 1 else ranks[0]):
+                a["ranks_agree"] = a["checksum"] == b["checksum"] and a["curve"] == b["curve"]
+                out[a["key"]].append(a)
+            print(f"bench_accuracy: seed {seed} done in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+    return out, net
+
+
+def _run_in_cluster(cluster, runs: List[dict], cfg: dict, tmp: str) -> list:
+    """One seed's runs on the cluster's ranks (this script's ``--worker``): every rank's results."""
+    cfg_path = os.path.join(tmp, "config.json")
+    with open(cfg_path, "w") as f:
+        json.dump(dict(cfg, runs=runs, out=tmp), f)
+    cluster.run([sys.executable, os.path.abspath(__file__), "--worker", cfg_path], timeout=cfg["timeout"],
+                env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    ranks = []
+    for r in range(cfg["ranks"]):
+        with open(os.path.join(tmp, f"rank{r}.json")) as f:
+            ranks.append([dict(run, curve={int(k): v for k, v in run["curve"].items()}) for run in json.load(f)])
+    return ranks
+
+
+def worker(cfg_path: str) -> None:
+    """One rank of ``_run_in_cluster`` (torchrun's variables from the cluster)."""
+    import torch
+    import torch.distributed as dist
+
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg["timeout"]))
+    rank = dist.get_rank()
+    results = train_rank(rank, dist.get_world_size(), cfg["runs"], cfg)
+    with open(os.path.join(cfg["out"], f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _stats(values: Sequence[float]) -> tuple:
@@ -227,6 +271,7 @@ def summarize(results: Dict[str, list], key: str) -> dict:
                 early=None if None in early else sum(early) / len(early),
                 vhat=None if r0["vhat"] is None else sum(r["vhat"] for r in per_seed) / len(per_seed),
                 ms=1000 * sum(r["seconds"] for r in per_seed) / (steps * len(per_seed)),
+                train_s=sum(r["seconds"] for r in per_seed) / len(per_seed),
                 agree=all(r.get("ranks_agree", True) for r in per_seed))
 
 
@@ -254,7 +299,8 @@ def _ratio(x: float) -> str:
     return "inf" if x == float("inf") else f"{x:.1f}x"
 
 
-def final_table(rows: List[dict], seeds: int) -> str:
+def final_table(rows: List[dict], seeds: int, rate: Optional[str] = None) -> str:
+    """``rate``: the runs' links (``--rate``), which adds each method's training time."""
     by = {r["name"]: r for r in rows}
     grid_ = sorted({lr for r in rows for lr in r["per_lr"]})
     out = []
@@ -265,10 +311,11 @@ def final_table(rows: List[dict], seeds: int) -> str:
         div = f" ({r['diverged']} of {seeds} diverged)" if r["diverged"] else ""
         out.append([r["label"], f"{r['lr']:g}", _pm(r) + div, f"{100 * r['lo']:.2f} – {100 * r['hi']:.2f}", gap,
                     f"{r['up']:,.0f} / {r['down']:,.0f}", f"{_ratio(r['ratio_up'])} / {_ratio(r['ratio_down'])}",
-                    lrs])
+                    *([f"{r['train_s']:.1f}"] if rate else []), lrs])
     grid = " / ".join(f"{lr:g}" for lr in grid_)
     return table(["method", "best lr", f"test acc % (mean ± std, {seeds} seeds)", "min – max",
                   "vs its baseline (points)", "bytes/step up / down", "fewer than fp32 (up / down)",
+                  *([f"training s at {rate} (best lr, mean of seeds)"] if rate else []),
                   f"mean acc % at lr {grid}"], out)
 
 
@@ -319,15 +366,19 @@ def plot(rows: List[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _variant(model: str, steps: int) -> List[tuple]:
-    """What sets a run apart from the default one (the MLP at the default steps), as (name,
-    title) pairs: its section, plot and results file are ``<section>_<name>...``."""
-    return ([(model, model.upper())] if model != "mlp" else []) + \
-        ([(f"{steps}steps", f"{steps} steps")] if steps != STEPS else [])
+def _variant(model: str, steps: int, widths: Sequence[int] = CHANNELS, rate: Optional[str] = None) -> List[tuple]:
+    """What sets a run apart from the default one (the MLP at the default steps on loopback), as
+    (name, title) pairs: its section, plot and results file are ``<section>_<name>...``."""
+    if model == "cnn" and tuple(widths) != CHANNELS:
+        tag = [(f"cnn{widths[0]}x{widths[1]}", f"CNN {widths[0]}/{widths[1]} channels")]
+    else:
+        tag = [(model, model.upper())] if model != "mlp" else []
+    return tag + ([(f"{steps}steps", f"{steps} steps")] if steps != STEPS else []) + \
+        ([(rate, f"{rate} links")] if rate else [])
 
 
-def _section(model: str, steps: int) -> str:
-    return SECTION + "".join(f"_{name}" for name, _ in _variant(model, steps))
+def _section(model: str, steps: int, widths: Sequence[int] = CHANNELS, rate: Optional[str] = None) -> str:
+    return SECTION + "".join(f"_{name}" for name, _ in _variant(model, steps, widths, rate))
 
 
 def describe(result: dict) -> str:
@@ -335,21 +386,28 @@ def describe(result: dict) -> str:
     model = (f"MLP {'-'.join(map(str, w))}" if result.get("model", "mlp") == "mlp" else
              f"CNN conv5x5-{w[0]}, pool, conv5x5-{w[1]}, pool, linear {w[1] * 49}-10")
     return (f"Fashion-MNIST, {model} ({result['numel']:,} parameters), {result['ranks']} gloo "
-            f"ranks on loopback, {result['steps']} steps of batch {result['batch']} per rank, {result['seeds']} "
-            f"seed(s)")
+            f"ranks ({result.get('net', 'loopback')}), {result['steps']} steps of batch {result['batch']} per rank, "
+            f"{result['seeds']} seed(s)")
+
+
+def _rate(result: dict) -> Optional[str]:
+    """The links' rate when the runs went through shaped links (a time column), else None."""
+    rate = result.get("rate")
+    return rate if rate and "namespaces" in result.get("net", "") else None
 
 
 def print_tables(result: dict) -> None:
     rows = final_rows(result)
     print(f"\n{describe(result)}\n\nFinal (best lr of {', '.join(f'{lr:g}' for lr in result['grid'])}):\n"
-          f"{final_table(rows, result['seeds'])}\n\nAblation (lr {ABLATION_LR:g}):\n{ablation_table(result)}")
+          f"{final_table(rows, result['seeds'], _rate(result))}\n\n"
+          f"Ablation (lr {ABLATION_LR:g}):\n{ablation_table(result)}")
 
 
 def publish(result: dict) -> None:
     rows = final_rows(result)
     model, steps = result.get("model", "mlp"), result["steps"]
-    section = _section(model, steps)
-    title = "".join(f", {title}" for _, title in _variant(model, steps))
+    section = _section(model, steps, result["widths"], _rate(result))
+    title = "".join(f", {title}" for _, title in _variant(model, steps, result["widths"], _rate(result)))
     png = img_path(f"{section}.png")
     plot(rows, png, describe(result))
     commands = [result["argv"]] + result.get("parts", [])
@@ -365,7 +423,7 @@ def publish(result: dict) -> None:
         f"steps in the last {WINDOW} steps, whole test set; ± is the sample std over the seeds. OneBitAdam "
         f"freezes its variance after {round(FREEZE_FRACTION * result['steps'])} steps (15 %); its bytes include "
         "the fp32 warm-up. A diverged run counts as 10 % (chance).", "",
-        final_table(rows, result["seeds"]), "",
+        final_table(rows, result["seeds"], _rate(result)), "",
         *([f"Ablation at lr {ABLATION_LR:g} (CD-Adam's and SPARS-AMS's parts, one changed at a time; same seeds). "
            "\"mean v^ / AMSGrad's\": AMSGrad's running max of the squared (compressed) gradient averaged over the "
            "parameters at the end, against uncompressed AMSGrad's: compression noise inflates it, which shrinks the "
@@ -392,7 +450,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
                     help="mlp: 784-H-H-10; cnn: two 5x5 convolutions of 8 and 16 channels (its own section)")
     ap.add_argument("--hidden", type=int, default=256, help="MLP 784-H-H-10 (default 256)")
+    ap.add_argument("--channels", default=",".join(map(str, CHANNELS)),
+                    help="the CNN's two convolutions' channels (default 8,16; others have their own section)")
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--rate", default=None, help="run the ranks in network namespaces joined by links of this rate "
+                    "(tc syntax, e.g. 1gbit; needs root, else loopback, said so) and add each method's training "
+                    "time to the final table (default: loopback, no time column)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="smoke run: MLP 784-32-32-10, 160 steps, 1 seed, lr 1e-3, "
                     "4 methods; writes only --out")
     ap.add_argument("--out", default=None, help="results JSON (default results/bench_accuracy.json, "
@@ -401,6 +465,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per seed before the ranks are stopped")
     ap.add_argument("--render", metavar="JSON", help="print the tables, rewrite the section and plot, no runs")
     args = ap.parse_args(argv)
+    if args.worker:
+        worker(args.worker)
+        return 0
     if args.render:
         with open(args.render) as f:
             result = json.load(f)
@@ -412,8 +479,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.no_write = True
         args.seeds, args.steps, args.hidden, args.grid = 1, min(args.steps, 160), min(args.hidden, 32), "0.001"
         args.final, args.ablation = "amsgrad,cdadam,adam,onebit_adam", "amsgrad,cdadam,cd_b256,adam,onebit_floor0"
+    channels = tuple(int(c) for c in args.channels.split(","))
+    if len(channels) != 2 or min(channels) < 1:
+        ap.error("--channels takes two positive counts, e.g. 32,64")
+    widths = (784, args.hidden, args.hidden, 10) if args.model == "mlp" else channels
     out = args.out or os.path.join(ROOT, "results", f"{SECTION}_quick.json" if args.quick else
-                                   f"{_section(args.model, args.steps)}.json")
+                                   f"{_section(args.model, args.steps, widths, args.rate)}.json")
     final = [m for m in args.final.split(",") if m]
     ablation = [m for m in args.ablation.split(",") if m]
     unknown = [m for m in final if m not in FINAL] + [m for m in ablation if m not in ABLATION]
@@ -424,15 +495,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"--steps must be >= {2 * WINDOW}")
     if args.ranks < 2 or args.seeds < 1:
         ap.error("need --ranks >= 2 and --seeds >= 1")
-    widths = (784, args.hidden, args.hidden, 10) if args.model == "mlp" else (8, 16)
     cfg = dict(steps=args.steps, batch=args.batch, widths=widths, ranks=args.ranks, model=args.model)
     started, load_before = time.time(), os.getloadavg()[0]
     runs = plan(final, ablation, grid)
     print(f"bench_accuracy: {len(runs)} runs x {args.seeds} seed(s)", file=sys.stderr, flush=True)
-    results = run_all(runs, cfg, args.seeds, args.timeout)
+    results, net = run_all(runs, cfg, args.seeds, args.timeout, args.rate)
     first = next(iter(results.values()))[0]
     result = dict(argv=argv, final=final, ablation=ablation, grid=grid, seeds=args.seeds, steps=args.steps,
                   batch=args.batch, widths=widths, ranks=args.ranks, model=args.model, numel=first["numel"],
+                  rate=args.rate, net=net,
                   results=results, note=machine_note(started, load_before))
     print_tables(result)
     if not all(r.get("ranks_agree", True) for rs in results.values() for r in rs):

@@ -3,8 +3,10 @@
 byte counts, and leaves its section of BENCHMARKS.md alone in quick mode."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -125,3 +127,31 @@ def test_soak_verdict_flags_growth_and_divergence():
     diverged = [_rank((400.0, 420.0, 420.0, 420.0), "a"), _rank((400.0, 420.0, 420.0, 420.0), "b")]
     assert soak.verdict(diverged)["identical"] is False
     assert soak.verdict(leaking, judge_memory=False)["flat"] is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"),
+                    reason="network namespaces need root and iproute2 (apt-get install iproute2)")
+def test_bench_accuracy_on_shaped_links_trains_as_on_loopback(tmp_path):
+    """--rate runs the ranks in shaped namespaces: the same weights and curves as loopback (the
+    links change the time, not the numbers), a training-time column, and its own results file."""
+    common = ["--steps", "300", "--seeds", "1", "--hidden", "16", "--final", "amsgrad,cdadam", "--grid", "0.001",
+              "--ablation", "", "--no-write"]
+    out = {}
+    for name, extra in (("loopback", []), ("shaped", ["--rate", "100mbit"])):
+        path = str(tmp_path / f"{name}.json")
+        proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench_accuracy.py"), *common, "--out", path,
+                               *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = (json.load(open(path)), proc.stdout)
+    (loop, loop_text), (shaped, shaped_text) = out["loopback"], out["shaped"]
+    assert shaped["net"].startswith("2 network namespaces, 100mbit links") and loop["net"] == "loopback"
+    for key, runs in loop["results"].items():
+        assert [(r["checksum"], r["curve"]) for r in runs] == \
+            [(r["checksum"], r["curve"]) for r in shaped["results"][key]]
+    # AMSGrad's fp32 exchange takes longer at 100 Mbit than CD-Adam's 30x smaller one
+    times = {json.loads(key)[0]: runs[0]["seconds"] for key, runs in shaped["results"].items()}
+    assert times["AMSGrad"] > times["CDAdam"] > 0
+    assert "training s at 100mbit" in shaped_text and "training s at" not in loop_text
+    import bench_accuracy
+
+    assert bench_accuracy._section("mlp", 300, rate="100mbit") == "bench_accuracy_300steps_100mbit"
