@@ -41,6 +41,21 @@ def add_cluster_options(ap, name: str, quick: str) -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
 
 
+def join_cluster(cfg_path: str) -> dict:
+    """A ``--worker`` rank's start: its config (the JSON at ``cfg_path``, with ``timeout`` in
+    seconds), one torch thread, and the gloo group from the variables its cluster set."""
+    import json
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg["timeout"]))
+    return cfg
+
+
 def write_reproduction(section: str, title: str, paper: str, ours: str, blocks: Sequence[str], image: tuple,
                        checks: Sequence[str], closing: Sequence[str]) -> None:
     """A paper reproduction's section of BENCHMARKS.md: the paper's own words, what we ran, our

@@ -34,14 +34,13 @@ import os
 import sys
 import tempfile
 import time
-from datetime import timedelta
 from typing import Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _bench import (ROOT, cnn, img_path, machine_note, mlp, rel, run_ranks, save_and_publish, table,  # noqa: E402
-                    write_section)
+from _bench import (ROOT, cnn, img_path, join_cluster, machine_note, mlp, rel, run_ranks,  # noqa: E402
+                    save_and_publish, table, write_section)
 from netcluster import Cluster  # noqa: E402
 
 SECTION = "bench_accuracy"
@@ -235,13 +234,9 @@ def _run_in_cluster(cluster, runs: List[dict], cfg: dict, tmp: str) -> list:
 
 def worker(cfg_path: str) -> None:
     """One rank of ``_run_in_cluster`` (torchrun's variables from the cluster)."""
-    import torch
     import torch.distributed as dist
 
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg["timeout"]))
+    cfg = join_cluster(cfg_path)
     rank = dist.get_rank()
     results = train_rank(rank, dist.get_world_size(), cfg["runs"], cfg)
     with open(os.path.join(cfg["out"], f"rank{rank}.json"), "w") as f:

@@ -65,7 +65,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,8 +72,8 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-from _bench import (add_cluster_options, img_path, machine_note, rel, save_and_publish, table,  # noqa: E402
-                    write_section)
+from _bench import (add_cluster_options, img_path, join_cluster, machine_note, rel,  # noqa: E402
+                    save_and_publish, table, write_section)
 from netcluster import Cluster, parse_rate  # noqa: E402
 
 SECTION = "bench_step"
@@ -339,10 +338,7 @@ def measure(name: str, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
 def worker(cfg_path: str) -> None:
     import torch.distributed as dist
 
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg["timeout"]))
+    cfg = join_cluster(cfg_path)
     rank, n = dist.get_rank(), dist.get_world_size()
     # Horovod's background thread runs once initialised: its methods go last.
     order = [(s, m) for s in cfg["sizes"] for m in cfg["methods"] if METHODS[m].family != "horovod"]

@@ -36,14 +36,13 @@ import os
 import sys
 import tempfile
 import time
-from datetime import timedelta
 from typing import Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _bench import (add_cluster_options, img_path, machine_note, mlp, rel, save_and_publish, table,  # noqa: E402
-                    write_section)
+from _bench import (add_cluster_options, img_path, join_cluster, machine_note, mlp, rel,  # noqa: E402
+                    save_and_publish, table, write_section)
 from bench_step import POWERSGD_START, LoopbackCluster, link_counters  # noqa: E402
 from netcluster import Cluster  # noqa: E402
 
@@ -193,10 +192,7 @@ def worker(cfg_path: str) -> None:
 
     from _datasets import fashion_mnist, shard
 
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg["timeout"]))
+    cfg = join_cluster(cfg_path)
     rank, n = dist.get_rank(), dist.get_world_size()
     data = (*shard(fashion_mnist("train", flatten=True), n, rank), *shard(fashion_mnist("test", flatten=True), n, rank))
     results = [train(name, cfg, data) for name in cfg["methods"]]

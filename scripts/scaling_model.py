@@ -76,7 +76,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _bench import add_cluster_options, img_path, machine_note, rel, save_and_publish, table, write_section  # noqa: E402
+from _bench import (add_cluster_options, img_path, join_cluster, machine_note, rel,  # noqa: E402
+                    save_and_publish, table, write_section)
 
 SECTION = "scaling_model"
 GBIT = 1e9 / 8                       # bytes per second of 1 Gbit/s
@@ -488,16 +489,11 @@ def collective_worker(cfg_path: str) -> None:
     two tiers, in node 0 alone ("intra") and in every node at once ("intra_concurrent"), among
     local rank 0 of every node alone ("inter") and among every local rank's group at once
     ("inter_concurrent"). Rank 0 prints JSON."""
-    from datetime import timedelta
-
     import torch
     import torch.distributed as dist
     from taciturn.comm.torch_dist import TorchDistCommunicator
 
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg["timeout"]))
+    cfg = join_cluster(cfg_path)
     rank, n, L = dist.get_rank(), dist.get_world_size(), cfg["ranks_per_node"]
     scopes = [("world", None, True)]
     if L > 1:
