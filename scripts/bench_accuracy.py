@@ -22,6 +22,8 @@ per parameter per direction. The default run is 45 distinct (method, lr) runs pe
     python scripts/bench_accuracy.py --seeds 2 --steps 300 --no-write
     python scripts/bench_accuracy.py --model cnn --final amsgrad,cdadam --ablation ''   # the small CNN (own section)
     python scripts/bench_accuracy.py --steps 1500 --final amsgrad,cdadam --ablation ''  # longer runs (own section)
+    python scripts/bench_accuracy.py --steps 1500 --rate 1gbit --final amsgrad,cdadam --ablation ''
+                                                 # ranks on 1 Gbit/s links: a training-time column (own section)
     python scripts/bench_accuracy.py --quick     # smoke run: tiny MLP, 60 steps, 1 seed, writes only --out
     python scripts/bench_accuracy.py --render results/bench_accuracy.json
 """
@@ -41,7 +43,7 @@ sys.path.insert(0, HERE)
 
 from _bench import (ROOT, cnn, img_path, join_cluster, machine_note, mlp, rel, run_ranks,  # noqa: E402
                     save_and_publish, table, write_section)
-from netcluster import Cluster  # noqa: E402
+from netcluster import Cluster, parse_rate  # noqa: E402
 
 SECTION = "bench_accuracy"
 GRID = (3e-4, 1e-3, 3e-3)
@@ -62,6 +64,8 @@ FINAL: Dict[str, tuple] = {
                        dict(block_size=256, compressor_options={"scale": "l2"}), "amsgrad"),
     "cdadam_profile_b256": ("CD-Adam (256-blocks, l2 scale, magnitude profile)", "CDAdam",
                             dict(block_size=256, compressor_options={"scale": "l2", "profile": 0.99}), "amsgrad"),
+    "cdadam_profile_b392": ("CD-Adam (392-blocks, l2 scale, magnitude profile)", "CDAdam",
+                            dict(block_size=392, compressor_options={"scale": "l2", "profile": 0.99}), "amsgrad"),
     "cdadam_profile": ("CD-Adam (1024-blocks, l2 scale, magnitude profile)", "CDAdam",
                        dict(compressor_options={"scale": "l2", "profile": 0.99}), "amsgrad"),
     "sparsams": ("SPARS-AMS (top-1%)", "SparsAMS", {}, "amsgrad"),
@@ -474,9 +478,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.no_write = True
         args.seeds, args.steps, args.hidden, args.grid = 1, min(args.steps, 160), min(args.hidden, 32), "0.001"
         args.final, args.ablation = "amsgrad,cdadam,adam,onebit_adam", "amsgrad,cdadam,cd_b256,adam,onebit_floor0"
-    channels = tuple(int(c) for c in args.channels.split(","))
+    try:
+        channels = tuple(int(c) for c in args.channels.split(","))
+    except ValueError:
+        channels = ()
     if len(channels) != 2 or min(channels) < 1:
-        ap.error("--channels takes two positive counts, e.g. 32,64")
+        ap.error(f"--channels {args.channels!r}: give two positive counts, e.g. 32,64")
+    if args.rate is not None:
+        try:
+            parse_rate(args.rate)
+        except ValueError as e:
+            ap.error(f"--rate: {e}")
     widths = (784, args.hidden, args.hidden, 10) if args.model == "mlp" else channels
     out = args.out or os.path.join(ROOT, "results", f"{SECTION}_quick.json" if args.quick else
                                    f"{_section(args.model, args.steps, widths, args.rate)}.json")
