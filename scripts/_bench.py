@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import platform
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -41,10 +43,20 @@ def add_cluster_options(ap, name: str, quick: str) -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
 
 
+def run_workers(cluster, script: str, cfg: dict, folder: str, timeout: float, capture: bool = False) -> list:
+    """``script --worker`` on every rank of ``cluster`` (each starts with ``join_cluster``), its
+    config ``cfg`` written to ``folder``/config.json; one torch thread per rank, unbuffered
+    output. The ranks' ``RankResult``s (``capture``: with their stdout and stderr)."""
+    path = os.path.join(folder, "config.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return cluster.run([sys.executable, os.path.abspath(script), "--worker", path], timeout=timeout, capture=capture,
+                       env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
 def join_cluster(cfg_path: str) -> dict:
     """A ``--worker`` rank's start: its config (the JSON at ``cfg_path``, with ``timeout`` in
     seconds), one torch thread, and the gloo group from the variables its cluster set."""
-    import json
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -54,6 +66,21 @@ def join_cluster(cfg_path: str) -> dict:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=cfg["timeout"]))
     return cfg
+
+
+def write_rank_result(folder: str, rank: int, result) -> None:
+    """A ``--worker`` rank's JSON result, for ``read_rank_results``."""
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def read_rank_results(folder: str, world_size: int) -> list:
+    """Every rank's ``write_rank_result``, in rank order."""
+    out = []
+    for r in range(world_size):
+        with open(os.path.join(folder, f"rank{r}.json")) as f:
+            out.append(json.load(f))
+    return out
 
 
 def write_reproduction(section: str, title: str, paper: str, ours: str, blocks: Sequence[str], image: tuple,

@@ -41,8 +41,8 @@ from typing import Dict, List, Optional, Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _bench import (ROOT, cnn, img_path, join_cluster, machine_note, mlp, rel, run_ranks,  # noqa: E402
-                    save_and_publish, table, write_section)
+from _bench import (ROOT, cnn, img_path, join_cluster, machine_note, mlp, read_rank_results, rel,  # noqa: E402
+                    run_ranks, run_workers, save_and_publish, table, write_rank_result, write_section)
 from netcluster import Cluster, parse_rate  # noqa: E402
 
 SECTION = "bench_accuracy"
@@ -224,16 +224,9 @@ def run_all(runs: List[dict], cfg: dict, seeds: int, timeout: float, rate: Optio
 
 def _run_in_cluster(cluster, runs: List[dict], cfg: dict, tmp: str) -> list:
     """One seed's runs on the cluster's ranks (this script's ``--worker``): every rank's results."""
-    cfg_path = os.path.join(tmp, "config.json")
-    with open(cfg_path, "w") as f:
-        json.dump(dict(cfg, runs=runs, out=tmp), f)
-    cluster.run([sys.executable, os.path.abspath(__file__), "--worker", cfg_path], timeout=cfg["timeout"],
-                env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    ranks = []
-    for r in range(cfg["ranks"]):
-        with open(os.path.join(tmp, f"rank{r}.json")) as f:
-            ranks.append([dict(run, curve={int(k): v for k, v in run["curve"].items()}) for run in json.load(f)])
-    return ranks
+    run_workers(cluster, __file__, dict(cfg, runs=runs, out=tmp), tmp, cfg["timeout"])
+    return [[dict(run, curve={int(k): v for k, v in run["curve"].items()}) for run in rank]
+            for rank in read_rank_results(tmp, cfg["ranks"])]
 
 
 def worker(cfg_path: str) -> None:
@@ -243,8 +236,7 @@ def worker(cfg_path: str) -> None:
     cfg = join_cluster(cfg_path)
     rank = dist.get_rank()
     results = train_rank(rank, dist.get_world_size(), cfg["runs"], cfg)
-    with open(os.path.join(cfg["out"], f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+    write_rank_result(cfg["out"], rank, results)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -72,8 +72,8 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-from _bench import (add_cluster_options, img_path, join_cluster, machine_note, rel,  # noqa: E402
-                    save_and_publish, table, write_section)
+from _bench import (add_cluster_options, img_path, join_cluster, machine_note, read_rank_results,  # noqa: E402
+                    rel, run_workers, save_and_publish, table, write_rank_result, write_section)
 from netcluster import Cluster, parse_rate  # noqa: E402
 
 SECTION = "bench_step"
@@ -368,8 +368,7 @@ def worker(cfg_path: str) -> None:
         hvd.shutdown()
         for server in _RENDEZVOUS:
             server.shutdown()
-    with open(os.path.join(cfg["out"], f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+    write_rank_result(cfg["out"], rank, results)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -439,18 +438,11 @@ def run_cell(n: int, rate: str, sizes: Sequence[str], methods: Sequence[str], ar
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         cfg = {"sizes": list(sizes), "methods": ["local", *methods], "warmup": args.warmup, "steps": args.steps,
                "timeout": args.timeout, "out": tmp}
-        cfg_path = os.path.join(tmp, "config.json")
-        with open(cfg_path, "w") as f:
-            json.dump(cfg, f)
         with cls(n, rate, **cluster) as cluster:
             print(f"bench_step: {cluster.describe()}; sizes {', '.join(sizes)}", file=sys.stderr, flush=True)
-            cluster.run([sys.executable, os.path.abspath(__file__), "--worker", cfg_path], timeout=args.timeout,
-                        env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+            run_workers(cluster, __file__, cfg, tmp, args.timeout)
             shaped = cluster.shaped
-        per_rank = []
-        for r in range(n):
-            with open(os.path.join(tmp, f"rank{r}.json")) as f:
-                per_rank.append(json.load(f))
+        per_rank = read_rank_results(tmp, n)
     rows = []
     for size in sizes:
         rows += summarize(per_rank, size, n, rate, shaped, ["local", *methods])

@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from _bench import (add_cluster_options, img_path, join_cluster, machine_note, mlp, rel,  # noqa: E402
-                    save_and_publish, table, write_section)
+                    run_workers, save_and_publish, table, write_section)
 from bench_step import POWERSGD_START, LoopbackCluster, link_counters  # noqa: E402
 from netcluster import Cluster  # noqa: E402
 
@@ -346,13 +346,9 @@ def run_methods(methods: Sequence[str], args) -> tuple:
     with tempfile.TemporaryDirectory(prefix="bench-tta-") as tmp:
         cfg = {k: getattr(args, k) for k in ("steps", "batch", "accumulate", "hidden", "evals", "seed", "timeout")}
         cfg.update(methods=list(methods), out=tmp)
-        cfg_path = os.path.join(tmp, "config.json")
-        with open(cfg_path, "w") as f:
-            json.dump(cfg, f)
         with cls(args.ranks, args.rate) as cluster:
             print(f"bench_tta: {cluster.describe()}", file=sys.stderr, flush=True)
-            cluster.run([sys.executable, os.path.abspath(__file__), "--worker", cfg_path], timeout=args.timeout,
-                        env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+            run_workers(cluster, __file__, cfg, tmp, args.timeout)
             shaped = cluster.shaped
         with open(os.path.join(tmp, "results.json")) as f:
             return json.load(f), shaped

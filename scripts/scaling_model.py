@@ -76,7 +76,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _bench import (add_cluster_options, img_path, join_cluster, machine_note, rel,  # noqa: E402
+from _bench import (add_cluster_options, img_path, join_cluster, machine_note, rel, run_workers,  # noqa: E402
                     save_and_publish, table, write_section)
 
 SECTION = "scaling_model"
@@ -539,14 +539,11 @@ def run_collectives(n: int, rate: str, args, **cluster) -> Tuple[List[dict], boo
 
     cls = bench_step.LoopbackCluster if args.loopback else Cluster
     with tempfile.TemporaryDirectory(prefix="scaling-model-") as tmp:
-        cfg = os.path.join(tmp, "config.json")
-        with open(cfg, "w") as f:
-            json.dump({"sizes": list(SIZES_MB), "repeats": args.repeats, "timeout": args.timeout,
-                       "ranks_per_node": cluster.get("ranks_per_node", 1)}, f)
+        cfg = {"sizes": list(SIZES_MB), "repeats": args.repeats, "timeout": args.timeout,
+               "ranks_per_node": cluster.get("ranks_per_node", 1)}
         with cls(n, rate, **cluster) as c:
             print(f"scaling_model: {c.describe()}: timing collectives", file=sys.stderr, flush=True)
-            res = c.run([sys.executable, os.path.abspath(__file__), "--worker", cfg], timeout=args.timeout,
-                        capture=True, env={"OMP_NUM_THREADS": "1"})
+            res = run_workers(c, __file__, cfg, tmp, args.timeout, capture=True)
             shaped, describe = c.shaped, c.describe()
     points = json.loads(res[0].stdout.strip().splitlines()[-1])
     for p in points:
