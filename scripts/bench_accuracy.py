@@ -202,13 +202,14 @@ def plan(final: Sequence[str], ablation: Sequence[str], grid: Sequence[float]) -
 
 
 def run_all(runs: List[dict], cfg: dict, seeds: int, timeout: float, rate: Optional[str] = None) -> tuple:
-    """(key -> one result per seed (rank 0's; the ranks are checked to agree), the network).
+    """(key -> one result per seed (rank 0's; the ranks are checked to agree), the network, whether
+    its links were shaped).
     ``rate``: run the ranks in a cluster of network namespaces joined by links of that rate
     (scripts/netcluster.py), so each run's training time includes its collectives at that rate."""
     out: Dict[str, list] = {r["key"]: [] for r in runs}
     cluster = contextlib.nullcontext() if rate is None else Cluster(cfg["ranks"], rate)
     with cluster, tempfile.TemporaryDirectory(prefix="bench-accuracy-") as tmp:
-        net = "loopback" if rate is None else cluster.describe()
+        net, shaped = ("loopback", False) if rate is None else (cluster.describe(), cluster.shaped)
         for seed in range(seeds):
             started = time.time()
             if rate is None:
@@ -219,7 +220,7 @@ def run_all(runs: List[dict], cfg: dict, seeds: int, timeout: float, rate: Optio
                 a["ranks_agree"] = a["checksum"] == b["checksum"] and a["curve"] == b["curve"]
                 out[a["key"]].append(a)
             print(f"bench_accuracy: seed {seed} done in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
-    return out, net
+    return out, net, shaped
 
 
 def _run_in_cluster(cluster, runs: List[dict], cfg: dict, tmp: str) -> list:
@@ -255,14 +256,14 @@ def summarize(results: Dict[str, list], key: str) -> dict:
     up, down = r0["bytes_up"] / steps, r0["bytes_down"] / steps
     fp32 = r0["fp32_bytes"] / steps
     early = [r["curve"].get(100, r["curve"].get("100")) for r in per_seed]
+    train_s = sum(r["seconds"] for r in per_seed) / len(per_seed)
     return dict(acc=acc, mean=_stats(acc)[0], sd=_stats(acc)[1], lo=min(acc), hi=max(acc),
                 up=up, down=down, fp32=fp32, ratio_up=fp32 / up if up else float("inf"),
                 ratio_down=fp32 / down if down else float("inf"), skipped=sum(r["skipped"] for r in per_seed),
                 diverged=sum(not r["finite"] or r["skipped"] > 0 for r in per_seed),
                 early=None if None in early else sum(early) / len(early),
                 vhat=None if r0["vhat"] is None else sum(r["vhat"] for r in per_seed) / len(per_seed),
-                ms=1000 * sum(r["seconds"] for r in per_seed) / (steps * len(per_seed)),
-                train_s=sum(r["seconds"] for r in per_seed) / len(per_seed),
+                ms=1000 * train_s / steps, train_s=train_s,
                 agree=all(r.get("ranks_agree", True) for r in per_seed))
 
 
@@ -383,8 +384,7 @@ def describe(result: dict) -> str:
 
 def _rate(result: dict) -> Optional[str]:
     """The links' rate when the runs went through shaped links (a time column), else None."""
-    rate = result.get("rate")
-    return rate if rate and "namespaces" in result.get("net", "") else None
+    return result.get("rate") if result.get("shaped") else None
 
 
 def print_tables(result: dict) -> None:
@@ -498,11 +498,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started, load_before = time.time(), os.getloadavg()[0]
     runs = plan(final, ablation, grid)
     print(f"bench_accuracy: {len(runs)} runs x {args.seeds} seed(s)", file=sys.stderr, flush=True)
-    results, net = run_all(runs, cfg, args.seeds, args.timeout, args.rate)
+    results, net, shaped = run_all(runs, cfg, args.seeds, args.timeout, args.rate)
     first = next(iter(results.values()))[0]
     result = dict(argv=argv, final=final, ablation=ablation, grid=grid, seeds=args.seeds, steps=args.steps,
                   batch=args.batch, widths=widths, ranks=args.ranks, model=args.model, numel=first["numel"],
-                  rate=args.rate, net=net,
+                  rate=args.rate, net=net, shaped=shaped,
                   results=results, note=machine_note(started, load_before))
     print_tables(result)
     if not all(r.get("ranks_agree", True) for rs in results.values() for r in rs):

@@ -145,6 +145,7 @@ def test_bench_accuracy_on_shaped_links_trains_as_on_loopback(tmp_path):
         out[name] = (json.load(open(path)), proc.stdout)
     (loop, loop_text), (shaped, shaped_text) = out["loopback"], out["shaped"]
     assert shaped["net"].startswith("2 network namespaces, 100mbit links") and loop["net"] == "loopback"
+    assert shaped["shaped"] and not loop["shaped"]
     for key, runs in loop["results"].items():
         assert [(r["checksum"], r["curve"]) for r in runs] == \
             [(r["checksum"], r["curve"]) for r in shaped["results"][key]]
