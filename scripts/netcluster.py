@@ -93,6 +93,18 @@ def allreduce_limit(nbytes: int, world_size: int, rate: str) -> float:
     return 2 * (world_size - 1) / world_size * nbytes * 8 / parse_rate(rate)
 
 
+def namespaces_unavailable() -> Optional[str]:
+    """Why this process cannot build shaped namespaces (None: it can)."""
+    if not sys.platform.startswith("linux"):
+        return f"network namespaces need Linux (this is {sys.platform})"
+    if os.geteuid() != 0:
+        return "network namespaces need root (this process is not root)"
+    for tool in ("ip", "tc"):
+        if not shutil.which(tool):
+            return f"`{tool}` not found (apt-get install iproute2)"
+    return None
+
+
 def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     res = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
     if check and res.returncode != 0:
@@ -316,16 +328,7 @@ class Cluster:
               f"NOT shaped to {rates}, timings show this machine's loopback", file=self.log, flush=True)
 
     def _unavailable(self) -> Optional[str]:
-        if self.loopback:
-            return "loopback asked for"
-        if not sys.platform.startswith("linux"):
-            return f"network namespaces need Linux (this is {sys.platform})"
-        if os.geteuid() != 0:
-            return "network namespaces need root (this process is not root)"
-        for tool in ("ip", "tc"):
-            if not shutil.which(tool):
-                return f"`{tool}` not found (apt-get install iproute2)"
-        return None
+        return "loopback asked for" if self.loopback else namespaces_unavailable()
 
     def _add_ns(self, ns: str, rank: Optional[int] = None) -> None:
         _sh("ip", "netns", "add", ns)

@@ -3,7 +3,6 @@ and the loopback fallback. The namespace tests need root and iproute2 (CI has bo
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +16,8 @@ _spec = importlib.util.spec_from_file_location("netcluster", SCRIPT)
 netcluster = sys.modules.setdefault("netcluster", importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(netcluster)
 
-needs_netns = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"),
-    reason="network namespaces need root and iproute2 (apt-get install iproute2)")
+needs_netns = pytest.mark.skipif(netcluster.namespaces_unavailable() is not None,
+                                 reason=str(netcluster.namespaces_unavailable()))
 
 # one os.write per line: the ranks share stdout, and a pipe keeps a short write whole (print may
 # write the text and its newline separately, and the other rank's line can land between them)
