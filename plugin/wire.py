@@ -30,6 +30,21 @@ def index_windows(numel: int) -> int:
     return -(-numel // INDEX_WINDOW)
 
 
+#: the sparse payloads' encodings: fp32 values + int32 indices, or bf16 values + 16-bit indices
+#: (one int32 count per index window in front)
+SPARSE_ENCODINGS = ("fp32", "bf16")
+
+
+def sparse_layout(numel: int, encoding: str, sends_indices: bool = True) -> tuple:
+    """(bytes of the header, of one value, of one index) of a sparse payload of a segment of
+    ``numel`` elements in ``encoding`` (no indices: the receivers draw them from a shared seed)."""
+    if encoding == "fp32":
+        return 0, 4, 4 if sends_indices else 0
+    if not sends_indices:
+        return 0, 2, 0
+    return 4 * index_windows(numel), 2, 2
+
+
 def padded(nbytes: int) -> int:
     """``nbytes`` rounded up to the payload alignment."""
     return -(-nbytes // ALIGN) * ALIGN

@@ -16,10 +16,8 @@ import torch
 
 from .. import kernels
 from ..kernels.topk import topk_decode, topk_encode
-from ..wire import INDEX_WINDOW, Pieces, from_bytes, index_windows, padded
+from ..wire import INDEX_WINDOW, SPARSE_ENCODINGS, Pieces, from_bytes, padded, sparse_layout
 from .base import Compressor
-
-ENCODINGS = ("fp32", "bf16")
 
 
 def exact_ratio(ratio: Union[float, Fraction]) -> Fraction:
@@ -49,8 +47,8 @@ class _Sparse(Compressor):
             raise ValueError(f"{name}: ratio={ratio!r} must be in (0, 1]; e.g. ratio=0.01 keeps 1%")
         if k is not None and (not isinstance(k, int) or k < 1):
             raise ValueError(f"{name}: k={k!r} must be a positive int")
-        if encoding not in ENCODINGS:
-            raise ValueError(f"{name}: encoding={encoding!r} must be one of {ENCODINGS}: 'fp32' sends fp32 values "
+        if encoding not in SPARSE_ENCODINGS:
+            raise ValueError(f"{name}: encoding={encoding!r} must be one of {SPARSE_ENCODINGS}: 'fp32' sends fp32 values "
                              f"(and int32 indices), 'bf16' bf16 values (and 16-bit indices)")
         self.encoding = encoding
         self._value_dtype = torch.float32 if encoding == "fp32" else torch.bfloat16
@@ -81,12 +79,7 @@ class _Sparse(Compressor):
 
     def _layout(self, pieces: Pieces):
         """(entries, bytes of the header, of one value, of one index) of a payload."""
-        total = sum(self.counts(pieces))
-        if self.encoding == "fp32":
-            return total, 0, 4, 4 if self.sends_indices else 0
-        if not self.sends_indices:
-            return total, 0, 2, 0
-        return total, 4 * index_windows(pieces.numel), 2, 2
+        return (sum(self.counts(pieces)), *sparse_layout(pieces.numel, self.encoding, self.sends_indices))
 
     def nbytes(self, pieces):
         total, header, value, index = self._layout(pieces)

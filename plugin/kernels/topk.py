@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..wire import Pieces, index_windows
+from ..wire import SPARSE_ENCODINGS, Pieces, sparse_layout
 from . import _UPDATES, _addr, _check, _runs, _threads, library
 
 #: indices go on the wire as int32
@@ -22,9 +22,10 @@ _MAX_NUMEL = 2 ** 31 - 1
 
 def _payload_bytes(numel: int, total: int, encoding: str) -> int:
     """Bytes of a payload of ``total`` entries of a segment of ``numel`` elements (unpadded)."""
-    if encoding not in ("fp32", "bf16"):
-        raise ValueError(f"taciturn.kernels: encoding={encoding!r} must be 'fp32' or 'bf16'")
-    return 4 * (index_windows(numel) + total) if encoding == "bf16" else 8 * total
+    if encoding not in SPARSE_ENCODINGS:
+        raise ValueError(f"taciturn.kernels: encoding={encoding!r} must be one of {SPARSE_ENCODINGS}")
+    header, value, index = sparse_layout(numel, encoding)
+    return header + (value + index) * total
 
 
 def topk_encode(x: torch.Tensor, pieces: Pieces, counts: Sequence[int], payload: torch.Tensor, *,
