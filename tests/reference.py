@@ -172,7 +172,10 @@ class CDAdam(Simulator):
         self.m, self.v, self.v_hat = self.zeros(), self.zeros(), self.zeros()
 
     def step(self, g, lr):
-        g = self.l2(g)
+        self.adapt(self.markov(self.l2(g)), lr)
+
+    def markov(self, g):
+        """Lines 4-12: the workers' and the server's Markov sequences; the result g~."""
         c_w = []
         for i in range(self.n):
             c_w.append(self.C.worker(g[i] - self.g_hat_w[i]))            # line 4
@@ -180,7 +183,7 @@ class CDAdam(Simulator):
         self.g_hat = self.g_hat + mean(c_w)                              # line 7
         c = self.C.server(self.g_hat - self.g_tilde)                     # line 8
         self.g_tilde = self.g_tilde + c                                  # lines 10, 12
-        self.adapt(self.g_tilde, lr)
+        return self.g_tilde
 
     def adapt(self, g, lr):
         """AMSGrad lines 13-16: x = x - lr V^{-1/2} m with V = diag(v^ + nu)."""
@@ -190,6 +193,22 @@ class CDAdam(Simulator):
         self.v = self.b2 * self.v + (1 - self.b2) * g * g
         self.v_hat = torch.maximum(self.v_hat, self.v)
         self.x = self.x - lr * self.m / torch.sqrt(self.v_hat + self.nu)
+
+
+class CDAdamMomentum(CDAdam):
+    """CD-Adam with ``track="momentum"``: each worker's own momentum m_i = b1 m_i + (1-b1) g_i
+    goes through lines 4-12 in place of its gradient; the result M~ is AMSGrad's m, and v takes
+    the gradient that leads to it, (M~ - b1 m) / (1-b1)."""
+
+    def __init__(self, x0, n, C: Compression, **kwargs):
+        super().__init__(x0, n, C, **kwargs)
+        self.m_w = [self.zeros() for _ in range(n)]
+
+    def step(self, g, lr):
+        g = self.l2(g)
+        self.m_w = [self.b1 * m + (1 - self.b1) * gi for m, gi in zip(self.m_w, g)]
+        M = self.markov(self.m_w)
+        self.adapt((M - self.b1 * self.m) / (1 - self.b1), lr)
 
 
 class AMSGrad(CDAdam):
@@ -673,9 +692,13 @@ CASES = {
                           lambda x0, n, C: EFAMSGrad(x0, n, C("block_sign", block_size=64), weight_decay=0.05)),
     "naive_amsgrad_scaled_sign": Case("NaiveAMSGrad", dict(compressor="scaled_sign"), 1e-2,
                                       lambda x0, n, C: NaiveAMSGrad(x0, n, C("scaled_sign"))),
+    "cdadam_momentum": Case("CDAdam", dict(block_size=64, track="momentum", weight_decay=0.05), 1e-2,
+                            lambda x0, n, C: CDAdamMomentum(x0, n, C("block_sign", block_size=64), weight_decay=0.05)),
     "amsgrad": Case("AMSGrad", {}, 1e-2, lambda x0, n, C: AMSGrad(x0, n)),
     "cdadam_identity": Case("CDAdam", dict(compressor="identity"), 1e-2, lambda x0, n, C: AMSGrad(x0, n)),
     "sparsams_identity": Case("SparsAMS", dict(compressor="identity"), 1e-2, lambda x0, n, C: AMSGrad(x0, n)),
+    "cdadam_momentum_identity": Case("CDAdam", dict(compressor="identity", track="momentum"), 1e-2,
+                                     lambda x0, n, C: AMSGrad(x0, n)),
     "distef_identity": Case("DistEFSGD", dict(compressor="identity", momentum=0.9, nesterov=True), 0.1,
                             lambda x0, n, C: TorchSGD(x0, n, 0.9, True), groups=False),
     "ef21_identity": Case("EF21SGD", dict(compressor="identity"), 0.1, lambda x0, n, C: TorchSGD(x0, n),
@@ -685,7 +708,7 @@ CASES = {
 }
 
 #: the cases whose compressor is identity, with the preset they must equal
-IDENTITY_OF = {"cdadam_identity": "amsgrad", "sparsams_identity": "amsgrad"}
+IDENTITY_OF = {"cdadam_identity": "amsgrad", "sparsams_identity": "amsgrad", "cdadam_momentum_identity": "amsgrad"}
 
 
 def dead_unit_resume(make_opt, freeze: int, after: int, drop_mask: bool):

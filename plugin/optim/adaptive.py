@@ -5,7 +5,10 @@ from ..exchange import Workspace
 from ..presets import preset
 from ..segments import Segments
 from .base import CompressedOptimizer
-from .functional import adam_, amsgrad_, weight_decay_
+from .functional import adam_, amsgrad_, recovered_gradient_, weight_decay_
+
+#: what the Markov sequences (or the errors) of a CompressedAMSGrad follow: ``track=``
+TRACKS = ("gradient", "momentum")
 
 
 class CompressedAMSGrad(CompressedOptimizer):
@@ -20,6 +23,13 @@ class CompressedAMSGrad(CompressedOptimizer):
     Weight decay: ``decoupled_weight_decay=False`` adds ``weight_decay * x`` to the local
     gradient before compression (L2); ``True`` shrinks x directly (AdamW style).
 
+    ``track``: what goes through the exchange. ``"gradient"`` (the paper's): each rank's
+    gradient g_i; the result is AMSGrad's g. ``"momentum"``: each rank's own momentum
+    m_i = b1 m_i + (1-b1) g_i (``worker_exp_avg`` in the state), whose changes are about
+    (1-b1) times the gradient's, so 1-bit Markov sequences follow it with far less error; the
+    result M is AMSGrad's m, and the rule takes the gradient that leads to it,
+    g = (M - b1 m) / (1-b1), so with C = identity it is AMSGrad on the averaged gradient.
+
     ``shard_state=True``: the chunk owner keeps m, v, v^ for its chunk and runs the same rule
     there on the aggregate before server compression (Markov's H, else the decoded mean); every
     rank subtracts the model change it receives.
@@ -31,14 +41,18 @@ class CompressedAMSGrad(CompressedOptimizer):
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, compressor=None, block_size=1024, ratio=None, k=None,
                  compressor_options=None, worker_feedback=None, server_feedback=None, two_way=None,
-                 **kwargs):
+                 track="gradient", **kwargs):
+        if track not in TRACKS:
+            raise ValueError(f"{type(self).__name__}: track={track!r} must be one of {TRACKS}: 'gradient' compresses "
+                             "each rank's gradient (the paper's), 'momentum' each rank's momentum b1 m + (1-b1) g")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay)
+                        decoupled_weight_decay=decoupled_weight_decay, track=track)
         grad = preset(self.preset).configure(compressor, block_size=block_size, ratio=ratio, k=k,
                                              options=compressor_options, worker=worker_feedback,
                                              server=server_feedback, two_way=two_way)
         super().__init__(params, defaults, {"grad": grad}, **kwargs)
         self._owner_work = Workspace()  # the sharded step's copies of x on the owner's chunk
+        self._rule_work = Workspace()  # the gradient recovered from a tracked momentum
 
     def _step(self):
         grads = self.local_grads()
@@ -47,6 +61,9 @@ class CompressedAMSGrad(CompressedOptimizer):
             if group["weight_decay"] and not group["decoupled_weight_decay"]:
                 grads[i] = weight_decay_(self.master(p), grads[i], lr=group["lr"],
                                          weight_decay=group["weight_decay"], decoupled=False)
+            if group["track"] == "momentum":
+                (m,) = self.param_state(p, "worker_exp_avg")
+                grads[i] = m.mul_(group["betas"][0]).add_(grads[i], alpha=1 - group["betas"][0])
         if self.sharded:
             changes = self.communicate("grad", grads, owner_update=self._owner_update)
             for (_, p), change in zip(self._trainable, changes):
@@ -68,8 +85,32 @@ class CompressedAMSGrad(CompressedOptimizer):
 
     def update(self, x, g, st, group):
         b1, b2 = group["betas"]
+        if group["track"] == "momentum":
+            g = recovered_gradient_(self._rule_work.scratch("g", g.numel(), g.device).view(g.shape), g,
+                                    st["exp_avg"], beta1=b1)
         amsgrad_(x, g, st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"], lr=group["lr"], beta1=b1, beta2=b2,
                  eps=group["eps"])
+
+    def reset_compression_state(self) -> None:
+        super().reset_compression_state()
+        self._restart_tracked_momenta()
+
+    def load_state_dict(self, state_dict, reset_compression_state: bool = False):
+        super().load_state_dict(state_dict, reset_compression_state)
+        for group in self.param_groups:  # checkpoints from before ``track`` existed
+            group.setdefault("track", self.defaults["track"])
+        if reset_compression_state:
+            self._restart_tracked_momenta()
+
+    def _restart_tracked_momenta(self) -> None:
+        """With ``track="momentum"`` the rule's m is the Markov sequences' sum: when those restart
+        from zero, so do m and the workers' momenta (else the first recovered gradients would be
+        about -b1 m / (1-b1), and AMSGrad's max would keep their squares)."""
+        for gi, p in self._trainable:
+            if self.param_groups[gi]["track"] == "momentum":
+                for key in ("worker_exp_avg", "exp_avg"):
+                    if key in self.state[p]:
+                        self.state[p][key].zero_()
 
     def _owner_update(self, bucket, chunk, g, st):
         """The sharded step's rule on this rank's chunk of ``bucket``: x_old - x_new there."""
@@ -87,14 +128,16 @@ class CDAdam(CompressedAMSGrad):
 
     Compressed from step 1, no warm-up. Default compressor: ``block_sign`` with 1024-element
     blocks (1 bit per element + one fp32 scale per block, about 31x fewer bytes than fp32 per
-    direction); ``compressor="scaled_sign"`` is the paper's per-tensor form.
+    direction); ``compressor="scaled_sign"`` is the paper's per-tensor form. ``track="momentum"``
+    compresses each rank's momentum instead of its gradient (CompressedAMSGrad): the same bytes,
+    closer to uncompressed AMSGrad (README, Accuracy).
     """
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, compressor="block_sign", block_size=1024, ratio=None, k=None,
-                 compressor_options=None, **kwargs):
+                 compressor_options=None, track="gradient", **kwargs):
         super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, compressor, block_size,
-                         ratio, k, compressor_options, **kwargs)
+                         ratio, k, compressor_options, track=track, **kwargs)
 
 
 class SparsAMS(CompressedAMSGrad):

@@ -54,6 +54,13 @@ def amsgrad_(param: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_av
         x.addcdiv_(m, torch.add(vmax, eps, out=denom).sqrt_(), value=-lr)
 
 
+def recovered_gradient_(out: torch.Tensor, momentum: torch.Tensor, exp_avg: torch.Tensor, *,
+                        beta1: float) -> torch.Tensor:
+    """The gradient g that takes the momentum from ``exp_avg`` to ``momentum``: ``out`` =
+    (momentum - b1 exp_avg) / (1 - b1), so that b1 exp_avg + (1 - b1) g = momentum."""
+    return torch.sub(momentum, exp_avg, alpha=beta1, out=out).div_(1 - beta1)
+
+
 def adam_(param: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
           lr: float, beta1: float, beta2: float, eps: float, step: int, bias_correction: bool = True) -> None:
     """Adam (torch's form, eps outside the root); ``bias_correction=False`` is 1-bit Adam's form."""

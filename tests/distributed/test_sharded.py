@@ -55,22 +55,25 @@ def _flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
 
-def _parity_rank(rank, world, cls_name):
+def _parity_rank(rank, world, cls_name, options):
     cls = getattr(taciturn, cls_name)
     out = {}
     for sharded in (False, True):
         model = _model()
-        kw = dict(shard_state=True, downlink="fp32") if sharded else {}
+        kw = dict(options, shard_state=True, downlink="fp32") if sharded else options
         opt = cls(model.parameters(), lr=0.02, bucket_cap_mb=0.002, check_divergence_every=1, **kw)
         _train(rank, opt, model, STEPS)
         out[sharded] = _flat(model)
     return out
 
 
+PARITY = [("AMSGrad", {}), ("Adam", {}), ("CDAdam", {"compressor": "identity", "track": "momentum"})]
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
-@pytest.mark.parametrize("cls_name", ["AMSGrad", "Adam"])
-def test_fp32_downlink_equals_the_unsharded_method(run_ranks, n, cls_name):
-    per_rank = run_ranks(_parity_rank, n, cls_name, timeout=120)
+@pytest.mark.parametrize("cls_name,options", PARITY, ids=[f"{c}-{o}" for c, o in PARITY])
+def test_fp32_downlink_equals_the_unsharded_method(run_ranks, n, cls_name, options):
+    per_rank = run_ranks(_parity_rank, n, cls_name, options, timeout=120)
     for r in per_rank:
         assert torch.equal(r[True], per_rank[0][True])  # ranks bit-identical
         torch.testing.assert_close(r[True], r[False], rtol=1e-6, atol=1e-7)
@@ -84,6 +87,7 @@ def _identical_rank(rank, world, cls_name, kwargs):
 
 
 CODECS = [("CDAdam", {}), ("CDAdam", {"compressor": "scaled_sign"}), ("CDAdam", {"downlink": "bf16"}),
+          ("CDAdam", {"track": "momentum"}),
           ("EFAMSGrad", {}), ("NaiveAMSGrad", {}), ("CompressedAMSGrad", {"compressor": "topk", "ratio": 0.2}),
           ("Adam", {"downlink": "bf16"})]
 

@@ -137,3 +137,48 @@ def test_saef_parameters_are_x_minus_error_and_synced_weights_swaps_x_in():
     with opt.synced_weights():
         assert all(torch.equal(p, xi) for p, xi in zip(net.parameters(), x))
     assert all(torch.equal(p, a) for p, a in zip(net.parameters(), ahead))
+
+
+def _momentum_run(steps):
+    net = model()
+    opt = taciturn.CDAdam(net.parameters(), lr=1e-2, compressor="identity", track="momentum")
+    for t in range(steps):
+        opt.zero_grad()
+        loss_of(net, t).backward()
+        opt.step()
+    return net, opt
+
+
+@pytest.mark.parametrize("how", ["reset", "load"])
+def test_tracked_momentum_restarts_with_the_markov_sequences(how):
+    """track="momentum": the rule's m is the sum of the Markov sequences' steps, so when those
+    restart from zero m and the workers' momenta restart too; the first step after is then a
+    fresh AMSGrad momentum, m = (1 - b1) g, and v^ keeps its old values."""
+    net, opt = _momentum_run(6)
+    first = next(net.parameters())
+    vmax = opt.state[first]["max_exp_avg_sq"].clone()
+    if how == "reset":
+        opt.reset_compression_state()
+    else:
+        opt.load_state_dict(opt.state_dict(), reset_compression_state=True)
+    assert not opt.state[first]["exp_avg"].any() and not opt.state[first]["worker_exp_avg"].any()
+    opt.zero_grad()
+    loss_of(net, 6).backward()
+    g = first.grad.clone()
+    opt.step()
+    torch.testing.assert_close(opt.state[first]["exp_avg"], 0.1 * g, rtol=1e-5, atol=1e-9)
+    assert torch.equal(opt.state[first]["max_exp_avg_sq"], torch.maximum(vmax, opt.state[first]["exp_avg_sq"]))
+
+
+def test_checkpoint_without_track_loads_as_the_optimizer_was_built():
+    """A checkpoint saved before ``track`` existed has no such key in its param groups."""
+    _, saved = _momentum_run(3)
+    state = saved.state_dict()
+    for group in state["param_groups"]:
+        del group["track"]
+    net, opt = _momentum_run(0)
+    opt.load_state_dict(state)
+    assert [g["track"] for g in opt.param_groups] == ["momentum"]
+    opt.zero_grad()
+    loss_of(net, 3).backward()
+    opt.step()
