@@ -51,8 +51,9 @@ class CompressedAMSGrad(CompressedOptimizer):
                                              options=compressor_options, worker=worker_feedback,
                                              server=server_feedback, two_way=two_way)
         super().__init__(params, defaults, {"grad": grad}, **kwargs)
-        self._owner_work = Workspace()  # the sharded step's copies of x on the owner's chunk
-        self._rule_work = Workspace()  # the gradient recovered from a tracked momentum
+        # scratch: the sharded step's copies of x on the owner's chunk ("old", "new"), the
+        # gradient recovered from a tracked momentum ("g")
+        self._work = Workspace()
 
     def _step(self):
         grads = self.local_grads()
@@ -86,7 +87,7 @@ class CompressedAMSGrad(CompressedOptimizer):
     def update(self, x, g, st, group):
         b1, b2 = group["betas"]
         if group["track"] == "momentum":
-            g = recovered_gradient_(self._rule_work.scratch("g", g.numel(), g.device).view(g.shape), g,
+            g = recovered_gradient_(self._work.scratch("g", g.numel(), g.device).view(g.shape), g,
                                     st["exp_avg"], beta1=b1)
         amsgrad_(x, g, st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"], lr=group["lr"], beta1=b1, beta2=b2,
                  eps=group["eps"])
@@ -117,8 +118,8 @@ class CompressedAMSGrad(CompressedOptimizer):
         ex = self.exchanges["grad"]
         idx = ex.buckets[bucket]
         x = Segments([self.master(self._trainable[i][1]).reshape(-1) for i in idx])[chunk]
-        old = x.flat(self._owner_work.scratch("old", g.numel(), g.device))
-        new = self._owner_work.scratch("new", g.numel(), g.device).copy_(old)
+        old = x.flat(self._work.scratch("old", g.numel(), g.device))
+        new = self._work.scratch("new", g.numel(), g.device).copy_(old)
         self.apply_rule(new, g, st, self.param_groups[ex.groups[idx[0]]])
         return old.sub_(new)
 

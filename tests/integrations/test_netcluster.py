@@ -16,8 +16,8 @@ _spec = importlib.util.spec_from_file_location("netcluster", SCRIPT)
 netcluster = sys.modules.setdefault("netcluster", importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(netcluster)
 
-needs_netns = pytest.mark.skipif(netcluster.namespaces_unavailable() is not None,
-                                 reason=str(netcluster.namespaces_unavailable()))
+NO_NAMESPACES = netcluster.namespaces_unavailable()  # why shaped namespaces cannot be built, or None
+needs_netns = pytest.mark.skipif(NO_NAMESPACES is not None, reason=str(NO_NAMESPACES))
 
 # one os.write per line: the ranks share stdout, and a pipe keeps a short write whole (print may
 # write the text and its newline separately, and the other rank's line can land between them)

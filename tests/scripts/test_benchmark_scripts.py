@@ -16,6 +16,7 @@ import netcluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = os.path.join(ROOT, "scripts")
+NO_NAMESPACES = netcluster.namespaces_unavailable()  # why shaped namespaces cannot be built, or None
 
 # script -> patterns its --quick output must contain (regular expressions, one line each)
 EXPECTED = {
@@ -129,8 +130,7 @@ def test_soak_verdict_flags_growth_and_divergence():
     assert soak.verdict(leaking, judge_memory=False)["flat"] is None
 
 
-@pytest.mark.skipif(netcluster.namespaces_unavailable() is not None,
-                    reason=str(netcluster.namespaces_unavailable()))
+@pytest.mark.skipif(NO_NAMESPACES is not None, reason=str(NO_NAMESPACES))
 def test_bench_accuracy_on_shaped_links_trains_as_on_loopback(tmp_path):
     """--rate runs the ranks in shaped namespaces: the same weights and curves as loopback (the
     links change the time, not the numbers), a training-time column, and its own results file."""
