@@ -15,8 +15,19 @@ rank holds the same r, hence the same p and w, and decodes every payload identic
 starts at 0 and a block whose profile is still 0 gets w = 1 (the plain codec): the first
 step is the plain codec, and since w is scale-free in p, starting p at 0 is starting it at
 the first r * r. p is feedback state (``KEY``, in the optimizer's state: checkpoints carry it).
+
+Detrended (``profile_detrend=a``): p follows the result's deviation from its own recent mean,
+
+    d  =  r - r_bar ;   r_bar <- r_bar + (1 - a) * d ;   p <- beta * p + (1 - beta) * d * d
+
+(r_bar from 0, feedback state ``TREND``). A Markov sequence's increment is what changed since
+the last step, so its magnitude is that of the result's fluctuation, not of the result: for a
+tracked momentum (``track="momentum"``), whose value is mostly its slow mean and whose steps
+are (1-b1)(g - m), r * r weighs the elements by the wrong measure (README, Accuracy).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -27,6 +38,8 @@ from .layout import BucketLayout
 from .wire import Pieces
 
 KEY = "magnitude_profile"
+#: the result's running mean that a detrended profile subtracts
+TREND = "magnitude_profile_trend"
 #: of the tensor's mean profile, added to every element's: elements that were ~0 so far still move
 FLOOR = 0.01
 
@@ -53,8 +66,17 @@ def weights(p: torch.Tensor, layout: BucketLayout, scale: str, out: torch.Tensor
     return layout.units.expand_into(out, torch.stack([inverse, flat], dim=1), spread)
 
 
-def update(p: torch.Tensor, result: torch.Tensor, beta: float) -> None:
-    """p <- beta * p + (1 - beta) * result^2 (on CPU by the fused kernel, rounding as these ops)."""
+def update(state, result: torch.Tensor, beta: float, detrend: Optional[float] = None,
+           scratch: Optional[torch.Tensor] = None) -> None:
+    """The profile ``state[KEY]`` after an exchange whose result is ``result``: p <- beta * p +
+    (1 - beta) * result^2, or with ``detrend`` the squared deviation from ``state[TREND]`` (module
+    docstring; ``scratch`` holds the deviation). The square EMA runs in the fused CPU kernel where
+    it can, rounding as these ops."""
+    p = state[KEY]
+    if detrend is not None:
+        trend = state[TREND]
+        result = torch.sub(result, trend, out=scratch)
+        trend.add_(result, alpha=1.0 - detrend)
     if kernels.usable(p, result, triton=False):
         square_ema(p, result, beta)
         return

@@ -102,10 +102,12 @@ def profile_weights(p, sizes, units):
 def _simulate_bucket(xs, sizes, cuts, name, opts, rule, two_way, s):
     """One bucket: ``xs[t][i]`` is worker i's flat input at step t; returns the results per step.
     ``opts["profile"] = beta``: every compression decodes with the magnitude profile's weights,
-    the profile p an EMA of the squared results (from 0)."""
+    the profile p an EMA of the squared results (from 0); with ``opts["profile_detrend"] = a``
+    of the squared deviations r - rbar from the results' EMA rbar (decay a, from 0)."""
     n, d = len(xs[0]), sum(sizes)
     units = compression_units(sizes, name, opts)
     beta, p = opts.get("profile"), torch.zeros(d)
+    detrend, rbar = opts.get("profile_detrend"), torch.zeros(d)
 
     def compress(v, pieces):
         c = plain_compress_pieces(v, pieces, name, opts)
@@ -153,7 +155,10 @@ def _simulate_bucket(xs, sizes, cuts, name, opts, rule, two_way, s):
             result = G.clone()
         results.append(result)
         if beta is not None:
-            p = beta * p + (1 - beta) * result * result
+            deviation = result if detrend is None else result - rbar
+            if detrend is not None:
+                rbar = detrend * rbar + (1 - detrend) * result
+            p = beta * p + (1 - beta) * deviation * deviation
     return results
 
 

@@ -29,6 +29,9 @@ class Compressor:
     #: The EMA decay of the magnitude profile (``taciturn.profile``) an exchange keeps for this
     #: codec and decodes with; None: no profile.
     profile = None
+    #: With a profile: the EMA decay of the result's mean that the profile's squares are taken
+    #: around (``taciturn.profile``, detrended); None: the squares of the result itself.
+    profile_detrend = None
 
     def units(self, sizes: Sequence[int]) -> List[int]:
         """Unit lengths for consecutive tensors of the given sizes (default: one per tensor)."""

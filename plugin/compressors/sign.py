@@ -116,6 +116,13 @@ class ScaledSign(Compressor):
         return {"name": self.name, "scale": self.scale}
 
 
+def _decay(name: str, value, what: str, example: float) -> float:
+    """``value`` as an EMA decay in [0, 1), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"block_sign: {name}={value!r} must be {what} in [0, 1), e.g. {example}, or None (off)")
+    return float(value)
+
+
 class BlockSign(ScaledSign):
     """Scaled sign with one scale per block of ``block_size`` elements inside each tensor.
 
@@ -123,25 +130,31 @@ class BlockSign(ScaledSign):
     ``profile=beta`` (0 <= beta < 1; None: off) decodes with the magnitude profile of
     ``taciturn.profile``, an EMA with decay beta of the exchange's squared results that the
     exchange keeps in the feedback state: same bytes, the block's magnitude spread per element.
+    ``profile_detrend=a`` (with a profile; 0 <= a < 1) takes the squares around the results'
+    own EMA with decay a: the profile then follows how much each element changes from step to
+    step, which is what a Markov sequence of a momentum sends (``track="momentum"``).
     """
 
     def __init__(self, block_size: Optional[int] = DEFAULT_BLOCK_SIZE, scale: str = "l1",
-                 profile: Optional[float] = None):
+                 profile: Optional[float] = None, profile_detrend: Optional[float] = None):
         super().__init__(scale)
         if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
             raise ValueError(f"block_sign: block_size={block_size!r} must be a positive int or None "
                              "(None = one block per tensor)")
+        if profile_detrend is not None and profile is None:
+            raise ValueError(f"block_sign: profile_detrend={profile_detrend!r} shapes a magnitude profile; give "
+                             "profile=... too (e.g. profile=0.99, profile_detrend=0.5) or drop it")
         if profile is not None:
-            if isinstance(profile, bool) or not isinstance(profile, (int, float)) or not 0 <= profile < 1:
-                raise ValueError(f"block_sign: profile={profile!r} must be the profile's EMA decay in [0, 1), "
-                                 "e.g. 0.99, or None (off)")
+            profile = _decay("profile", profile, "the profile's EMA decay", 0.99)
+            if profile_detrend is not None:
+                profile_detrend = _decay("profile_detrend", profile_detrend, "the EMA decay of the results' mean", 0.5)
             if block_size is None or scale == "none":
                 raise ValueError("block_sign: profile needs a block_size and scale 'l1' or 'l2' (the weights keep "
                                  "each block's scale); got "
                                  f"block_size={block_size!r}, scale={scale!r}")
-            profile = float(profile)
         self.block_size = block_size
         self.profile = profile
+        self.profile_detrend = profile_detrend
         self.name = "block_sign"
         self.chunk_aligned = block_size is not None
 
@@ -160,4 +173,6 @@ class BlockSign(ScaledSign):
         out = {"name": self.name, "block_size": self.block_size, "scale": self.scale}
         if self.profile is not None:
             out["profile"] = self.profile
+        if self.profile_detrend is not None:
+            out["profile_detrend"] = self.profile_detrend
         return out

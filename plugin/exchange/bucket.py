@@ -147,7 +147,9 @@ class BucketExchange:
         self.down = gathered.numel()
         result = self.direction.finish(self, gathered)
         if self.weights is not None:
-            profile.update(self.state[profile.KEY], result, self.compressor.profile)
+            detrend = self.compressor.profile_detrend
+            scratch = None if detrend is None else self.work.scratch("deviation", self.layout.numel, result.device)
+            profile.update(self.state, result, self.compressor.profile, detrend, scratch)
         return result
 
     def finish(self) -> torch.Tensor:

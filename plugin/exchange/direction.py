@@ -22,7 +22,7 @@ from ..comm import Handle
 from ..compressors import Compressor
 from ..feedback import Feedback, FeedbackStep, State
 from ..layout import BucketLayout
-from ..profile import KEY as PROFILE
+from ..profile import KEY as PROFILE, TREND
 
 
 def _fit(payload: torch.Tensor, nbytes: int) -> torch.Tensor:
@@ -173,9 +173,11 @@ def init_state(worker: Feedback, server: Feedback, layout: BucketLayout, way, ra
                device=None) -> State:
     """Zero fp32 feedback state of one bucket for this rank: the worker rule's tensors
     (full-length), the server rule's (the rank's chunk in two-way mode) and the codec's
-    magnitude profile (full-length). ``way``: two-way (a bool) or a direction."""
+    magnitude profile and its trend (full-length). ``way``: two-way (a bool) or a direction."""
     way = direction(way) if isinstance(way, bool) else way
     lengths = way.state_lengths(worker, server, layout, rank)
     if layout.compressor.profile is not None:
         lengths[PROFILE] = layout.numel
+    if layout.compressor.profile_detrend is not None:
+        lengths[TREND] = layout.numel
     return {k: torch.zeros(n, dtype=torch.float32, device=device) for k, n in lengths.items()}

@@ -26,6 +26,7 @@ BUCKET_CAP_MB = 6000 * 4 / 2 ** 20
 CODECS = {"block_sign": {}, "scaled_sign": {}, "topk": {"ratio": 0.25}, "identity": {}}
 #: case label -> (codec, options) where the label is not the codec's name
 VARIANTS = {"block_sign_profile": ("block_sign", {"block_size": 256, "profile": 0.5}),
+            "block_sign_detrended": ("block_sign", {"block_size": 256, "profile": 0.5, "profile_detrend": 0.3}),
             "topk_bf16": ("topk", {"ratio": 0.25, "encoding": "bf16"})}
 RULES = ("none", "ef", "markov")
 STEPS = 3

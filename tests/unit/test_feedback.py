@@ -40,6 +40,12 @@ def test_init_state_is_fp32_zeros_of_the_right_lengths(rule, two_way):
     with_profile = init_state(make_feedback(rule), make_feedback(rule), profiled, two_way, rank=1)
     assert {k: v.numel() for k, v in with_profile.items()} == {**expected, "magnitude_profile": 10}
     assert not with_profile["magnitude_profile"].any()
+    # a detrended profile also keeps the results' mean, full-length
+    detrended = SimpleNamespace(**{**vars(layout), "compressor": make_compressor(
+        "block_sign", block_size=4, profile=0.5, profile_detrend=0.5)})
+    with_trend = init_state(make_feedback(rule), make_feedback(rule), detrended, two_way, rank=1)
+    assert {k: v.numel() for k, v in with_trend.items()} == {**expected, "magnitude_profile": 10,
+                                                             "magnitude_profile_trend": 10}
 
 
 def run_rule(fused, x, c):

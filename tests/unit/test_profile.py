@@ -82,10 +82,34 @@ def test_profile_update_kernel_rounds_as_the_torch_ops():
     gen = torch.Generator().manual_seed(4)
     p, r = torch.rand(600_001, generator=gen), torch.randn(600_001, generator=gen) * 3
     fast, ref = p.clone(), p.clone()
-    profile.update(fast, r, 0.99)
+    profile.update({profile.KEY: fast}, r, 0.99)
     with torch_path():
-        profile.update(ref, r, 0.99)
+        profile.update({profile.KEY: ref}, r, 0.99)
     assert torch.equal(fast, ref) and not torch.equal(fast, p)
+
+
+def test_detrended_profile_follows_the_squared_deviation_from_the_results_mean():
+    """p = EMA_beta((r_t - rbar_{t-1})^2) with rbar = EMA_a(r) from 0, written as a plain loop: an
+    element whose result sits at a large constant value ends with a small profile, one that
+    swings around zero with a large one (the plain profile ranks them the other way)."""
+    beta, a, steps = 0.9, 0.5, 40
+    gen = torch.Generator().manual_seed(5)
+    r = torch.randn(steps, 6, generator=gen) * 0.1
+    r[:, 0] += 5.0                                   # steady
+    r[:, 1] = 2.0 * torch.tensor([(-1.0) ** t for t in range(steps)])  # swings
+    state = {profile.KEY: torch.zeros(6), profile.TREND: torch.zeros(6)}
+    plain = {profile.KEY: torch.zeros(6)}
+    p, rbar = torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    for t in range(steps):
+        profile.update(state, r[t], beta, a, torch.empty(6))
+        profile.update(plain, r[t], beta)
+        d = r[t].double() - rbar
+        rbar = rbar + (1 - a) * d
+        p = beta * p + (1 - beta) * d * d
+    assert torch.allclose(state[profile.KEY].double(), p, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(state[profile.TREND].double(), rbar, rtol=1e-5, atol=1e-7)
+    assert state[profile.KEY][0] < 0.1 * state[profile.KEY][1]
+    assert plain[profile.KEY][0] > plain[profile.KEY][1]
 
 
 def test_zero_profile_decodes_as_the_plain_codec():
@@ -106,6 +130,9 @@ def test_same_bytes_as_the_plain_codec():
     ({"profile": True}, "EMA decay"),
     ({"profile": 0.9, "block_size": None}, "needs a block_size"),
     ({"profile": 0.9, "scale": "none"}, "scale 'l1' or 'l2'"),
+    ({"profile_detrend": 0.5}, "give profile=... too"),
+    ({"profile": 0.9, "profile_detrend": 1.0}, "profile_detrend=1.0 must be the EMA decay of the results' mean in [0, 1)"),
+    ({"profile": 0.9, "profile_detrend": "0.5"}, "profile_detrend='0.5' must be"),
 ])
 def test_bad_profiles_are_refused(opts, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
