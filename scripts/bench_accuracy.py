@@ -53,6 +53,8 @@ CHANNELS = (8, 16)
 FREEZE_FRACTION = 0.15
 WINDOW, EVERY = 150, 25
 
+#: the magnitude profile around the results' own recent mean (``profile_detrend``)
+DETRENDED = {"scale": "l2", "profile": 0.99, "profile_detrend": 0.5}
 #: name -> (label, registry name, keyword arguments, baseline name)
 FINAL: Dict[str, tuple] = {
     "amsgrad": ("AMSGrad (uncompressed)", "AMSGrad", {}, None),
@@ -75,10 +77,12 @@ FINAL: Dict[str, tuple] = {
     "cdadam_momentum_b392": ("CD-Adam (392-blocks, l2 scale, magnitude profile, momentum tracked)", "CDAdam",
                              dict(block_size=392, compressor_options={"scale": "l2", "profile": 0.99},
                                   track="momentum"), "amsgrad"),
+    "cdadam_momentum_b256_detrend": ("CD-Adam (256-blocks, l2 scale, detrended profile, momentum tracked)",
+                                     "CDAdam", dict(block_size=256, compressor_options=DETRENDED, track="momentum"),
+                                     "amsgrad"),
     "cdadam_momentum_b392_detrend": ("CD-Adam (392-blocks, l2 scale, detrended profile, momentum tracked)",
-                                     "CDAdam", dict(block_size=392, compressor_options={
-                                         "scale": "l2", "profile": 0.99, "profile_detrend": 0.5},
-                                         track="momentum"), "amsgrad"),
+                                     "CDAdam", dict(block_size=392, compressor_options=DETRENDED, track="momentum"),
+                                     "amsgrad"),
     "sparsams": ("SPARS-AMS (top-1%)", "SparsAMS", {}, "amsgrad"),
     "sparsams_2pct": ("SPARS-AMS (top-2%)", "SparsAMS", dict(ratio=0.02), "amsgrad"),
     "sparsams_bf16": ("SPARS-AMS (top-2%, bf16 values, 16-bit indices)", "SparsAMS",
