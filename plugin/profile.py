@@ -20,10 +20,10 @@ Detrended (``profile_detrend=a``): p follows the result's deviation from its own
 
     d  =  r - r_bar ;   r_bar <- r_bar + (1 - a) * d ;   p <- beta * p + (1 - beta) * d * d
 
-(r_bar from 0, feedback state ``TREND``). A Markov sequence's increment is what changed since
-the last step, so its magnitude is that of the result's fluctuation, not of the result: for a
-tracked momentum (``track="momentum"``), whose value is mostly its slow mean and whose steps
-are (1-b1)(g - m), r * r weighs the elements by the wrong measure (README, Accuracy).
+(r_bar from 0, feedback state ``TREND``). r * r measures each element's result, d * d how much
+it changes from step to step. A Markov sequence sends the changes; tracking a momentum
+(``track="momentum"``) they are (1-b1)(g - m), whose sizes per element differ from the
+momentum's own, and v^ grows where the decoded changes exceed the true ones (README, Accuracy).
 """
 from __future__ import annotations
 
