@@ -155,8 +155,9 @@ def _simulate_bucket(xs, sizes, cuts, name, opts, rule, two_way, s):
             result = G.clone()
         results.append(result)
         if beta is not None:
-            deviation = result if detrend is None else result - rbar
+            deviation = result
             if detrend is not None:
+                deviation = result - rbar
                 rbar = detrend * rbar + (1 - detrend) * result
             p = beta * p + (1 - beta) * deviation * deviation
     return results
