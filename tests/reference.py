@@ -264,6 +264,27 @@ class SparsAMS(CDAdam):
         self.adapt(mean(g_tilde), lr)                                    # lines 12-16
 
 
+class SparsAMSMomentumCorrection(SparsAMS):
+    """SPARS-AMS with ``momentum_correction=True`` (DGC's momentum correction and momentum factor
+    masking, Lin et al. 2018): worker i keeps u_i = b1 u_i + (1-b1) g_i, sends C(u_i + e_i) with
+    error feedback and zeroes u_i where it sent an entry; the mean is the step, AMSGrad with b1 = 0."""
+
+    def __init__(self, x0, n, C: Compression, betas=(0.9, 0.99), eps=1e-8):
+        super().__init__(x0, n, C, (0.0, betas[1]), eps)
+        self.worker_b1 = betas[0]
+        self.u = [self.zeros() for _ in range(n)]
+
+    def step(self, g, lr):
+        sent = []
+        for i in range(self.n):
+            self.u[i] = self.worker_b1 * self.u[i] + (1 - self.worker_b1) * g[i]
+            p = self.u[i] + self.e[i]
+            sent.append(self.C.worker(p))
+            self.e[i] = p - sent[i]
+            self.u[i] = torch.where(sent[i] != 0, torch.zeros_like(p), self.u[i])
+        self.adapt(mean(sent), lr)
+
+
 class DistEFSGDM(Simulator):
     """dist-ef-blocksgdm.md Algorithm 4 with §3.3's p = mu m + g + s e (Nesterov), or
     p = m + s e (heavy ball); mu = 0 is Algorithms 2/3. s = lr_{t-1}/lr_t, lr_{-1} = 0."""
@@ -664,6 +685,9 @@ CASES = {
                                lambda x0, n, C: CDAdam(x0, n, C("scaled_sign"))),
     "sparsams": Case("SparsAMS", dict(ratio=0.05), 1e-2,
                      lambda x0, n, C: SparsAMS(x0, n, C("topk", two_way=False, ratio=0.05))),
+    "sparsams_momentum_correction": Case(
+        "SparsAMS", dict(ratio=0.05, momentum_correction=True, betas=(0.8, 0.95)), 1e-2,
+        lambda x0, n, C: SparsAMSMomentumCorrection(x0, n, C("topk", two_way=False, ratio=0.05), betas=(0.8, 0.95))),
     "distef_nesterov": Case("DistEFSGD", dict(momentum=0.9, nesterov=True, block_size=64), 0.1,
                             lambda x0, n, C: DistEFSGDM(x0, n, C("block_sign", block_size=64), 0.9, True)),
     "distef_heavyball_per_tensor_l2": Case(
@@ -697,6 +721,10 @@ CASES = {
     "amsgrad": Case("AMSGrad", {}, 1e-2, lambda x0, n, C: AMSGrad(x0, n)),
     "cdadam_identity": Case("CDAdam", dict(compressor="identity"), 1e-2, lambda x0, n, C: AMSGrad(x0, n)),
     "sparsams_identity": Case("SparsAMS", dict(compressor="identity"), 1e-2, lambda x0, n, C: AMSGrad(x0, n)),
+    # masked every step: the momentum restarts, M = (1-b1) mean g, AMSGrad with b1 = 0 and eps / (1-b1)^2
+    "sparsams_momentum_correction_identity": Case(
+        "SparsAMS", dict(compressor="identity", momentum_correction=True), 1e-2,
+        lambda x0, n, C: AMSGrad(x0, n, betas=(0.0, 0.99), nu=1e-8 / (1 - 0.9) ** 2)),
     "cdadam_momentum_identity": Case("CDAdam", dict(compressor="identity", track="momentum"), 1e-2,
                                      lambda x0, n, C: AMSGrad(x0, n)),
     "distef_identity": Case("DistEFSGD", dict(compressor="identity", momentum=0.9, nesterov=True), 0.1,

@@ -1,6 +1,10 @@
 """AMSGrad-family methods: CD-Adam, SPARS-AMS and the AMSGrad baselines over the same exchange."""
 from __future__ import annotations
 
+from typing import List
+
+import torch
+
 from ..exchange import Workspace
 from ..presets import preset
 from ..segments import Segments
@@ -30,6 +34,15 @@ class CompressedAMSGrad(CompressedOptimizer):
     result M is AMSGrad's m, and the rule takes the gradient that leads to it,
     g = (M - b1 m) / (1-b1), so with C = identity it is AMSGrad on the averaged gradient.
 
+    ``momentum_correction=True`` (with one-way error feedback, SPARS-AMS's exchange): Deep
+    Gradient Compression's momentum correction and momentum factor masking (Lin et al. 2018,
+    ICLR). Each rank keeps its own momentum u_i = b1 u_i + (1-b1) g_i (``worker_exp_avg``), sends
+    C(u_i + e_i) with the error feedback, then zeroes u_i where it sent; every rank takes the
+    average M as the step: v = b2 v + (1-b2) M^2, v^ = max(v^, v), x = x - lr M / sqrt(v^ + eps)
+    (the rule with b1 = 0). An entry kept after T steps carries its T steps' momentum at once;
+    the mask drops the momentum it had already sent. The same bytes. With C = identity every u_i
+    is zeroed each step and M = (1-b1) mean g: AMSGrad with b1 = 0 and eps / (1-b1)^2.
+
     ``shard_state=True``: the chunk owner keeps m, v, v^ for its chunk and runs the same rule
     there on the aggregate before server compression (Markov's H, else the decoded mean); every
     rank subtracts the model change it receives.
@@ -41,16 +54,24 @@ class CompressedAMSGrad(CompressedOptimizer):
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, compressor=None, block_size=1024, ratio=None, k=None,
                  compressor_options=None, worker_feedback=None, server_feedback=None, two_way=None,
-                 track="gradient", **kwargs):
+                 track="gradient", momentum_correction=False, **kwargs):
         if track not in TRACKS:
             raise ValueError(f"{type(self).__name__}: track={track!r} must be one of {TRACKS}: 'gradient' compresses "
                              "each rank's gradient (the paper's), 'momentum' each rank's momentum b1 m + (1-b1) g")
+        if not isinstance(momentum_correction, bool):
+            raise ValueError(f"{type(self).__name__}: momentum_correction={momentum_correction!r} must be True or False")
+        if momentum_correction and track != "gradient":
+            raise ValueError(f"{type(self).__name__}: momentum_correction=True already sends each rank's momentum "
+                             f"(with error feedback); drop track={track!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, track=track)
+                        decoupled_weight_decay=decoupled_weight_decay, track=track,
+                        momentum_correction=momentum_correction)
         grad = preset(self.preset).configure(compressor, block_size=block_size, ratio=ratio, k=k,
                                              options=compressor_options, worker=worker_feedback,
                                              server=server_feedback, two_way=two_way)
         super().__init__(params, defaults, {"grad": grad}, **kwargs)
+        if momentum_correction:
+            self._check_momentum_correction()
         # scratch: the sharded step's copies of x on the owner's chunk ("old", "new"), the
         # gradient recovered from a tracked momentum ("g")
         self._work = Workspace()
@@ -62,7 +83,7 @@ class CompressedAMSGrad(CompressedOptimizer):
             if group["weight_decay"] and not group["decoupled_weight_decay"]:
                 grads[i] = weight_decay_(self.master(p), grads[i], lr=group["lr"],
                                          weight_decay=group["weight_decay"], decoupled=False)
-            if group["track"] == "momentum":
+            if group["track"] == "momentum" or group["momentum_correction"]:
                 (m,) = self.param_state(p, "worker_exp_avg")
                 grads[i] = m.mul_(group["betas"][0]).add_(grads[i], alpha=1 - group["betas"][0])
         if self.sharded:
@@ -71,7 +92,11 @@ class CompressedAMSGrad(CompressedOptimizer):
                 x = self.master(p)
                 self.write_back(p, x.sub_(change))
             return
+        correcting = any(group["momentum_correction"] for group in self.param_groups)
+        inputs = self._compressed_inputs(grads) if correcting else None
         avg = self.communicate("grad", grads)
+        if inputs is not None:
+            self._mask_sent(grads, inputs)
         for (gi, p), g in zip(self._trainable, avg):
             x = self.master(p)
             self.apply_rule(x, g, dict(zip(self.rule_state, self.param_state(p, *self.rule_state))),
@@ -86,11 +111,39 @@ class CompressedAMSGrad(CompressedOptimizer):
 
     def update(self, x, g, st, group):
         b1, b2 = group["betas"]
-        if group["track"] == "momentum":
+        if group["momentum_correction"]:
+            b1 = 0.0
+        elif group["track"] == "momentum":
             g = recovered_gradient_(self._work.scratch("g", g.numel(), g.device).view(g.shape), g,
                                     st["exp_avg"], beta1=b1)
         amsgrad_(x, g, st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"], lr=group["lr"], beta1=b1, beta2=b2,
                  eps=group["eps"])
+
+    def _check_momentum_correction(self) -> None:
+        ex = self.exchanges["grad"]
+        if ex.worker.name != "ef" or ex.two_way or self.sharded or ex.ranks_per_node != 1:
+            raise ValueError(f"{type(self).__name__}: momentum_correction=True masks the momentum each rank sent "
+                             "through one-way error feedback (SPARS-AMS's exchange); this one is "
+                             f"{ex.worker.name}/{ex.server.name}, two_way={ex.two_way}, shard_state={self.sharded}, "
+                             f"ranks_per_node={ex.ranks_per_node}: use SparsAMS's exchange without shard_state "
+                             "and ranks_per_node, or drop momentum_correction")
+
+    def _compressed_inputs(self, grads) -> List[torch.Tensor]:
+        """Per bucket, what the error feedback compresses this step: its error plus the inputs."""
+        ex = self.exchanges["grad"]
+        return [torch.cat([grads[i].reshape(-1) for i in idx]).add_(st["worker_error"])
+                for idx, st in zip(ex.buckets, self.compression.buckets("grad"))]
+
+    def _mask_sent(self, grads, inputs) -> None:
+        """Momentum factor masking: zero each rank's momentum where it sent an entry. Sent entries
+        are where the error fell below half the input (EF keeps the whole input where it sends
+        nothing, and at most the value's rounding where it sends one)."""
+        ex = self.exchanges["grad"]
+        for idx, st, y in zip(ex.buckets, self.compression.buckets("grad"), inputs):
+            sent = st["worker_error"].abs() < y.abs_().mul_(0.5)
+            for i, part in zip(idx, sent.split([grads[i].numel() for i in idx])):
+                if self.param_groups[self._trainable[i][0]]["momentum_correction"]:
+                    grads[i].masked_fill_(part.view_as(grads[i]), 0.0)
 
     def reset_compression_state(self) -> None:
         super().reset_compression_state()
@@ -98,8 +151,9 @@ class CompressedAMSGrad(CompressedOptimizer):
 
     def load_state_dict(self, state_dict, reset_compression_state: bool = False):
         super().load_state_dict(state_dict, reset_compression_state)
-        for group in self.param_groups:  # checkpoints from before ``track`` existed
+        for group in self.param_groups:  # checkpoints from before ``track`` / ``momentum_correction`` existed
             group.setdefault("track", self.defaults["track"])
+            group.setdefault("momentum_correction", self.defaults["momentum_correction"])
         if reset_compression_state:
             self._restart_tracked_momenta()
 
@@ -143,15 +197,18 @@ class CDAdam(CompressedAMSGrad):
 
 class SparsAMS(CompressedAMSGrad):
     """SPARS-AMS (Algorithms 1 and 2): workers send TopK(g + e) with error feedback, one-way;
-    every rank averages and runs AMSGrad. With no process group it is Algorithm 2 (n = 1)."""
+    every rank averages and runs AMSGrad. With no process group it is Algorithm 2 (n = 1).
+    ``momentum_correction=True``: each rank sends TopK(u + e) of its own momentum u, masked where
+    sent, and the average is the step (DGC's momentum correction; CompressedAMSGrad, README
+    Accuracy): the same bytes, closer to uncompressed AMSGrad."""
 
     preset = "sparsams_topk"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, compressor="topk", ratio=None, k=None, compressor_options=None,
-                 block_size=1024, **kwargs):
+                 block_size=1024, momentum_correction=False, **kwargs):
         super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay, compressor, block_size,
-                         ratio, k, compressor_options, **kwargs)
+                         ratio, k, compressor_options, momentum_correction=momentum_correction, **kwargs)
 
 
 class AMSGrad(CompressedAMSGrad):

@@ -182,3 +182,65 @@ def test_checkpoint_without_track_loads_as_the_optimizer_was_built():
     opt.zero_grad()
     loss_of(net, 3).backward()
     opt.step()
+
+
+@pytest.mark.parametrize("encoding", ["fp32", "bf16"])
+def test_momentum_correction_masks_the_momentum_where_it_sent(encoding):
+    """SparsAMS(momentum_correction=True), first step: u = (1-b1) g goes through top-k with EF;
+    u is zeroed exactly at the entries kept (in bf16 too, where EF keeps the rounding there)
+    and the error holds u elsewhere; the step is the kept entries, v from their squares."""
+    net = model()
+    opt = taciturn.SparsAMS(net.parameters(), lr=1e-2, ratio=0.1, momentum_correction=True,
+                            compressor_options={"encoding": encoding})
+    loss_of(net, 0).backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    opt.step()
+    flats = [st["worker_error"] for st in opt.compression.buckets("grad")]
+    errors = dict(zip(net.parameters(), opt.exchanges["grad"].split(flats, [p.shape for p in net.parameters()])))
+    for p, g in zip(net.parameters(), grads):
+        u = (0.1 * g).reshape(-1)
+        k = max(1, -(-u.numel() // 10))
+        kept = torch.zeros(u.numel(), dtype=torch.bool)
+        kept[u.abs().topk(k).indices] = True
+        st = opt.state[p]
+        assert torch.equal(st["worker_exp_avg"].reshape(-1) == 0, kept)
+        assert torch.equal(errors[p].reshape(-1)[~kept], u[~kept])
+        sent = u.masked_fill(~kept, 0.0)
+        if encoding == "bf16":
+            sent = sent.bfloat16().float()
+        torch.testing.assert_close(st["exp_avg"].reshape(-1), sent)
+        torch.testing.assert_close(st["exp_avg_sq"].reshape(-1), 0.01 * sent * sent)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(momentum_correction="yes"), "must be True or False"),
+    (dict(momentum_correction=True, track="momentum"), "drop track"),
+])
+def test_momentum_correction_bad_values_refused(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        taciturn.CompressedAMSGrad(model().parameters(), compressor="topk", worker_feedback="ef", two_way=False,
+                                   **kwargs)
+
+
+@pytest.mark.parametrize("name, kwargs", [("CompressedAMSGrad", {}),
+                                          ("CompressedAMSGrad", dict(worker_feedback="ef", server_feedback="ef")),
+                                          ("CompressedAMSGrad", dict(compressor="topk", worker_feedback="markov",
+                                                                     two_way=False))])
+def test_momentum_correction_needs_one_way_error_feedback(name, kwargs):
+    """The mask reads which entries the rank's error feedback sent: Markov sequences and server
+    recompression are refused with the fix."""
+    with pytest.raises(ValueError, match="one-way error feedback.*drop momentum_correction"):
+        taciturn.create_optimizer(name, model().parameters(), momentum_correction=True, **kwargs)
+
+
+def test_checkpoint_without_momentum_correction_loads_as_the_optimizer_was_built():
+    net = model()
+    opt = taciturn.SparsAMS(net.parameters(), lr=1e-2, ratio=0.1, momentum_correction=True)
+    loss_of(net, 0).backward()
+    opt.step()
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        del group["momentum_correction"]
+    fresh = taciturn.SparsAMS(model().parameters(), lr=1e-2, ratio=0.1, momentum_correction=True)
+    fresh.load_state_dict(state)
+    assert [g["momentum_correction"] for g in fresh.param_groups] == [True]
