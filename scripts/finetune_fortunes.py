@@ -79,6 +79,8 @@ def parse_args(argv=None):
                    help="blockwise sign's magnitude profile, its EMA decay (e.g. 0.99; default: off)")
     p.add_argument("--track", choices=("gradient", "momentum"), default="gradient",
                    help="what CD-Adam's Markov sequences follow: each rank's gradient (the paper's) or its momentum")
+    p.add_argument("--momentum-correction", action="store_true",
+                   help="sparsams: DGC's momentum correction and masking (momentum_correction=True)")
     p.add_argument("--freeze-step", type=int, default=None, help="onebit_adam's warm-up steps (default: 15%% of "
                                                                    "the steps)")
     p.add_argument("--zero", type=int, choices=(0, 1, 2), default=0,
@@ -165,6 +167,8 @@ def extra_kwargs(name: str, args, steps: int) -> dict:
         out.update(sign_options(args))
     if "track" in accepted and args.track != "gradient":
         out["track"] = args.track
+    if "momentum_correction" in accepted and args.momentum_correction:
+        out["momentum_correction"] = True
     if "freeze_step" in accepted:
         out["freeze_step"] = args.freeze_step if args.freeze_step is not None else max(1, int(0.15 * steps))
     if args.zero and args.downlink != "1bit":

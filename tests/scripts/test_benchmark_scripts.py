@@ -159,3 +159,12 @@ def test_bench_accuracy_on_shaped_links_trains_as_on_loopback(tmp_path):
     import bench_accuracy
 
     assert bench_accuracy._section("mlp", 300, rate="100mbit") == "bench_accuracy_300steps_100mbit"
+
+
+def test_finetune_passes_momentum_correction_only_to_optimizers_that_take_it():
+    import finetune_fortunes as ft
+
+    args = ft.parse_args(["--optimizer", "sparsams", "cdadam", "--momentum-correction"])
+    assert ft.extra_kwargs("sparsams", args, 100).get("momentum_correction") is True
+    assert "momentum_correction" not in ft.extra_kwargs("cdadam", args, 100)
+    assert "momentum_correction" not in ft.extra_kwargs("sparsams", ft.parse_args(["--optimizer", "sparsams"]), 100)
