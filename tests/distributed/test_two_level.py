@@ -229,3 +229,17 @@ def test_sharded_state_composes_with_two_levels(run_ranks):
         torch.testing.assert_close(r["amsgrad_sharded"], r["amsgrad"], rtol=1e-6, atol=1e-7)
         # h on the rank's shard (1/L); H, m, v, v^ and the downlink error on its 1/n of the bucket
         assert r["state"] == 4 / 2 + 20 / 4
+
+
+def _corrected_rank(rank, world):
+    try:
+        taciturn.SparsAMS(torch.nn.Linear(4, 3).parameters(), momentum_correction=True, ranks_per_node=2)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_momentum_correction_refused_with_two_levels_on_every_rank(run_ranks):
+    """The mask reads each rank's own error feedback, which a two-level exchange keeps per node."""
+    messages = run_ranks(_corrected_rank, 4, timeout=60)
+    assert all(m is not None and "ranks_per_node=2" in m and "drop momentum_correction" in m for m in messages), messages
