@@ -129,18 +129,19 @@ class CompressedAMSGrad(CompressedOptimizer):
                              "and ranks_per_node, or drop momentum_correction")
 
     def _compressed_inputs(self, grads) -> List[torch.Tensor]:
-        """Per bucket, what the error feedback compresses this step: its error plus the inputs."""
+        """Per bucket, half the magnitude of what the error feedback compresses this step (its
+        error plus the inputs), in bf16: the mask compares with it, and needs no more precision."""
         ex = self.exchanges["grad"]
-        return [torch.cat([grads[i].reshape(-1) for i in idx]).add_(st["worker_error"])
-                for idx, st in zip(ex.buckets, self.compression.buckets("grad"))]
+        return [torch.cat([grads[i].reshape(-1) for i in idx]).add_(st["worker_error"]).abs_().mul_(0.5)
+                .to(torch.bfloat16) for idx, st in zip(ex.buckets, self.compression.buckets("grad"))]
 
     def _mask_sent(self, grads, inputs) -> None:
         """Momentum factor masking: zero each rank's momentum where it sent an entry. Sent entries
         are where the error fell below half the input (EF keeps the whole input where it sends
-        nothing, and at most the value's rounding where it sends one)."""
+        nothing, and at most the value's rounding, 2^-8 of it in bf16, where it sends one)."""
         ex = self.exchanges["grad"]
-        for idx, st, y in zip(ex.buckets, self.compression.buckets("grad"), inputs):
-            sent = st["worker_error"].abs() < y.abs_().mul_(0.5)
+        for idx, st, half in zip(ex.buckets, self.compression.buckets("grad"), inputs):
+            sent = st["worker_error"].abs() < half
             for i, part in zip(idx, sent.split([grads[i].numel() for i in idx])):
                 if self.param_groups[self._trainable[i][0]]["momentum_correction"]:
                     grads[i].masked_fill_(part.view_as(grads[i]), 0.0)
