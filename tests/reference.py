@@ -686,7 +686,7 @@ CASES = {
     "sparsams": Case("SparsAMS", dict(ratio=0.05), 1e-2,
                      lambda x0, n, C: SparsAMS(x0, n, C("topk", two_way=False, ratio=0.05))),
     "sparsams_momentum_correction": Case(
-        "SparsAMS", dict(ratio=0.05, momentum_correction=True, betas=(0.8, 0.95)), 1e-2,
+        "SparsAMS", dict(ratio=0.05, momentum_correction=True, betas=(0.8, 0.95), bucket_cap_mb=SMALL_BUCKETS), 1e-2,
         lambda x0, n, C: SparsAMSMomentumCorrection(x0, n, C("topk", two_way=False, ratio=0.05), betas=(0.8, 0.95))),
     "distef_nesterov": Case("DistEFSGD", dict(momentum=0.9, nesterov=True, block_size=64), 0.1,
                             lambda x0, n, C: DistEFSGDM(x0, n, C("block_sign", block_size=64), 0.9, True)),

@@ -121,7 +121,7 @@ class CompressedAMSGrad(CompressedOptimizer):
 
     def _check_momentum_correction(self) -> None:
         ex = self.exchanges["grad"]
-        if ex.worker.name != "ef" or ex.two_way or self.sharded or ex.ranks_per_node != 1:
+        if ex.worker.name != "ef" or ex.two_way or ex.ranks_per_node != 1:  # shard_state needs two_way
             raise ValueError(f"{type(self).__name__}: momentum_correction=True masks the momentum each rank sent "
                              "through one-way error feedback (SPARS-AMS's exchange); this one is "
                              f"{ex.worker.name}/{ex.server.name}, two_way={ex.two_way}, shard_state={self.sharded}, "
@@ -139,12 +139,11 @@ class CompressedAMSGrad(CompressedOptimizer):
         """Momentum factor masking: zero each rank's momentum where it sent an entry. Sent entries
         are where the error fell below half the input (EF keeps the whole input where it sends
         nothing, and at most the value's rounding, 2^-8 of it in bf16, where it sends one)."""
-        ex = self.exchanges["grad"]
-        for idx, st, half in zip(ex.buckets, self.compression.buckets("grad"), inputs):
-            sent = st["worker_error"].abs() < half
-            for i, part in zip(idx, sent.split([grads[i].numel() for i in idx])):
-                if self.param_groups[self._trainable[i][0]]["momentum_correction"]:
-                    grads[i].masked_fill_(part.view_as(grads[i]), 0.0)
+        sent = [st["worker_error"].abs() < half for st, half in zip(self.compression.buckets("grad"), inputs)]
+        masks = self.exchanges["grad"].split(sent, [p.shape for _, p in self._trainable])
+        for (gi, _), u, mask in zip(self._trainable, grads, masks):
+            if self.param_groups[gi]["momentum_correction"]:
+                u.masked_fill_(mask, 0.0)
 
     def reset_compression_state(self) -> None:
         super().reset_compression_state()
